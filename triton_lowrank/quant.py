@@ -1,0 +1,96 @@
+"""Symmetric round-to-nearest quantization of factor matrices, in pure PyTorch.
+
+Both low-rank factors are stored as [rank, features] matrices (see layers.py), so one pair
+of functions serves both. Layouts, which the Triton kernels read directly:
+
+- bits=8: int8 values in [-127, 127], one float32 scale per row           -> scale [rows]
+- bits=4: values in [-8, 7] stored as (q + 8) nibbles, two per uint8 byte, column 2j in
+  the low nibble and 2j+1 in the high nibble; one float32 scale per group of
+  `group_size` consecutive columns                                         -> scale [rows, cols // group_size]
+
+Scales are float32: an fp16 scale underflows for the small rank components that a
+singular-value split produces, and the scale bytes are counted in every size report.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (None, 8, 4)
+_QMAX = {8: 127, 4: 7}
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def check_bits(bits: int | None, group_size: int, features: int, where: str) -> None:
+    """Raise a ValueError naming `where` if (bits, group_size) cannot store `features` columns."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{where}: bits must be one of None, 8 or 4, got {bits!r}")
+    if bits == 4:
+        if group_size <= 0 or group_size % 2:
+            raise ValueError(f"{where}: int4 group_size must be a positive even number, got {group_size}")
+        if features % group_size:
+            raise ValueError(
+                f"{where}: int4 group_size {group_size} does not divide the factor width {features}"
+            )
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a [rows, cols] float matrix; returns (storage, float32 scales)."""
+    rows, cols = w.shape
+    w = w.float()
+    if bits == 8:
+        scale = (w.abs().amax(dim=1) / _QMAX[8]).clamp_min(_TINY)  # [rows]
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # [rows, cols]
+        return q, scale
+    if bits == 4:
+        check_bits(4, group_size, cols, "quantize")
+        groups = w.view(rows, cols // group_size, group_size)  # [rows, G, g]
+        scale = (groups.abs().amax(dim=2) / _QMAX[4]).clamp_min(_TINY)  # [rows, G]
+        q = torch.round(groups / scale[:, :, None]).clamp_(-8, 7).view(rows, cols)
+        nibbles = (q + 8).to(torch.uint8)  # [rows, cols] in [0, 15]
+        packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)  # [rows, cols // 2]
+        return packed.contiguous(), scale
+    raise ValueError(f"quantize: bits must be 8 or 4, got {bits!r}")
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[rows, cols // 2] uint8 -> [rows, cols] int8 values in [-8, 7]."""
+    low = (packed & 0xF).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def dequantize(
+    storage: torch.Tensor, scale: torch.Tensor | None, bits: int | None, group_size: int = 128
+) -> torch.Tensor:
+    """Inverse of `quantize` (or a plain upcast for bits=None); returns float32 [rows, cols]."""
+    if bits is None:
+        return storage.float()
+    if bits == 8:
+        return storage.float() * scale.float()[:, None]
+    if bits == 4:
+        q = unpack_int4(storage).float()  # [rows, cols]
+        rows, cols = q.shape
+        groups = q.view(rows, cols // group_size, group_size) * scale.float()[:, :, None]
+        return groups.view(rows, cols)
+    raise ValueError(f"dequantize: bits must be None, 8 or 4, got {bits!r}")
+
+
+def storage_shapes(
+    rows: int, cols: int, bits: int | None, group_size: int
+) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Shapes of (storage, scale) for a [rows, cols] factor: used to build empty skeletons."""
+    if bits is None:
+        return (rows, cols), None
+    if bits == 8:
+        return (rows, cols), (rows,)
+    return (rows, cols // 2), (rows, cols // group_size)
+
+
+def factor_bytes(rows: int, cols: int, bits: int | None, group_size: int, float_bytes: int = 2) -> int:
+    """Bytes of one stored factor with its scales (`float_bytes` per element when unquantized)."""
+    if bits is None:
+        return rows * cols * float_bytes
+    if bits == 8:
+        return rows * cols + rows * 4
+    return rows * cols // 2 + rows * (cols // group_size) * 4
