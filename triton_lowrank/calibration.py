@@ -1,0 +1,55 @@
+"""Collect per-layer input Gram matrices XᵀX over calibration batches, with forward hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def run_batch(model: nn.Module, batch, device: torch.device):
+    """A batch is a tensor of input ids or a dict of the model's keyword arguments."""
+    if isinstance(batch, torch.Tensor):
+        return model(input_ids=batch.to(device))
+    if isinstance(batch, Mapping):
+        return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    raise TypeError(f"calibration batch must be a tensor of input ids or a dict of kwargs, got {type(batch).__name__}")
+
+
+@torch.no_grad()
+def collect_grams(
+    model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Return {layer name: XᵀX [in, in] float32} accumulated over every token of every batch."""
+    grams: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
+            gram = x.t() @ x  # [in, in]
+            grams[name] = grams[name] + gram if name in grams else gram
+
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(calibration, desc="calibrating", unit="batch", disable=not progress):
+            run_batch(model, batch, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [name for name in layers if name not in grams]
+    if missing:
+        raise ValueError(f"calibration never reached layer(s) {missing}: check the calibration batches")
+    return grams

@@ -1,0 +1,70 @@
+"""LowRankConfig: every knob of a compression, in one dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .quant import SUPPORTED_BITS
+
+RANK_KNOBS = ("rank", "rank_ratio", "energy", "budget")
+
+
+@dataclass
+class LowRankConfig:
+    """How to compress a model. Set exactly one of `rank`, `rank_ratio`, `energy`, `budget`.
+
+    rank:       the same rank r for every compressed layer (1 <= r <= min(in, out)).
+    rank_ratio: fraction of min(in, out) KEPT as rank in each layer, in (0, 1]; 0.25 keeps a quarter.
+    energy:     fraction of the sum of squared singular values KEPT in each layer, in (0, 1].
+    budget:     total factor bytes (with scales) as a fraction of the fp16 dense bytes of the layers
+                compressed; ranks are allocated ACROSS layers by greedy relative error reduction per byte.
+    bits:       None keeps unquantized factors in the layer's dtype; 8 = int8 with one scale per
+                rank component; 4 = int4 with one scale per `group_size` features, packed two per byte.
+    group_size: int4 group width along each factor's feature axis; must divide in and out features.
+    method:     "svd" truncates the weight's SVD (optimal in weight space); "whitened" truncates in the
+                space whitened by the calibration activations (optimal activation error, SVD-LLM style).
+    include:    glob patterns (fnmatch on full module names); None selects every nn.Linear and GPT-2 Conv1D.
+    exclude:    glob patterns removed from the selection; "lm_head" by default (set () to compress it).
+    damping:    largest relative diagonal damping tried when the calibration Gram matrix is singular.
+    """
+
+    rank: int | None = None
+    rank_ratio: float | None = None
+    energy: float | None = None
+    budget: float | None = None
+    bits: int | None = 8
+    group_size: int = 128
+    method: str = "svd"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = field(default=("lm_head",))
+    damping: float = 1e-2
+
+    def __post_init__(self) -> None:
+        chosen = [k for k in RANK_KNOBS if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                f"LowRankConfig: set exactly one of rank, rank_ratio, energy, budget; got {chosen or 'none'}"
+            )
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int)):
+            raise TypeError(f"LowRankConfig: rank must be an int, got {self.rank!r}")
+        if self.rank is not None and self.rank <= 0:
+            raise ValueError(f"LowRankConfig: rank must be >= 1, got {self.rank}")
+        for knob in ("rank_ratio", "energy"):
+            value = getattr(self, knob)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"LowRankConfig: {knob} is the fraction kept, in (0, 1]; got {value}")
+        if self.budget is not None and not self.budget > 0:
+            raise ValueError(f"LowRankConfig: budget must be > 0, got {self.budget}")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"LowRankConfig: bits must be one of None, 8 or 4, got {self.bits!r}")
+        if self.bits == 4 and (self.group_size <= 0 or self.group_size % 2):
+            raise ValueError(f"LowRankConfig: group_size must be a positive even number, got {self.group_size}")
+        if self.method not in ("svd", "whitened"):
+            raise ValueError(f"LowRankConfig: method must be 'svd' or 'whitened', got {self.method!r}")
+        if isinstance(self.include, str) or isinstance(self.exclude, str):
+            raise TypeError("LowRankConfig: include and exclude are sequences of patterns, not one string")
+        self.include = None if self.include is None else tuple(self.include)
+        self.exclude = tuple(self.exclude)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
