@@ -154,3 +154,11 @@ def test_forward_rejects_integer_input():
     layer = LowRankLinear(16, 16, rank=4, bits=None, dtype=torch.float32)
     with pytest.raises(TypeError, match="input dtype"):
         layer(torch.ones(2, 16, dtype=torch.int64))
+
+
+def test_casting_the_module_keeps_scales_float32():
+    dense = make_layer("Linear", 32, 24)
+    compressed, _ = compress_single(dense, LowRankConfig(rank=8, bits=8))
+    compressed.half()
+    assert compressed.down_scale.dtype == compressed.up_t_scale.dtype == torch.float32
+    assert compressed.down.dtype == torch.int8 and compressed.bias.dtype == torch.float16

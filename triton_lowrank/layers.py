@@ -79,6 +79,16 @@ class LowRankLinear(nn.Module):
                 layer.bias.copy_(bias)
         return layer
 
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(bf16) would cast the float32 scales too, and fp16 scales underflow for
+        # small rank components; keep them float32 whatever the module's compute dtype becomes.
+        super()._apply(fn, recurse)
+        for name in ("down_scale", "up_t_scale"):
+            scale = getattr(self, name)
+            if scale is not None and scale.dtype != torch.float32:
+                setattr(self, name, scale.float())
+        return self
+
     def dequantized_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(up [out, r], down [r, in]) in float32."""
         down = dequantize(self.down, self.down_scale, self.bits, self.group_size)
