@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One-command GPU check, run from the repo root on the GPU machine (no network, no pip index):
+#   bash bench/gpu_check.sh
+# Installs the package editable (kernels/ maps to triton_lowrank.kernels, so PYTHONPATH alone is
+# not enough), runs the GPU tests and the kernel tests on CUDA, the quick kernel benchmark with
+# autotune timing, bench/e2e.py --quick if present, copies results to $OUT, and prints the
+# summary table last. Each step has its own timeout so one hang cannot eat the whole lease.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+status=0
+step() {  # step <timeout-seconds> <name> <command...>
+    local limit=$1 name=$2; shift 2
+    echo "==== [$name] (timeout ${limit}s) ===="
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    echo "==== [$name] rc=$rc in $((SECONDS - start))s ===="
+    [ "$rc" -eq 0 ] || status=1
+    return 0
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+step 120 install "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+step 150 gpu-tests "$PY" -m pytest -q -x -m gpu tests/test_gpu.py
+step 90 kernel-tests "$PY" -m pytest -q tests/test_kernels.py tests/test_autotune.py
+step 200 bench-kernels "$PY" bench/kernels.py --quick --autotune
+if [ -f bench/e2e.py ]; then
+    step 120 bench-e2e "$PY" bench/e2e.py --quick
+else
+    echo "==== [bench-e2e] skipped: bench/e2e.py not present ===="
+fi
+
+RESULTS=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); from common import results_dir; print(results_dir())")
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT/results" && cp -r "$RESULTS" "$OUT/results/" && echo "copied $RESULTS -> $OUT/results/"
+fi
+"$PY" bench/summary.py "$RESULTS"
+exit $status

@@ -1,0 +1,217 @@
+"""Kernel benchmark: fused (1 launch) and two-launch low-rank kernels vs cuBLAS dense fp16 and
+unfused PyTorch low-rank (two F.linear on fp16 factors), with cold L2 and CUDA-graph timing.
+
+    python bench/kernels.py            # quick sweep (~2-3 min on an H100)
+    python bench/kernels.py --full     # every shape, M, rank ratio and bit width
+    python bench/kernels.py --autotune # also time GPT-2 XL pretuning, cold and warm
+    python bench/kernels.py --dry-run  # CPU, tiny shapes, Triton interpreter: checks the plumbing
+
+Writes kernels.json / kernels.csv / kernels_*.png (and autotune_timing.json) under
+bench/results/<gpu-slug>/. Bandwidth counts factor + scale + bias bytes plus activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if "--dry-run" in sys.argv:  # the interpreter must be chosen before Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    copy_bandwidth_gbs,
+    device_name,
+    environment,
+    results_dir,
+    rotation_count,
+    time_ms,
+    write_csv,
+    write_json,
+)
+from triton_lowrank.kernels.configs import Problem, default_config  # noqa: E402
+
+from triton_lowrank.ops import LowRankFactors, launch, lowrank_matmul  # noqa: E402
+from triton_lowrank.quant import factor_bytes, quantize  # noqa: E402
+
+GPT2_SHAPES = [(768, 2304), (768, 3072), (3072, 768), (1024, 4096), (1280, 5120), (1600, 6400), (6400, 1600)]
+LLAMA_SHAPE = (4096, 11008)
+QUICK_SHAPES = [(768, 2304), (1600, 6400), (6400, 1600), LLAMA_SHAPE]
+M_VALUES = (1, 4, 16, 64, 256, 1024, 4096)
+QUICK_M = (1, 16, 256, 4096)
+RATIOS = (0.125, 0.25, 0.5)
+GPT2_XL_LAYERS = [(1600, 4800), (1600, 1600), (1600, 6400), (6400, 1600)]  # c_attn, attn c_proj, c_fc, mlp c_proj
+
+
+def make_sets(k, n, rank, bits, group, n_sets, device, dtype):
+    """n_sets independent (factors, dense fp16 weight, fp16 factors) triples for L2 rotation."""
+    sets = []
+    for i in range(n_sets):
+        gen = torch.Generator(device=device).manual_seed(i)
+        down = torch.randn(rank, k, device=device, generator=gen) / k**0.5  # [r, in]
+        up_t = torch.randn(rank, n, device=device, generator=gen) / rank**0.5  # [r, out]
+        bias = torch.randn(n, device=device, generator=gen).to(dtype)
+        stored = []
+        for w in (down, up_t):
+            stored += [w.to(dtype), None] if bits is None else list(quantize(w, bits, group))
+        f = LowRankFactors(stored[0], stored[1], stored[2], stored[3], bias, bits, group)
+        # baselines get dequantized weights (same values), stored in the activation dtype
+        down_f, up_f = down.to(dtype), up_t.t().contiguous().to(dtype)  # [r, in], [out, r]
+        sets.append({"f": f, "dense": (up_f @ down_f).contiguous(), "down": down_f, "up": up_f, "bias": bias})
+    return sets
+
+
+def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("fused", "split")):
+    lowrank_bytes = factor_bytes(rank, k, bits, group) + factor_bytes(rank, n, bits, group) + n * 2
+    dense_bytes = n * k * 2 + n * 2
+    fp16_lowrank_bytes = rank * (k + n) * 2 + n * 2
+    n_sets = rotation_count(dense_bytes + lowrank_bytes + fp16_lowrank_bytes) if device.type == "cuda" else 2
+    sets = make_sets(k, n, rank, bits, group, n_sets, device, dtype)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    problem = Problem(m, n, k, rank, bits, group if bits == 4 else 0, x.element_size())
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device.type == "cuda" else 132
+    interpret = device.type != "cuda"
+    configs = {
+        "fused": default_config(problem, sms, interpret, fused_max_m=1 << 30),
+        "split": default_config(problem, sms, interpret, fused_max_m=0),
+    }
+    contenders = {name: (lambda i, c=configs[name]: launch(x, sets[i]["f"], c, out)) for name in paths}
+    contenders["auto"] = lambda i: lowrank_matmul(x, sets[i]["f"])  # what the custom op picks
+    contenders["cublas"] = lambda i: F.linear(x, sets[i]["dense"], sets[i]["bias"])
+    contenders["unfused"] = lambda i: F.linear(F.linear(x, sets[i]["down"]), sets[i]["up"], sets[i]["bias"])
+    act_bytes = m * (k + n) * x.element_size()
+    row = {"in": k, "out": n, "rank": rank, "bits": bits or 16, "m": m, "dtype": str(dtype).replace("torch.", ""),
+           "factor_bytes": lowrank_bytes, "rotating_sets": n_sets}
+    for name, fn in contenders.items():
+        us = time_ms(fn, n_sets, device) * 1e3
+        moved = {"cublas": dense_bytes, "unfused": fp16_lowrank_bytes}.get(name, lowrank_bytes) + act_bytes
+        row[f"{name}_us"] = round(us, 3)
+        row[f"{name}_gbs"] = round(moved / (us * 1e-6) / 1e9, 1)
+    best = min((row[f"{p}_us"], p) for p in (*paths, "auto"))
+    row["best_path"] = best[1]
+    row["speedup_vs_cublas"] = round(row["cublas_us"] / best[0], 3)
+    row["speedup_vs_unfused"] = round(row["unfused_us"] / best[0], 3)
+    return row
+
+
+def sweep(args, device, dtype):
+    if args.dry_run:
+        shapes, ms, ratios, bit_list = [(48, 80)], (1, 20), (0.25,), (8, 4)
+    elif args.full:
+        shapes, ms, ratios, bit_list = [*GPT2_SHAPES, LLAMA_SHAPE], M_VALUES, RATIOS, (8, 4)
+    else:
+        shapes, ms, ratios, bit_list = QUICK_SHAPES, QUICK_M, (0.25,), (8, 4)
+    cases = []
+    for (k, n), bits, m in ((s, b, m) for s in shapes for b in bit_list for m in ms):
+        # every rank ratio at the largest M (the "no slower than unfused at every rank" target)
+        for ratio in (RATIOS if m == max(ms) and not args.dry_run else ratios):
+            cases.append((k, n, max(1, int(ratio * min(k, n))), bits, m))
+    cases = list(dict.fromkeys(cases))
+    rows = []
+    for i, (k, n, rank, bits, m) in enumerate(cases):
+        paths = ("fused", "split") if m <= 64 else ("split",)  # fused atomics scale with M
+        group = 16 if args.dry_run else 128
+        row = bench_case(k, n, rank, bits, m, device, dtype, group, paths)
+        rows.append(row)
+        print(f"[{i + 1}/{len(cases)}] {k}x{n} r={rank} int{bits} M={m}: "
+              + "  ".join(f"{p}={row[f'{p}_us']:.1f}us" for p in (*paths, "auto", "cublas", "unfused"))
+              + f"  best={row['best_path']} x{row['speedup_vs_cublas']:.2f} vs cuBLAS", flush=True)
+    return rows
+
+
+def autotune_timing(device) -> dict:
+    """GPT-2 XL layer shapes (rank ratio 0.25, int8) tuned cold in fast mode, then a warm start."""
+    from torch import nn
+
+    from triton_lowrank.autotune import Autotuner, pretune_model
+    from triton_lowrank.layers import LowRankLinear
+
+    model = nn.Sequential(*[LowRankLinear(k, n, min(k, n) // 4, bits=8, device=device) for k, n in GPT2_XL_LAYERS])
+    with tempfile.TemporaryDirectory() as cache_dir:
+        start = time.perf_counter()
+        cold = pretune_model(model, "fast", tuner=Autotuner(mode="fast", cache_dir=cache_dir))
+        cold_s = time.perf_counter() - start
+        start = time.perf_counter()
+        warm = pretune_model(model, "fast", tuner=Autotuner(mode="fast", cache_dir=cache_dir))
+        warm_s = time.perf_counter() - start
+    result = {"cold_s": round(cold_s, 2), "warm_s": round(warm_s, 3), "unique_keys": cold["unique_keys"],
+              "tuned_cold": cold["tuned"], "tuned_warm": warm["tuned"], "target_cold_s": 60, "target_warm_s": 2}
+    print(f"autotune GPT-2 XL fast: cold {cold_s:.1f}s for {cold['unique_keys']} keys, warm {warm_s:.2f}s")
+    return result
+
+
+def plot(rows, out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    groups = sorted({(r["in"], r["out"], r["bits"]) for r in rows})
+    for k, n, bits in groups:
+        sel = [r for r in rows if (r["in"], r["out"], r["bits"]) == (k, n, bits)]
+        rank = sorted({r["rank"] for r in sel}, key=lambda v: abs(v - min(k, n) // 4))[0]
+        sel = sorted((r for r in sel if r["rank"] == rank), key=lambda r: r["m"])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in ("fused", "split", "auto", "cublas", "unfused"):
+            pts = [(r["m"], r[f"{name}_us"]) for r in sel if f"{name}_us" in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="µs (median)",
+               title=f"{k}→{n}, rank {rank}, int{bits}")
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+        path = out_dir / f"kernels_{k}x{n}_int{bits}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="the whole sweep (long)")
+    parser.add_argument("--quick", action="store_true", help="the default trimmed sweep (kept for scripts)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU + interpreter, tiny shapes")
+    parser.add_argument("--autotune", action="store_true", help="also time GPT-2 XL pretuning cold/warm")
+    parser.add_argument("--autotune-only", action="store_true", help="only the autotune timing")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    if device.type != "cuda" and not args.dry_run:
+        parser.error("no CUDA device: use --dry-run")
+    dtype = getattr(torch, args.dtype)
+    out_dir = results_dir(device_name() if device.type == "cuda" else "dry-run")
+    print(f"device: {device_name()}  ->  {out_dir}", flush=True)
+    if args.autotune or args.autotune_only:
+        write_json(out_dir / "autotune_timing.json", {"env": environment(), **autotune_timing(device)})
+        if args.autotune_only:
+            return 0
+    copy_gbs = copy_bandwidth_gbs(device)
+    print(f"device-to-device copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
+    rows = sweep(args, device, dtype)
+    for row in rows:
+        row["best_pct_copy_bw"] = round(100 * max(row[f"{p}_gbs"] for p in ("fused", "split", "auto")
+                                                  if f"{p}_gbs" in row) / copy_gbs, 1)
+    write_json(out_dir / "kernels.json", {"env": environment(), "copy_gbs": round(copy_gbs, 1), "rows": rows})
+    write_csv(out_dir / "kernels.csv", rows)
+    if not args.no_plots:
+        plot(rows, out_dir)
+    print(f"wrote {out_dir / 'kernels.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

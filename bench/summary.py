@@ -1,0 +1,95 @@
+"""Print the benchmark summary table (last step of bench/gpu_check.sh) from the results JSONs.
+
+    python bench/summary.py [results_dir]     # default: bench/results/<this gpu>/
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _find(rows, k, n, bits, m, rank=None):
+    for r in rows:
+        if (r["in"], r["out"], r["bits"], r["m"]) == (k, n, bits, m) and (rank is None or r["rank"] == rank):
+            return r
+    return None
+
+
+def targets(data: dict) -> list[tuple[str, str, bool | None]]:
+    rows, checks = data["rows"], []
+    r = _find(rows, 1600, 6400, 8, 1, 400)
+    if r:
+        best = min(r[f"{p}_us"] for p in ("fused", "split", "auto") if f"{p}_us" in r)
+        checks.append(("M=1 1600->6400 int8 r400 <= 0.5x cuBLAS", f"{best / r['cublas_us']:.2f}x",
+                       best <= 0.5 * r["cublas_us"]))
+        checks.append(("M=1 1600->6400 int8 r400 <= 0.6x unfused", f"{best / r['unfused_us']:.2f}x",
+                       best <= 0.6 * r["unfused_us"]))
+    r = _find(rows, 4096, 11008, 8, 1, 1024)
+    if r:
+        checks.append(("M=1 4096x11008 int8 r1024 >= 70% copy BW", f"{r['best_pct_copy_bw']:.0f}%",
+                       r["best_pct_copy_bw"] >= 70))
+    big = [r for r in rows if r["m"] == 4096]
+    if big:
+        slow = [r for r in big if min(r.get("split_us", 1e30), r["auto_us"]) > r["unfused_us"]]
+        worst = max(big, key=lambda r: min(r.get("split_us", 1e30), r["auto_us"]) / r["unfused_us"])
+        ratio = min(worst.get("split_us", 1e30), worst["auto_us"]) / worst["unfused_us"]
+        checks.append((f"M=4096 never slower than unfused ({len(big)} cases)",
+                       f"worst {ratio:.2f}x ({worst['in']}x{worst['out']} r{worst['rank']} int{worst['bits']})",
+                       not slow))
+    return checks
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        out_dir = Path(argv[0])
+    else:
+        from common import results_dir
+
+        out_dir = results_dir()
+    print(f"\n==== triton_lowrank benchmark summary: {out_dir} ====")
+    kernels = _load(out_dir / "kernels.json")
+    if kernels:
+        print(f"device {kernels['env'].get('device')}  torch {kernels['env'].get('torch')}  "
+              f"triton {kernels['env'].get('triton')}  copy BW {kernels['copy_gbs']:.0f} GB/s")
+        head = f"{'shape':>11} {'r':>5} {'bits':>4} {'M':>5} {'fused':>8} {'split':>8} {'auto':>8} " \
+               f"{'cuBLAS':>8} {'unfused':>8} {'xcuBLAS':>7} {'xunfus':>6} {'%BW':>5}"
+        print(head)
+        for r in kernels["rows"]:
+            def cell(key, r=r):
+                return f"{r[key]:8.1f}" if key in r else f"{'-':>8}"
+
+            print(f"{r['in']:>5}x{r['out']:<5} {r['rank']:>5} {r['bits']:>4} {r['m']:>5} {cell('fused_us')} "
+                  f"{cell('split_us')} {cell('auto_us')} {cell('cublas_us')} {cell('unfused_us')} "
+                  f"{r['speedup_vs_cublas']:7.2f} {r['speedup_vs_unfused']:6.2f} {r['best_pct_copy_bw']:5.0f}")
+        print("(times in µs, medians, cold L2, CUDA graphs; x = speed-up of the best low-rank path)")
+    else:
+        print("no kernels.json")
+    tune = _load(out_dir / "autotune_timing.json")
+    if tune:
+        print(f"autotune GPT-2 XL fast: cold {tune['cold_s']} s (target < {tune['target_cold_s']}), "
+              f"warm {tune['warm_s']} s (target < {tune['target_warm_s']}), {tune['unique_keys']} keys")
+    for path in sorted(out_dir.glob("e2e*.json")):
+        data = _load(path) or {}
+        scalars = {k: v for k, v in data.items() if isinstance(v, (int, float, str)) and k != "env"}
+        print(f"{path.name}: " + ", ".join(f"{k}={v}" for k, v in list(scalars.items())[:12]))
+    if kernels:
+        print("targets:")
+        for name, value, ok in targets(kernels):
+            print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

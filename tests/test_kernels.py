@@ -1,0 +1,245 @@
+"""Kernel correctness against lowrank_reference, on CUDA when present, else the Triton interpreter.
+
+TRITON_INTERPRET must be set before Triton is first imported: triton.jit decides at decoration
+time, including for triton.language's own helpers, and importing torch._dynamo (transformers,
+torch.compile) imports Triton. So without CUDA the variable has to be set before anything
+imports torch: by tests/conftest.py or the shell. It is set here too for a bare run of this
+file; if Triton was already imported without it, the module errors with instructions.
+"""
+
+import os
+import sys
+
+if "triton" not in sys.modules and not any(os.path.exists(f"/dev/nvidia{i}") for i in range(8)):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    if os.environ.get("TRITON_INTERPRET") != "1" or isinstance(tl.zeros, JITFunction):
+        raise RuntimeError(
+            "tests/test_kernels.py needs the Triton interpreter without CUDA: set TRITON_INTERPRET=1 before "
+            "Triton is imported (top of tests/conftest.py, or in the shell)"
+        )
+
+import pytest  # noqa: E402
+from triton_lowrank.kernels.configs import TileConfig, default_config, next_pow2  # noqa: E402
+
+from triton_lowrank import ops  # noqa: E402
+from triton_lowrank.layers import LowRankLinear  # noqa: E402
+from triton_lowrank.ops import LowRankFactors, lowrank_matmul  # noqa: E402
+from triton_lowrank.quant import quantize  # noqa: E402
+from triton_lowrank.reference import lowrank_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCES = {  # (atol, rtol) for outputs of magnitude ~1
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (4e-2, 2e-2),
+    torch.float32: (1e-4, 1e-4),
+}
+
+
+def make_factors(k, n, rank, bits, group_size, dtype, bias=True, seed=0) -> LowRankFactors:
+    """Seeded random factors scaled so y is O(1); quantization gives non-trivial scales."""
+    gen = torch.Generator().manual_seed(seed)
+    down = torch.randn(rank, k, generator=gen) / k**0.5  # [r, in]
+    up_t = torch.randn(rank, n, generator=gen) / rank**0.5 * (1 + torch.rand(rank, 1, generator=gen))  # [r, out]
+    stored = []
+    for w in (down, up_t):
+        stored += [w.to(dtype), None] if bits is None else list(quantize(w, bits, group_size))
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    f = LowRankFactors(stored[0], stored[1], stored[2], stored[3], b, bits, group_size)
+    return LowRankFactors(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in f))
+
+
+def reference(x, f):
+    return lowrank_reference(x, f.down, f.down_scale, f.up_t, f.up_scale, f.bias, f.bits, f.group_size)
+
+
+def run_poisoned(x, f, config):
+    """Launch into a NaN-filled output: any element the kernel fails to write stays NaN."""
+    out = torch.full((*x.shape[:-1], f.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    y = lowrank_matmul(x, f, out=out, config=config)
+    assert y.data_ptr() == out.data_ptr()
+    assert not torch.isnan(y).any(), "kernel left output elements unwritten"
+    return y
+
+
+def assert_close(y, x, f):
+    atol, rtol = TOLERANCES[x.dtype]
+    torch.testing.assert_close(y.float(), reference(x, f).float(), atol=atol, rtol=rtol)
+
+
+def test_config(path, m, split_k=1, split_n=2, lowp=False) -> TileConfig:
+    """Small tiles (fast in the interpreter); block_m >= 16 switches the fused kernel to tl.dot."""
+    if path == "fused":
+        block_m = next_pow2(m) if m <= 4 else 16
+        return TileConfig("fused", block_m, 32, 32, 16, split_k=split_k, split_n=split_n)
+    return TileConfig("split", 16, 32, 32, 16, expand_lowp=lowp)
+
+
+test_config.__test__ = False  # a helper, not a test
+
+# (M, K, N, rank): odd sizes, non-powers of two, r=1, M=1, M above one 16-row block, r > K, N
+SHAPES = [(1, 48, 80, 7), (3, 64, 96, 1), (37, 96, 40, 64), (2, 32, 48, 300)]
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n,rank", SHAPES)
+def test_matches_reference(path, bits, dtype, m, k, n, rank):
+    group = 16 if k % 16 == 0 and n % 16 == 0 else 8  # 8 < BLOCK: exercises the per-element scale gather
+    f = make_factors(k, n, rank, bits, group, dtype, bias=rank % 2 == 1, seed=m + rank)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    assert_close(run_poisoned(x, f, test_config(path, m)), x, f)
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("config", [
+    test_config("fused", 1, split_k=2, split_n=1),  # K split: two programs per rank block
+    test_config("fused", 20, split_k=2, split_n=2),  # tl.dot fused path with both splits
+    test_config("split", 20, lowp=True),  # expand MMA in the activation dtype
+], ids=["fused-splitk", "fused-dot-splits", "split-lowp"])
+def test_config_variants(bits, config):
+    m = config.block_m if config.block_m < 16 else 20
+    f = make_factors(64, 96, 24, bits, 32, torch.float16, seed=3)
+    x = torch.randn(m, 64, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
+    assert_close(run_poisoned(x, f, config), x, f)
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_leading_dims_and_fp32(path):
+    f = make_factors(48, 32, 5, 8, 16, torch.float32, seed=4)
+    x = torch.randn(2, 3, 48, generator=torch.Generator().manual_seed(3)).to(DEVICE)  # [2, 3, K] fp32
+    y = run_poisoned(x, f, test_config(path, 6))
+    assert y.shape == (2, 3, 32)
+    assert_close(y, x, f)
+
+
+@pytest.mark.parametrize("m", [1, 24])
+def test_custom_op_with_layer(m):
+    """The registered op (default config, fused for m=1, two-launch for m=24) on a LowRankLinear."""
+    gen = torch.Generator().manual_seed(5)
+    layer = LowRankLinear.from_factors(torch.randn(48, 6, generator=gen), torch.randn(6, 32, generator=gen) / 6,
+                                       torch.randn(48, generator=gen), bits=4, group_size=16).to(DEVICE)
+    x = torch.randn(m, 2, 32, generator=gen).half().to(DEVICE)  # [m, 2, K]
+    y = lowrank_matmul(x, layer)
+    assert y.shape == (m, 2, 48) and y.dtype == torch.float16
+    assert_close(y, x, ops.as_factors(layer))
+
+
+def test_fused_workspace_left_zeroed():
+    """The last program of each output slice must re-zero the atomics workspace and tickets."""
+    f = make_factors(64, 96, 40, 8, 32, torch.float16, seed=6)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
+    config = test_config("fused", 2, split_n=3)
+    first = run_poisoned(x, f, config)
+    second = run_poisoned(x, f, config)  # would double-count if the workspace kept the first sums
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    assert all(not ws.any() for ws in ops._WORKSPACES.values())
+
+
+def test_default_configs_are_launchable():
+    """Heuristic configs (real GPU sizes) give correct results on small problems too."""
+    for m in (1, 4, 9, 300):
+        f = make_factors(64, 48, 12, 8, 32, torch.float16, seed=m)
+        x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
+        config = default_config(ops.problem_for(x, f), interpret=DEVICE == "cpu")
+        assert_close(run_poisoned(x, f, config), x, f)
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    f = make_factors(32, 16, 4, 8, 16, torch.float16)
+    f = LowRankFactors(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in f))
+    x = torch.randn(3, 32).half()
+    torch.testing.assert_close(lowrank_matmul(x, f), reference(x, f), atol=0, rtol=0)
+
+
+# ---- input validation ------------------------------------------------------------------------
+def test_rejects_integer_activations():
+    f = make_factors(32, 16, 4, 8, 16, torch.float16)
+    with pytest.raises(TypeError, match="torch.int32"):
+        lowrank_matmul(torch.ones(2, 32, dtype=torch.int32, device=DEVICE), f)
+
+
+def test_rejects_float_factor_dtype_mismatch():
+    f = make_factors(32, 16, 4, None, 16, torch.float16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        lowrank_matmul(torch.ones(2, 32, dtype=torch.bfloat16, device=DEVICE), f)
+
+
+@pytest.mark.parametrize("what", ["features", "rank", "scale", "bias"])
+def test_rejects_mismatched_shapes(what):
+    f = make_factors(32, 16, 4, 8, 16, torch.float16)
+    x = torch.ones(2, 32, dtype=torch.float16, device=DEVICE)
+    if what == "features":
+        x = torch.ones(2, 31, dtype=torch.float16, device=DEVICE)
+    elif what == "rank":
+        f = f._replace(up_t=f.up_t[:3], up_scale=f.up_scale[:3])
+    elif what == "scale":
+        f = f._replace(down_scale=f.down_scale[:2])
+    else:
+        f = f._replace(bias=f.bias[:5])
+    with pytest.raises(ValueError, match="lowrank_matmul"):
+        lowrank_matmul(x, f)
+
+
+def test_rejects_device_mix():
+    f = make_factors(32, 16, 4, 8, 16, torch.float16)
+    with pytest.raises(ValueError, match="meta"):
+        lowrank_matmul(torch.ones(2, 32, dtype=torch.float16, device="meta"), f)
+
+
+def test_rejects_unknown_factor_container():
+    with pytest.raises(TypeError, match="dict"):
+        lowrank_matmul(torch.ones(2, 32), {"down": None})
+
+
+COMPILE_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton_lowrank.kernels import lowrank_matmul as k
+
+def build(fn, types, consts, **opts):
+    sig = {**types, **{c: "constexpr" for c in consts}}
+    triton.compile(ASTSource(fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
+
+for bits, wdt, group in ((8, "*i8", 1), (4, "*u8", 32)):
+    for use_dot, bm in ((False, 1), (True, 16)):
+        build(k.fused_kernel, dict(x_ptr="*fp16", down_ptr=wdt, down_scale_ptr="*fp32", up_ptr=wdt,
+              up_scale_ptr="*fp32", bias_ptr="*fp16", y_ptr="*fp16", ws_ptr="*fp32", ticket_ptr="*i32",
+              **dict.fromkeys(["M", "N", "K", "R", "stride_xm", "stride_ym", "k_per_split", "n_per_split",
+                               "contributions"], "i32")),
+              dict(BITS=bits, GROUP_SIZE=group, HAS_BIAS=True, USE_WORKSPACE=True, USE_DOT=use_dot,
+                   DOT_PRECISION="tf32", DOT_UPCAST=False, SPLIT_K=1, SPLIT_N=2, BLOCK_M=bm, BLOCK_N=64,
+                   BLOCK_K=32, BLOCK_R=16), num_warps=4)
+    build(k.shrink_kernel, dict(x_ptr="*bf16", down_ptr=wdt, down_scale_ptr="*fp32", hidden_ptr="*fp32",
+          M="i32", K="i32", R="i32", stride_xm="i32"),
+          dict(BITS=bits, GROUP_SIZE=group, DOT_PRECISION="tf32", DOT_UPCAST=False, BLOCK_M=64, BLOCK_R=32,
+               BLOCK_K=32), num_warps=4, num_stages=3)
+    build(k.expand_kernel, dict(hidden_ptr="*fp32", up_ptr=wdt, up_scale_ptr="*fp32", bias_ptr="*bf16",
+          y_ptr="*bf16", M="i32", N="i32", R="i32", stride_ym="i32"),
+          dict(BITS=bits, GROUP_SIZE=group, HAS_BIAS=True, LOWP=True, DOT_PRECISION="tf32", DOT_UPCAST=False,
+               BLOCK_M=64, BLOCK_N=32, BLOCK_R=32), num_warps=4, num_stages=3)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CUDA run compiles for the real device anyway")
+def test_kernels_compile_for_sm90():
+    """The interpreter runs Python, not the compiler: compile the kernels for sm_90 ahead of time
+    (no GPU needed) in a subprocess without TRITON_INTERPRET, so GPU-only compile errors show here."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True,
+                            timeout=240)
+    if result.returncode and "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("no ptxas for ahead-of-time compilation")
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -1,0 +1,264 @@
+"""Autotuner for the low-rank kernels, with a persistent JSON cache of the winners.
+
+Key: (rank, N, K, bits, group_size, activation dtype, M bucket) inside a section named by the
+GPU and the Triton version, so entries never leak across hardware or compiler versions.
+
+Modes: "default" (the heuristic, no benchmarking: CI and the interpreter always use it),
+"fast" (a small candidate set), "max" (a wide search). The mode comes from, in order: an
+explicit argument (`tune(..., mode=)`, `pretune_model(mode=)`), the tuner's `mode`, and the
+environment variable TRITON_LOWRANK_AUTOTUNE (for scripts). At run time the custom op asks the
+process tuner `get_tuner()` for a config: a cached winner if there is one, else it tunes in the
+tuner's mode, except while a CUDA graph is being captured (never benchmark then: the heuristic).
+
+Cache file: $TRITON_LOWRANK_CACHE_DIR/autotune.json (default ~/.cache/triton_lowrank/), written
+atomically (temp file + os.replace); a corrupt file is ignored with a warning and re-tuned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from triton_lowrank.kernels.configs import (
+    DEFAULT_NUM_SMS,
+    DEFAULT_SMEM_BYTES,
+    Problem,
+    TileConfig,
+    candidate_configs,
+    default_config,
+    m_bucket,
+)
+
+MODES = ("default", "fast", "max")
+ENV_MODE = "TRITON_LOWRANK_AUTOTUNE"
+ENV_CACHE_DIR = "TRITON_LOWRANK_CACHE_DIR"
+CACHE_VERSION = 1
+_DTYPE_NAMES = {2: "float16", 4: "float32"}  # when a caller gives no dtype
+
+Timer = Callable[[Problem, TileConfig], float]  # -> milliseconds
+
+
+def resolve_mode(mode: str | None = None) -> str:
+    mode = mode or os.environ.get(ENV_MODE) or "default"
+    if mode not in MODES:
+        raise ValueError(f"autotune mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "triton_lowrank")
+
+
+def problem_key(p: Problem, dtype: torch.dtype | str) -> str:
+    """Cache key within a (GPU, Triton) section; group size only matters for int4."""
+    group = p.group_size if p.bits == 4 else 0
+    bits = "fp" if p.bits is None else f"int{p.bits}"
+    dtype = str(dtype).replace("torch.", "")
+    return f"r{p.rank}-n{p.n}-k{p.k}-{bits}-g{group}-{dtype}-m{m_bucket(p.m)}"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:  # CPU-only installs without Triton still get a usable tuner object
+        return "none"
+
+
+class Autotuner:
+    """Chooses a TileConfig per problem; caches winners in memory and on disk.
+
+    `timer(problem, config) -> ms` replaces the GPU benchmark (tests inject one).
+    """
+
+    def __init__(
+        self,
+        mode: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        gpu_name: str | None = None,
+        triton_version: str | None = None,
+        timer: Timer | None = None,
+        num_sms: int | None = None,
+        smem_bytes: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.mode = resolve_mode(mode)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.gpu_name = gpu_name or (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+        self.triton_version = triton_version or _triton_version()
+        self.timer = timer
+        self.progress = progress
+        props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() and gpu_name is None else None
+        self.num_sms = num_sms or (props.multi_processor_count if props else DEFAULT_NUM_SMS)
+        self.smem_bytes = smem_bytes or getattr(props, "shared_memory_per_block_optin", 0) or DEFAULT_SMEM_BYTES
+        self.entries: dict[str, dict] = self._read_file()["sections"].get(self.section, {})
+
+    # ---- cache file -------------------------------------------------------------------
+    @property
+    def cache_path(self) -> Path:
+        return self.cache_dir / "autotune.json"
+
+    @property
+    def section(self) -> str:
+        return f"{self.gpu_name}|triton-{self.triton_version}"
+
+    def _read_file(self) -> dict:
+        if not self.cache_path.exists():
+            return {"version": CACHE_VERSION, "sections": {}}
+        try:
+            data = json.loads(self.cache_path.read_text())
+            if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+                raise ValueError("unknown layout or version")
+            if not isinstance(data.get("sections"), dict):
+                raise ValueError("missing 'sections'")
+            for entries in data["sections"].values():  # validate every stored config now
+                for entry in entries.values():
+                    TileConfig.from_dict(entry["config"])
+            return data
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+            warnings.warn(f"triton_lowrank: ignoring corrupt autotune cache {self.cache_path} ({err}); "
+                          "shapes will be re-tuned", RuntimeWarning, stacklevel=3)
+            return {"version": CACHE_VERSION, "sections": {}}
+
+    def save(self) -> None:
+        """Merge this tuner's section into the file and replace it atomically."""
+        data = self._read_file()
+        data["sections"].setdefault(self.section, {}).update(self.entries)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".autotune-", suffix=".json.tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=1, sort_keys=True)
+            os.replace(tmp, self.cache_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ---- selection --------------------------------------------------------------------
+    def lookup(self, p: Problem, dtype: torch.dtype | str) -> TileConfig | None:
+        entry = self.entries.get(problem_key(p, dtype))
+        return TileConfig.from_dict(entry["config"]) if entry else None
+
+    def config_for(self, p: Problem, dtype: torch.dtype | str | None = None) -> TileConfig:
+        """The config the launcher uses: cached winner, else tune (in this tuner's mode), else heuristic."""
+        dtype = dtype or _DTYPE_NAMES[p.x_bytes]
+        cached = self.lookup(p, dtype)
+        if cached is not None:
+            return cached
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if self.mode == "default" or capturing:
+            return default_config(p, self.num_sms)
+        return self.tune(p, dtype)
+
+    def tune(self, p: Problem, dtype: torch.dtype | str | None = None, mode: str | None = None,
+             save: bool = True) -> TileConfig:
+        """Benchmark the candidates of `mode`; fastest median wins, ties go to the earlier candidate."""
+        mode = mode or self.mode
+        dtype = dtype or _DTYPE_NAMES[p.x_bytes]
+        candidates = candidate_configs(p, mode, self.num_sms, self.smem_bytes)
+        if mode == "default" or len(candidates) == 1:
+            best, best_ms = candidates[0], float("nan")
+        else:
+            timer = self.timer or _make_gpu_timer(dtype)
+            timings = []
+            for index, config in enumerate(candidates):
+                try:
+                    timings.append((float(timer(p, config)), index))
+                except Exception as err:  # a config the compiler rejects (e.g. registers) just loses
+                    warnings.warn(f"triton_lowrank: config {config} failed on {p}: {err}", RuntimeWarning,
+                                  stacklevel=2)
+            best_ms, best_index = min(timings) if timings else (float("nan"), 0)
+            best = candidates[best_index]
+        self.entries[problem_key(p, dtype)] = {"config": best.to_dict(), "ms": best_ms, "mode": mode}
+        if save:
+            self.save()
+        return best
+
+    def tune_many(self, problems: Iterable[tuple[Problem, str]], mode: str | None = None) -> dict[str, TileConfig]:
+        """Tune each distinct key once (tqdm progress), then write the cache once."""
+        unique = {problem_key(p, d): (p, d) for p, d in problems}
+        todo = {k: v for k, v in unique.items() if k not in self.entries}
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm is a dependency, but never let a progress bar break tuning
+            tqdm = None
+        items = list(todo.items())
+        bar = tqdm(items, desc=f"autotune[{mode or self.mode}]", disable=not self.progress) if tqdm else items
+        for _key, (p, d) in bar:
+            self.tune(p, d, mode, save=False)
+        if todo:
+            self.save()
+        return {k: TileConfig.from_dict(self.entries[k]["config"]) for k in unique}
+
+
+def _make_gpu_timer(dtype: torch.dtype | str) -> Timer:
+    """Median time (ms) of one launch on random data of the problem's shape (triton.testing.do_bench)."""
+    import triton.testing
+
+    from .ops import LowRankFactors, launch
+    from .quant import quantize
+
+    torch_dtype = getattr(torch, str(dtype).replace("torch.", ""))
+
+    def timer(p: Problem, config: TileConfig) -> float:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(p.m, p.k, device="cuda", dtype=torch_dtype, generator=gen)
+        factors = []
+        for features in (p.k, p.n):
+            w = torch.randn(p.rank, features, device="cuda", generator=gen)
+            factors += [w.to(torch_dtype), None] if p.bits is None else list(quantize(w, p.bits, p.group_size or 128))
+        bias = torch.randn(p.n, device="cuda", dtype=torch_dtype, generator=gen)
+        f = LowRankFactors(factors[0], factors[1], factors[2], factors[3], bias, p.bits, p.group_size or 128)
+        out = torch.empty(p.m, p.n, device="cuda", dtype=torch_dtype)
+        return triton.testing.do_bench(lambda: launch(x, f, config, out), return_mode="median")
+
+    return timer
+
+
+_PROCESS_TUNER: Autotuner | None = None
+
+
+def get_tuner() -> Autotuner:
+    """The process-wide tuner the custom op consults (created on first use; mode from the env)."""
+    global _PROCESS_TUNER
+    if _PROCESS_TUNER is None:
+        _PROCESS_TUNER = Autotuner()
+    return _PROCESS_TUNER
+
+
+def pretune_model(
+    model: torch.nn.Module,
+    mode: str = "fast",
+    m_values: Iterable[int] = (1, 16, 256, 1024, 4096),
+    dtype: torch.dtype | None = None,
+    tuner: Autotuner | None = None,
+) -> dict:
+    """Tune every LowRankLinear shape of `model` for each M; identical keys are tuned once.
+
+    Returns {"layers", "unique_keys", "tuned", "cached", "mode", "cache_path", "configs"}.
+    """
+    from .layers import LowRankLinear
+
+    tuner = tuner or get_tuner()
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    problems = []
+    for layer in layers:
+        act = dtype or (layer.bias.dtype if layer.bias is not None else
+                        layer.down.dtype if layer.bits is None else torch.float16)
+        x_bytes = torch.tensor([], dtype=act).element_size()
+        for m in m_values:
+            p = Problem(m, layer.out_features, layer.in_features, layer.rank, layer.bits,
+                        layer.group_size if layer.bits == 4 else 0, x_bytes)
+            problems.append((p, str(act).replace("torch.", "")))
+    keys = {problem_key(p, d) for p, d in problems}
+    cached = sum(k in tuner.entries for k in keys)
+    configs = tuner.tune_many(problems, mode=resolve_mode(mode))
+    return {"layers": len(layers), "unique_keys": len(keys), "tuned": len(keys) - cached, "cached": cached,
+            "mode": mode, "cache_path": str(tuner.cache_path), "configs": configs}
