@@ -9,6 +9,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from .calibration import collect_grams
 from .config import LowRankConfig
@@ -168,7 +169,7 @@ def compress_model(
         weight = dense_weight(module)  # [out, in]
         up, down = truncated_factors(weight, rank, chols.pop(name, None))
         new = LowRankLinear.from_factors(
-            up, down, module.bias, config.bits, config.group_size, module.weight.dtype, name=name
+            up, down, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
         )
         error = (new.dense_weight() - weight.float()).norm() / weight.float().norm()
         tied = _tied_to_other_module(model, module)
@@ -193,4 +194,8 @@ def compress_model(
     if any(row.name == "lm_head" for row in rows) and hasattr(model, "config"):
         # The compressed head no longer shares the embedding matrix; stop transformers re-tying it.
         model.config.tie_word_embeddings = False
+    if isinstance(model, PreTrainedModel):
+        from .hf_quantizer import mark_compressed  # lazy: the quantizer module builds on this one's layers
+
+        mark_compressed(model, config.to_dict())  # so model.save_pretrained writes a loadable checkpoint
     return CompressionReport(rows, config)

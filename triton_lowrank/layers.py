@@ -31,6 +31,7 @@ class LowRankLinear(nn.Module):
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         name: str = "LowRankLinear",
+        replaces: str = "Linear",
     ) -> None:
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
@@ -44,6 +45,7 @@ class LowRankLinear(nn.Module):
         check_bits(bits, group_size, out_features, f"{name} (out_features)")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.bits, self.group_size = bits, group_size
+        self.replaces = replaces  # the dense layer type this stands in for ("Linear" or "Conv1D"), for checkpoints
         storage_dtype = {None: dtype, 8: torch.int8, 4: torch.uint8}[bits]
         for factor, features in (("down", in_features), ("up_t", out_features)):
             data_shape, scale_shape = storage_shapes(rank, features, bits, group_size)
@@ -62,11 +64,14 @@ class LowRankLinear(nn.Module):
         group_size: int = 128,
         dtype: torch.dtype = torch.float16,
         name: str = "LowRankLinear",
+        replaces: str = "Linear",
     ) -> LowRankLinear:
         (out_features, rank), (rank_down, in_features) = up.shape, down.shape
         if rank != rank_down:
             raise ValueError(f"{name}: up is [out, {rank}] but down is [{rank_down}, in]")
-        layer = cls(in_features, out_features, rank, bits, group_size, bias is not None, dtype, up.device, name)
+        layer = cls(
+            in_features, out_features, rank, bits, group_size, bias is not None, dtype, up.device, name, replaces
+        )
         with torch.no_grad():
             for factor, matrix in (("down", down), ("up_t", up.t())):
                 if bits is None:
