@@ -3,8 +3,8 @@
 #   bash bench/gpu_check.sh
 # Installs the package editable (kernels/ maps to triton_lowrank.kernels, so PYTHONPATH alone is
 # not enough), runs the GPU tests and the kernel tests on CUDA, the quick kernel benchmark with
-# autotune timing, bench/e2e.py --quick if present, copies results to $OUT, and prints the
-# summary table last. Each step has its own timeout so one hang cannot eat the whole lease.
+# autotune timing, bench/e2e.py --quick, archives results to $OUT, and prints the summary table
+# last. Each step has its own timeout so one hang cannot eat the whole lease.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -22,11 +22,11 @@ step() {  # step <timeout-seconds> <name> <command...>
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-step 120 install "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+step 60 install "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-step 150 gpu-tests "$PY" -m pytest -q -x -m gpu tests/test_gpu.py
-step 90 kernel-tests "$PY" -m pytest -q tests/test_kernels.py tests/test_autotune.py
-step 200 bench-kernels "$PY" bench/kernels.py --quick --autotune
+step 90 gpu-tests "$PY" -m pytest -q -x -m gpu tests/test_gpu.py
+step 60 kernel-tests "$PY" -m pytest -q tests/test_kernels.py tests/test_autotune.py
+step 150 bench-kernels "$PY" bench/kernels.py --quick --autotune
 if [ -f bench/e2e.py ]; then
     step 120 bench-e2e "$PY" bench/e2e.py --quick
 else
@@ -34,8 +34,9 @@ else
 fi
 
 RESULTS=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); from common import results_dir; print(results_dir())")
+"$PY" bench/summary.py "$RESULTS" | tee "$RESULTS/summary.txt"
 if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT/results" && cp -r "$RESULTS" "$OUT/results/" && echo "copied $RESULTS -> $OUT/results/"
+    # The device tool returns at most 8 files: ship the whole results folder as one archive.
+    tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" && echo "results -> \$OUT/results.tar.gz"
 fi
-"$PY" bench/summary.py "$RESULTS"
 exit $status
