@@ -1,4 +1,4 @@
-"""Shared benchmark helpers (kernels.py, e2e.py): device naming, results directory, timing with
+"""Shared benchmark helpers (kernel_bench.py, e2e.py): device naming, results directory, timing with
 cold L2 (rotating buffers + CUDA graphs), copy bandwidth, and JSON/CSV output."""
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ step 60 install "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 90 gpu-tests "$PY" -m pytest -q -x -m gpu tests/test_gpu.py
 step 60 kernel-tests "$PY" -m pytest -q tests/test_kernels.py tests/test_autotune.py
-step 150 bench-kernels "$PY" bench/kernels.py --quick --autotune
+step 150 bench-kernels "$PY" bench/kernel_bench.py --quick --autotune
 if [ -f bench/e2e.py ]; then
     step 120 bench-e2e "$PY" bench/e2e.py --quick
 else

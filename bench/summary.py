@@ -50,6 +50,23 @@ def targets(data: dict) -> list[tuple[str, str, bool | None]]:
     return checks
 
 
+def print_e2e(name: str, data: dict) -> None:
+    """tokens/s per model, variant, mode and batch, each compressed row beside its quality figures."""
+    print(f"{name}: generate, copy BW {data.get('copy_bandwidth_gbs', 0):.0f} GB/s")
+    print(f"{'model':<12} {'variant':<10} {'mode':<15} {'batch':>5} {'tok/s':>9} {'wGB/s':>7} {'warm-up s':>9}")
+    for r in data.get("runs", []):
+        print(f"{r['model']:<12} {r['variant']:<10} {r['mode']:<15} {r['batch']:>5} {r['tokens_per_s']:9.1f} "
+              f"{r['weight_gb_per_s']:7.1f} {r['warmup_s']:9.1f}")
+    for model, summary in data.get("models", {}).items():
+        quality = summary.get("quality", {})
+        dense, compressed = summary.get("dense_weight_bytes"), summary.get("compressed_weight_bytes")
+        ratio = f"{compressed / dense:.1%} of dense" if dense and compressed else ""
+        print(f"  {model} quality: logits cosine {quality.get('logits_cosine', float('nan')):.4f}, "
+              f"top-1 agreement {quality.get('top1_agreement', float('nan')):.3f}; weights {ratio}; "
+              f"load peak {summary.get('load', {}).get('load_compressed_peak_gpu_bytes')} B vs checkpoint "
+              f"{summary.get('load', {}).get('checkpoint_bytes')} B")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv:
@@ -81,9 +98,7 @@ def main(argv=None) -> int:
         print(f"autotune GPT-2 XL fast: cold {tune['cold_s']} s (target < {tune['target_cold_s']}), "
               f"warm {tune['warm_s']} s (target < {tune['target_warm_s']}), {tune['unique_keys']} keys")
     for path in sorted(out_dir.glob("e2e*.json")):
-        data = _load(path) or {}
-        scalars = {k: v for k, v in data.items() if isinstance(v, (int, float, str)) and k != "env"}
-        print(f"{path.name}: " + ", ".join(f"{k}={v}" for k, v in list(scalars.items())[:12]))
+        print_e2e(path.name, _load(path) or {})
     if kernels:
         print("targets:")
         for name, value, ok in targets(kernels):

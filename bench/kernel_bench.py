@@ -1,14 +1,17 @@
 """Kernel benchmark: fused (1 launch) and two-launch low-rank kernels vs cuBLAS dense fp16 and
 unfused PyTorch low-rank (two F.linear on fp16 factors), with cold L2 and CUDA-graph timing.
 
-    python bench/kernels.py            # quick sweep (~2-3 min on an H100)
-    python bench/kernels.py --full     # every shape, M, rank ratio and bit width
-    python bench/kernels.py --autotune # also time GPT-2 XL pretuning, cold and warm
-    python bench/kernels.py --dry-run  # CPU, tiny shapes, Triton interpreter: checks the plumbing
+    python bench/kernel_bench.py            # quick sweep (~2-3 min on an H100)
+    python bench/kernel_bench.py --full     # every shape, M, rank ratio and bit width
+    python bench/kernel_bench.py --autotune # also time GPT-2 XL pretuning, cold and warm
+    python bench/kernel_bench.py --dry-run  # CPU, tiny shapes, Triton interpreter: checks the plumbing
 
 Writes kernels.json / kernels.csv / kernels_*.png (and autotune_timing.json) under
 bench/results/<gpu-slug>/. Bandwidth counts factor + scale + bias bytes plus activations.
 """
+
+# Named kernel_bench, not kernels: as a script its folder is on sys.path, and a module named
+# `kernels` there would shadow the PyPI package of that name that transformers probes for.
 
 from __future__ import annotations
 
