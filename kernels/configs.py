@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 # Launcher rule without a tuned entry: fused for M <= FUSED_MAX_M, two-launch above.
 # The fused path's atomic traffic grows with M (r_blocks * M * N fp32 adds) while the factor bytes
-# do not, so it only pays at decode sizes. Set from bench/kernels.py measurements.
+# do not, so it only pays at decode sizes. Set from bench/kernel_bench.py measurements.
 FUSED_MAX_M = 16
 
 # Hardware numbers used when no GPU can be queried (H100 SXM: 132 SMs, 227 KiB opt-in smem).
