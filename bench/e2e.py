@@ -30,7 +30,8 @@ from common import copy_bandwidth_gbs, environment, results_dir, write_csv, writ
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from triton_lowrank import LowRankConfig, compress_model, load_compressed, save_compressed
-from triton_lowrank.generation_bench import MODES, logits_agreement, measure_generation, weight_bytes
+from triton_lowrank.evaluate import compare_logits
+from triton_lowrank.generation_bench import MODES, measure_generation, weight_bytes
 
 GPT2_SHAPES = {  # (n_layer, n_embd, n_head)
     "tiny": (2, 128, 4),
@@ -101,7 +102,9 @@ def forget_compiled(model) -> None:
 def quality(dense_logits: torch.Tensor | None, model, quality_ids: torch.Tensor, report) -> dict:
     with torch.no_grad():
         logits = model(quality_ids).logits
-    figures = {} if dense_logits is None else logits_agreement(dense_logits, logits)
+    # KL, top-1 agreement, logits cosine and MSE against dense (perplexities here are of random ids)
+    figures = {} if dense_logits is None else compare_logits([dense_logits.float().cpu()], [logits.float().cpu()],
+                                                             quality_ids.cpu())
     if report is not None:
         errors = [row.rel_error for row in report.layers]
         figures.update(

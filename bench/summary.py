@@ -61,8 +61,10 @@ def print_e2e(name: str, data: dict) -> None:
         quality = summary.get("quality", {})
         dense, compressed = summary.get("dense_weight_bytes"), summary.get("compressed_weight_bytes")
         ratio = f"{compressed / dense:.1%} of dense" if dense and compressed else ""
-        print(f"  {model} quality: logits cosine {quality.get('logits_cosine', float('nan')):.4f}, "
-              f"top-1 agreement {quality.get('top1_agreement', float('nan')):.3f}; weights {ratio}; "
+        print(f"  {model} quality: logits cosine {quality.get('cosine', float('nan')):.4f}, "
+              f"top-1 agreement {quality.get('top1_agreement', float('nan')):.3f}, "
+              f"KL {quality.get('kl', float('nan')):.4f}; "
+              f"weights {ratio}; "
               f"load peak {summary.get('load', {}).get('load_compressed_peak_gpu_bytes')} B vs checkpoint "
               f"{summary.get('load', {}).get('checkpoint_bytes')} B")
 

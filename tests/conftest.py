@@ -7,9 +7,9 @@ import os
 if not glob.glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 
 def make_tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 64, vocab_size: int = 128) -> GPT2LMHeadModel:
@@ -22,6 +22,20 @@ def make_tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 64, vocab_size
     return GPT2LMHeadModel(config).eval()
 
 
-@pytest.fixture
-def tiny_gpt2():
-    return make_tiny_gpt2()
+TEXT = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles.\n"
+) * 12
+EOT = "<|endoftext|>"
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on TEXT in milliseconds; <|endoftext|> is id 0, as make_tiny_gpt2 expects."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT)

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -215,3 +216,11 @@ def test_missing_uncompressed_tensor_fails_in_load_compressed(copy_of):
     rewrite(copy_of / "model.safetensors", lambda t: t.pop("transformer.ln_f.weight"))
     with pytest.raises(CheckpointError, match=r"'transformer\.ln_f\.weight' is missing"):
         load_compressed(copy_of)
+
+
+def test_saved_folder_gets_umask_permissions_not_tempdir_ones(saved):
+    folder, _ = saved[8]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in folder.iterdir())

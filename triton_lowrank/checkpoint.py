@@ -67,11 +67,21 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)
         verify_checkpoint(checkpoint_files(tmp), config)  # what we wrote must load
+        _use_default_permissions(tmp)
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _use_default_permissions(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder (and safetensors may write 0600 files); give the result the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:

@@ -97,6 +97,14 @@ def select_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Modul
     return chosen
 
 
+def validate_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Module]:
+    """The layers `config` selects, each checked; raises before any work so nothing is half-compressed."""
+    layers = select_layers(model, config)
+    for name, module in layers.items():
+        _validate(name, module, config)
+    return layers
+
+
 def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
     out_features, in_features = dense_weight(module).shape
     if config.rank is not None and config.rank > min(in_features, out_features):
@@ -150,9 +158,7 @@ def compress_model(
     The dense weights are dropped: afterwards no compressed layer's dense weight is reachable
     from the model (a weight tied to an input embedding stays, because the embedding uses it).
     """
-    layers = select_layers(model, config)
-    for name, module in layers.items():
-        _validate(name, module, config)
+    layers = validate_layers(model, config)
     chols: dict[str, torch.Tensor] = {}
     if config.method == "whitened":
         if calibration is None:

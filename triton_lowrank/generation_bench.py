@@ -94,11 +94,3 @@ def measure_generation(
     }
 
 
-@torch.no_grad()
-def logits_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> dict:
-    """Quality of `logits` against a reference on the same batch: mean cosine per position, top-1 agreement."""
-    reference, other = reference_logits.float().flatten(0, -2), logits.float().flatten(0, -2)  # [positions, vocab]
-    return {
-        "logits_cosine": torch.nn.functional.cosine_similarity(reference, other, dim=-1).mean().item(),
-        "top1_agreement": (reference.argmax(-1) == other.argmax(-1)).float().mean().item(),
-    }

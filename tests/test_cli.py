@@ -1,0 +1,123 @@
+"""triton-lowrank CLI: one-line errors with nonzero exits, a compress/eval/generate round trip, the demo."""
+
+import json
+
+import pytest
+from conftest import make_tiny_gpt2, tiny_tokenizer
+
+from triton_lowrank.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random GPT-2 with its tokenizer, saved like any local model folder."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = tiny_tokenizer()
+    make_tiny_gpt2(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse errors exit from inside parse_args
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("triton-lowrank: error:") and fragment in lines[0], lines[0]
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    code, _, err = run(["compress", tmp_path / "missing", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, "model folder not found")
+
+
+def test_two_rank_knobs(model_dir, tmp_path, capsys):
+    code, _, err = run(["compress", model_dir, tmp_path / "out", "--rank", 4, "--budget", 0.5], capsys)
+    assert_one_line_error(code, err, "exactly one of rank, rank_ratio, energy, budget")
+
+
+def test_rank_too_big_fails_before_calibration(model_dir, tmp_path, capsys):
+    code, _, err = run(["compress", model_dir, tmp_path / "out", "--rank", 100_000], capsys)  # whitened
+    assert_one_line_error(code, err, "out of range")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_folder(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("not ours")
+    code, _, err = run(["compress", model_dir, out, "--rank", 4], capsys)
+    assert_one_line_error(code, err, "already exists")
+    assert (out / "keep.txt").read_text() == "not ours"
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["compress"], "required"),
+        (["compress", "a", "b", "--bits", "3"], "invalid choice"),
+        (["nonsense"], "invalid choice"),
+        (["eval", "/nonexistent/dense", "/nonexistent/compressed"], "model folder not found"),
+        (["generate", "/nonexistent/model", "--prompt", "hi"], "model folder not found"),
+        (["demo", "--model", "/nonexistent/model", "--quick"], "model folder not found"),
+        (["demo", "--budget", "-1", "--quick"], "budget must be > 0"),
+    ],
+)
+def test_bad_arguments(argv, fragment, capsys):
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_hub_id_without_a_reachable_hub(monkeypatch, capsys):
+    monkeypatch.setattr("triton_lowrank.cli.hub_reachable", lambda timeout=3.0: False)  # never touch the network
+    code, _, err = run(["generate", "someorg/no-such-model", "--prompt", "hi"], capsys)
+    assert_one_line_error(code, err, "not reachable")
+
+
+def test_autotune_without_gpu_is_one_line(model_dir, capsys):
+    pytest.importorskip("torch").cuda.is_available() and pytest.skip("has a GPU")
+    code, _, err = run(["autotune", model_dir], capsys)
+    assert_one_line_error(code, err, "CUDA")
+
+
+def test_compress_eval_generate_round_trip(model_dir, tmp_path, capsys):
+    out = tmp_path / "compressed"
+    code, stdout, _ = run(["compress", model_dir, out, "--rank-ratio", 0.5, "--method", "svd"], capsys)
+    assert code == 0 and "8 layers" in stdout and (out / "config.json").is_file()
+    code, stdout, _ = run(["eval", model_dir, out, "--samples", 2, "--seq-len", 16], capsys)
+    assert code == 0 and "top1_agreement" in stdout and "kl" in stdout
+    code, stdout, _ = run(["generate", out, "--prompt", "To be", "--max-new-tokens", 3], capsys)
+    assert code == 0 and stdout.startswith("To be")
+
+
+def check_demo(argv, out, capsys):
+    code, stdout, err = run([*argv, "--out", out, "--quick"], capsys)
+    assert code == 0, err
+    result = json.loads((out / "demo.json").read_text())
+    assert {"quality", "speed", "samples", "layer_weight_bytes", "sweep"} <= set(result)
+    assert result["layer_weight_bytes"]["compressed"] <= 0.5 * result["layer_weight_bytes"]["dense_fp16"]
+    assert [r["method"] for r in result["sweep"]] == ["whitened", "svd", "rtn", "rtn"]
+    assert (out / "sweep.png").is_file() and (out / "model" / "config.json").is_file()
+    assert "tokens/s" in stdout and "top-1 agreement" in stdout and "reference path" in stdout
+
+
+def test_demo_quick_on_a_local_model(model_dir, tmp_path, capsys):
+    check_demo(["demo", "--model", model_dir, "--group-size", 32], tmp_path / "demo", capsys)
+
+
+def test_demo_quick_on_the_embedded_model(tmp_path, capsys):
+    from triton_lowrank.embedded import embedded_model_path
+
+    try:
+        embedded_model_path()
+    except FileNotFoundError:
+        pytest.skip("the embedded checkpoint is not trained yet")
+    check_demo(["demo"], tmp_path / "demo", capsys)
