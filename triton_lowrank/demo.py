@@ -33,7 +33,7 @@ from .evaluate import (
 )
 
 SEED = 0
-DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
+DEFAULT_PROMPT = "KING HENRY.\nNow, lords,"  # the corpus writes speakers as "NAME." on their own line
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class DemoSizes:
     sample_tokens: int  # greedy continuation shown side by side
 
 
-FULL = DemoSizes(calib_samples=16, eval_samples=16, seq_len=64, speed_tokens=16, sample_tokens=24)
+FULL = DemoSizes(calib_samples=32, eval_samples=32, seq_len=128, speed_tokens=64, sample_tokens=48)
 QUICK = DemoSizes(calib_samples=4, eval_samples=4, seq_len=16, speed_tokens=4, sample_tokens=4)
 
 
