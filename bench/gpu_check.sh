@@ -23,8 +23,15 @@ step() {  # step <timeout-seconds> <name> <command...>
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 step 60 install "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+if ! "$PY" -c "import triton_lowrank.kernels" 2>/dev/null; then
+    # No usable setuptools there: assemble the installed layout from links (kernels/ -> triton_lowrank/kernels).
+    shim=$(mktemp -d)/site && mkdir -p "$shim/triton_lowrank"
+    ln -s "$PWD"/triton_lowrank/* "$shim/triton_lowrank/" && ln -s "$PWD/kernels" "$shim/triton_lowrank/kernels"
+    export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+    echo "editable install failed; using the link tree $shim"
+fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-step 90 gpu-tests "$PY" -m pytest -q -x -m gpu tests/test_gpu.py
+step 120 gpu-tests "$PY" -m pytest -q -m gpu tests/
 step 60 kernel-tests "$PY" -m pytest -q tests/test_kernels.py tests/test_autotune.py
 step 150 bench-kernels "$PY" bench/kernel_bench.py --quick --autotune
 if [ -f bench/e2e.py ]; then
