@@ -18,12 +18,13 @@ from .factorize import (
     allocate_budget,
     dense_weight,
     rank_for_energy,
+    refit_up,
     spectrum,
     truncated_factors,
     whitening_cholesky,
 )
 from .layers import FLOAT_DTYPES, LowRankLinear
-from .quant import check_bits
+from .quant import check_bits, dequantize, quantize
 
 
 @dataclass
@@ -173,7 +174,11 @@ def compress_model(
         list(zip(layers.items(), ranks, strict=True)), desc="compressing", unit="layer", disable=not progress
     ):
         weight = dense_weight(module)  # [out, in]
-        up, down = truncated_factors(weight, rank, chols.pop(name, None))
+        chol = chols.pop(name, None)
+        up, down = truncated_factors(weight, rank, chol)
+        if config.bits is not None:
+            down = dequantize(*quantize(down, config.bits, config.group_size), config.bits, config.group_size)
+            up = refit_up(weight, down, chol)  # up absorbs down's quantization error
         new = LowRankLinear.from_factors(
             up, down, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
         )

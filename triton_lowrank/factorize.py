@@ -105,3 +105,17 @@ def allocate_budget(spectra: list[torch.Tensor], bytes_per_rank: list[int], budg
         if ranks[i] < len(spectra[i]):
             heapq.heappush(heap, (-power[i][ranks[i]].item() / bytes_per_rank[i], i))
     return ranks
+
+
+def refit_up(weight: torch.Tensor, down: torch.Tensor, chol: torch.Tensor | None = None) -> torch.Tensor:
+    """The up factor [out, r] that best fits W given the down factor as it will be stored (quantized).
+
+    Quantizing both factors independently adds both errors. Fixing down at its stored value D̂ and
+    solving min_U ‖(W - U·D̂)·L‖_F (L = I for plain SVD) lets up absorb down's quantization error,
+    so only up's own quantization error remains: U = (W·L)(D̂·L)ᵀ ((D̂·L)(D̂·L)ᵀ)⁻¹.
+    """
+    w, d = weight.double(), down.double()  # [out, in], [r, in]
+    if chol is not None:
+        w, d = w @ chol.double(), d @ chol.double()
+    gram = d @ d.t()  # [r, r]
+    return torch.linalg.solve(gram, d @ w.t()).t().float()  # [out, r]
