@@ -143,6 +143,13 @@ def test_bad_input_names_the_layer_and_problem(config_kwargs, error, pattern):
     assert not any(isinstance(m, LowRankLinear) for m in model.modules()), "model was half-compressed"
 
 
+def test_compressing_twice_says_the_model_is_already_compressed():
+    model = make_tiny_gpt2()
+    compress_model(model, LowRankConfig(rank=8), progress=False)
+    with pytest.raises(ValueError, match="already compressed"):
+        compress_model(model, LowRankConfig(rank=8), progress=False)
+
+
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [

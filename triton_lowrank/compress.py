@@ -94,6 +94,8 @@ def select_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Modul
                 )
             chosen[name] = module
     if not chosen:
+        if any(isinstance(m, LowRankLinear) for m in model.modules()):
+            raise ValueError("compress_model: the model is already compressed (it holds LowRankLinear layers)")
         raise ValueError("compress_model: no layer matched the include/exclude patterns")
     return chosen
 
