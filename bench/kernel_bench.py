@@ -43,6 +43,7 @@ from triton_lowrank.kernels.configs import Problem, default_config  # noqa: E402
 
 from triton_lowrank.ops import LowRankFactors, launch, lowrank_matmul  # noqa: E402
 from triton_lowrank.quant import factor_bytes, quantize  # noqa: E402
+from triton_lowrank.reference import lowrank_reference  # noqa: E402
 
 GPT2_SHAPES = [(768, 2304), (768, 3072), (3072, 768), (1024, 4096), (1280, 5120), (1600, 6400), (6400, 1600)]
 LLAMA_SHAPE = (4096, 11008)
@@ -93,6 +94,12 @@ def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("fused", "s
     act_bytes = m * (k + n) * x.element_size()
     row = {"in": k, "out": n, "rank": rank, "bits": bits or 16, "m": m, "dtype": str(dtype).replace("torch.", ""),
            "factor_bytes": lowrank_bytes, "rotating_sets": n_sets}
+    # A time counts only beside the correctness of what was timed: each kernel path against the reference.
+    reference = lowrank_reference(x, *sets[0]["f"]).float()  # [m, n]
+    for name in (*paths, "auto"):
+        out.fill_(float("nan"))  # poisoned: an unwritten element shows up as NaN error
+        got = contenders[name](0).float()
+        row[f"{name}_rel_err"] = ((got - reference).norm() / reference.norm()).item()
     for name, fn in contenders.items():
         us = time_ms(fn, n_sets, device) * 1e3
         moved = {"cublas": dense_bytes, "unfused": fp16_lowrank_bytes}.get(name, lowrank_bytes) + act_bytes
@@ -126,7 +133,8 @@ def sweep(args, device, dtype):
         rows.append(row)
         print(f"[{i + 1}/{len(cases)}] {k}x{n} r={rank} int{bits} M={m}: "
               + "  ".join(f"{p}={row[f'{p}_us']:.1f}us" for p in (*paths, "auto", "cublas", "unfused"))
-              + f"  best={row['best_path']} x{row['speedup_vs_cublas']:.2f} vs cuBLAS", flush=True)
+              + f"  best={row['best_path']} x{row['speedup_vs_cublas']:.2f} vs cuBLAS"
+              + f"  max rel err {max(row[f'{p}_rel_err'] for p in (*paths, 'auto')):.1e}", flush=True)
     return rows
 
 

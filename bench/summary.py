@@ -12,6 +12,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+# fp16 outputs of K-long fp32-accumulated sums with an fp16-rounded intermediate sit near 1e-3.
+MAX_REL_ERR = 1e-2
+
+
 def _load(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -39,6 +43,12 @@ def targets(data: dict) -> list[tuple[str, str, bool | None]]:
     if r:
         checks.append(("M=1 4096x11008 int8 r1024 >= 70% copy BW", f"{r['best_pct_copy_bw']:.0f}%",
                        r["best_pct_copy_bw"] >= 70))
+    errors = [(v, k, r) for r in rows for k, v in r.items() if k.endswith("_rel_err")]
+    if errors:
+        worst, key, r = max(errors, key=lambda e: e[0] if e[0] == e[0] else float("inf"))  # NaN counts as worst
+        checks.append((f"every timed kernel matches the reference (rel err < {MAX_REL_ERR})",
+                       f"worst {worst:.1e} ({key[:-8]} {r['in']}x{r['out']} r{r['rank']} int{r['bits']} M={r['m']})",
+                       all(v < MAX_REL_ERR for v, _, _ in errors)))
     big = [r for r in rows if r["m"] == 4096]
     if big:
         slow = [r for r in big if min(r.get("split_us", 1e30), r["auto_us"]) > r["unfused_us"]]
