@@ -18,13 +18,13 @@ from .factorize import (
     allocate_budget,
     dense_weight,
     rank_for_energy,
-    refit_up,
     spectrum,
     truncated_factors,
     whitening_cholesky,
 )
+from .gptq import quantize_factors
 from .layers import FLOAT_DTYPES, LowRankLinear
-from .quant import check_bits, dequantize, quantize
+from .quant import check_bits
 
 
 @dataclass
@@ -178,12 +178,15 @@ def compress_model(
         weight = dense_weight(module)  # [out, in]
         chol = chols.pop(name, None)
         up, down = truncated_factors(weight, rank, chol)
-        if config.bits is not None:
-            down = dequantize(*quantize(down, config.bits, config.group_size), config.bits, config.group_size)
-            up = refit_up(weight, down, chol)  # up absorbs down's quantization error
-        new = LowRankLinear.from_factors(
-            up, down, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
-        )
+        if config.bits is not None and config.error_feedback:
+            stored = quantize_factors(weight, down, config.bits, config.group_size, chol)
+            new = LowRankLinear.from_stored(
+                *stored, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
+            )
+        else:
+            new = LowRankLinear.from_factors(
+                up, down, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
+            )
         error = (new.dense_weight() - weight.float()).norm() / weight.float().norm()
         tied = _tied_to_other_module(model, module)
         owned = [] if tied else [module.weight]

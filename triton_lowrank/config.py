@@ -26,6 +26,8 @@ class LowRankConfig:
     include:    glob patterns (fnmatch on full module names); None selects every nn.Linear and GPT-2 Conv1D.
     exclude:    glob patterns removed from the selection; "lm_head" by default (set () to compress it).
     damping:    largest relative diagonal damping tried when the calibration Gram matrix is singular.
+    error_feedback: quantize the factors GPTQ-style (each rounding error pushed onto what is not yet
+                quantized, up refitted to the stored down); False rounds each factor to nearest.
     """
 
     rank: int | None = None
@@ -38,6 +40,7 @@ class LowRankConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = field(default=("lm_head",))
     damping: float = 1e-2
+    error_feedback: bool = True
 
     def __post_init__(self) -> None:
         chosen = [k for k in RANK_KNOBS if getattr(self, k) is not None]

@@ -66,20 +66,41 @@ class LowRankLinear(nn.Module):
         name: str = "LowRankLinear",
         replaces: str = "Linear",
     ) -> LowRankLinear:
-        (out_features, rank), (rank_down, in_features) = up.shape, down.shape
-        if rank != rank_down:
-            raise ValueError(f"{name}: up is [out, {rank}] but down is [{rank_down}, in]")
+        """Round each factor to nearest (or keep it as floats for bits=None) and store it."""
+        if up.shape[1] != down.shape[0]:
+            raise ValueError(f"{name}: up is [out, {up.shape[1]}] but down is [{down.shape[0]}, in]")
+        if bits is None:
+            stored = (down, None, up.t(), None)
+        else:
+            stored = (*quantize(down.contiguous(), bits, group_size), *quantize(up.t().contiguous(), bits, group_size))
+        return cls.from_stored(*stored, bias, bits, group_size, dtype, name, replaces)
+
+    @classmethod
+    def from_stored(
+        cls,
+        down: torch.Tensor,  # storage [r, in] (int4: [r, in // 2])
+        down_scale: torch.Tensor | None,
+        up_t: torch.Tensor,  # storage [r, out] (int4: [r, out // 2])
+        up_t_scale: torch.Tensor | None,
+        bias: torch.Tensor | None,  # [out]
+        bits: int | None,
+        group_size: int = 128,
+        dtype: torch.dtype = torch.float16,
+        name: str = "LowRankLinear",
+        replaces: str = "Linear",
+    ) -> LowRankLinear:
+        """A layer holding already quantized factors (quant.py layouts), e.g. from GPTQ."""
+        per_byte = 2 if bits == 4 else 1
+        in_features, out_features = down.shape[1] * per_byte, up_t.shape[1] * per_byte
         layer = cls(
-            in_features, out_features, rank, bits, group_size, bias is not None, dtype, up.device, name, replaces
-        )
+            in_features, out_features, down.shape[0], bits, group_size, bias is not None, dtype, down.device, name,
+            replaces,
+        )  # fmt: skip
         with torch.no_grad():
-            for factor, matrix in (("down", down), ("up_t", up.t())):
-                if bits is None:
-                    getattr(layer, factor).copy_(matrix)
-                else:
-                    storage, scale = quantize(matrix.contiguous(), bits, group_size)
-                    getattr(layer, factor).copy_(storage)
-                    getattr(layer, f"{factor}_scale").copy_(scale)
+            stored = {"down": down, "down_scale": down_scale, "up_t": up_t, "up_t_scale": up_t_scale}
+            for buffer, value in stored.items():
+                if value is not None:
+                    getattr(layer, buffer).copy_(value)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer

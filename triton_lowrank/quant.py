@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (None, 8, 4)
-_QMAX = {8: 127, 4: 7}
+QMAX = {8: 127, 4: 7}
+QMIN = {8: -127, 4: -8}
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -34,23 +35,41 @@ def check_bits(bits: int | None, group_size: int, features: int, where: str) -> 
             )
 
 
-def quantize(w: torch.Tensor, bits: int, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a [rows, cols] float matrix; returns (storage, float32 scales)."""
+def quantization_scale(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
+    """float32 scales that map a [rows, cols] matrix's absolute maxima onto the top level."""
+    rows, cols = w.shape
+    if bits == 8:
+        return (w.float().abs().amax(dim=1) / QMAX[8]).clamp_min(_TINY)  # [rows]
+    if bits == 4:
+        check_bits(4, group_size, cols, "quantize")
+        groups = w.float().view(rows, cols // group_size, group_size)  # [rows, G, g]
+        return (groups.abs().amax(dim=2) / QMAX[4]).clamp_min(_TINY)  # [rows, G]
+    raise ValueError(f"quantize: bits must be 8 or 4, got {bits!r}")
+
+
+def round_to_levels(values: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer levels (as floats) nearest to values / scale, clamped to the bit width's range."""
+    return torch.round(values / scale).clamp_(QMIN[bits], QMAX[bits])
+
+
+def quantize_with_scale(
+    w: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int = 128
+) -> torch.Tensor:
+    """Storage of a [rows, cols] matrix on the given scales (from quantization_scale or GPTQ)."""
     rows, cols = w.shape
     w = w.float()
     if bits == 8:
-        scale = (w.abs().amax(dim=1) / _QMAX[8]).clamp_min(_TINY)  # [rows]
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # [rows, cols]
-        return q, scale
-    if bits == 4:
-        check_bits(4, group_size, cols, "quantize")
-        groups = w.view(rows, cols // group_size, group_size)  # [rows, G, g]
-        scale = (groups.abs().amax(dim=2) / _QMAX[4]).clamp_min(_TINY)  # [rows, G]
-        q = torch.round(groups / scale[:, :, None]).clamp_(-8, 7).view(rows, cols)
-        nibbles = (q + 8).to(torch.uint8)  # [rows, cols] in [0, 15]
-        packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)  # [rows, cols // 2]
-        return packed.contiguous(), scale
-    raise ValueError(f"quantize: bits must be 8 or 4, got {bits!r}")
+        return round_to_levels(w, scale[:, None], 8).to(torch.int8)  # [rows, cols]
+    groups = w.view(rows, cols // group_size, group_size)  # [rows, G, g]
+    q = round_to_levels(groups, scale[:, :, None], 4).view(rows, cols)
+    nibbles = (q + 8).to(torch.uint8)  # [rows, cols] in [0, 15]
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()  # [rows, cols // 2]
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round a [rows, cols] float matrix to nearest; returns (storage, float32 scales)."""
+    scale = quantization_scale(w, bits, group_size)
+    return quantize_with_scale(w, scale, bits, group_size), scale
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
