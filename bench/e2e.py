@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -142,7 +144,37 @@ def measure_load(model, args) -> dict:
             out[f"{how}_weight_bytes"] = weight_bytes(loaded)
             out[f"{how}_peak_gpu_bytes"] = torch.cuda.max_memory_allocated() - before if on_gpu else None
             del loaded
+        out["load_compressed_peak_host_bytes"] = host_peak_while_loading(folder, args)
     return out
+
+
+# Runs in a fresh process after its imports, sampling the resident set every millisecond:
+# ru_maxrss would mostly report the import-time peak, not the load.
+_HOST_PEAK_SCRIPT = """
+import os, sys, threading, time, torch
+from triton_lowrank import load_compressed
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+before, peak, done = rss(), [0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.001)
+watcher = threading.Thread(target=watch)
+watcher.start()
+model = load_compressed(sys.argv[1], device_map=sys.argv[2], dtype=getattr(torch, sys.argv[3]))
+done.set()
+watcher.join()
+print(max(peak[0], rss()) - before)
+"""
+
+
+def host_peak_while_loading(folder: Path, args) -> int | None:
+    """Peak growth of resident host memory (bytes) while load_compressed runs, after imports."""
+    dtype = str(args.dtype).removeprefix("torch.")
+    done = subprocess.run([sys.executable, "-c", _HOST_PEAK_SCRIPT, str(folder), args.device, dtype],
+                          capture_output=True, text=True, timeout=600)
+    return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
 
 
 def plot(rows: list[dict], copy_gbs: float, path: Path) -> None:

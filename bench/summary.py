@@ -68,15 +68,15 @@ def print_e2e(name: str, data: dict) -> None:
         print(f"{r['model']:<12} {r['variant']:<10} {r['mode']:<15} {r['batch']:>5} {r['tokens_per_s']:9.1f} "
               f"{r['weight_gb_per_s']:7.1f} {r['warmup_s']:9.1f}")
     for model, summary in data.get("models", {}).items():
-        quality = summary.get("quality", {})
+        quality, load = summary.get("quality", {}), summary.get("load", {})
         dense, compressed = summary.get("dense_weight_bytes"), summary.get("compressed_weight_bytes")
         ratio = f"{compressed / dense:.1%} of dense" if dense and compressed else ""
         print(f"  {model} quality: logits cosine {quality.get('cosine', float('nan')):.4f}, "
               f"top-1 agreement {quality.get('top1_agreement', float('nan')):.3f}, "
               f"KL {quality.get('kl', float('nan')):.4f}; "
               f"weights {ratio}; "
-              f"load peak {summary.get('load', {}).get('load_compressed_peak_gpu_bytes')} B vs checkpoint "
-              f"{summary.get('load', {}).get('checkpoint_bytes')} B")
+              f"load peak GPU {load.get('load_compressed_peak_gpu_bytes')} B, host "
+              f"{load.get('load_compressed_peak_host_bytes')} B vs checkpoint {load.get('checkpoint_bytes')} B")
 
 
 def main(argv=None) -> int:
