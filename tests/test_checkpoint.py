@@ -224,3 +224,22 @@ def test_saved_folder_gets_umask_permissions_not_tempdir_ones(saved):
     os.umask(umask)
     assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in folder.iterdir())
+
+
+def test_no_dense_weight_is_materialised_while_loading(saved, monkeypatch):
+    """Every Conv1D built while loading (the dense layers later swapped for factors) stays on meta."""
+    from transformers.pytorch_utils import Conv1D
+
+    devices = []
+    original_init = Conv1D.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        devices.append(self.weight.device.type)
+
+    monkeypatch.setattr(Conv1D, "__init__", recording_init)
+    folder, _ = saved[8]
+    for load in (load_compressed, AutoModelForCausalLM.from_pretrained):
+        devices.clear()
+        load(folder)
+        assert devices and set(devices) == {"meta"}, f"{load.__name__} built dense weights on {set(devices)}"
