@@ -173,6 +173,13 @@ def test_pretune_model_dedupes_and_reuses(tmp_path):
     assert again["tuned"] == 0 and again["cached"] == 6
 
 
+def test_pretune_model_tunes_the_models_own_activation_dtype(tmp_path):
+    # A bf16 model whose layers have no bias: the dtype comes from the model's other float tensors.
+    model = nn.Sequential(nn.LayerNorm(64), LowRankLinear(64, 96, 8, bits=8, bias=False)).to(torch.bfloat16)
+    summary = pretune_model(model, mode="fast", m_values=(1,), tuner=make_tuner(tmp_path, timer=FakeTimer()))
+    assert list(summary["configs"]) and all("bfloat16" in key for key in make_tuner(tmp_path).entries)
+
+
 # ---- config builders ---------------------------------------------------------------------------
 @pytest.mark.parametrize("problem", [
     PROBLEM,

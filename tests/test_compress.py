@@ -113,13 +113,14 @@ def test_whitened_calibration_accepts_kwargs_batches_with_attention_mask():
     config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                         vocab_size=100, max_position_embeddings=32)
     model = BertModel(config).eval()
-    ids = torch.randint(0, 100, (3, 12))
+    ids = torch.randint(0, 100, (6, 12))  # with the second batch, more tokens than the 64 features
     mask = torch.ones_like(ids)
     mask[0, 8:] = 0
     batches = [{"input_ids": ids, "attention_mask": mask}, ids[:2]]
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    report = compress_model(model, LowRankConfig(rank=32, bits=None, method="whitened"), batches, progress=False)
+    with pytest.warns(UserWarning, match="pooler.dense: 8 tokens"):  # the pooler sees one token per sequence
+        report = compress_model(model, LowRankConfig(rank=32, bits=None, method="whitened"), batches, progress=False)
     assert len(report.layers) == 7  # q, k, v, attention output, intermediate, output, pooler
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -171,3 +172,25 @@ def test_config_rejects_bad_values(kwargs, pattern):
 def test_layer_rejects_rank_out_of_range():
     with pytest.raises(ValueError, match=r"rank must be in \[1, min\(in, out\)\] = \[1, 16\]"):
         LowRankLinear(16, 32, rank=17, device="meta")
+
+
+@pytest.mark.parametrize("knob", [{"rank": 8}, {"energy": 0.9}, {"budget": 0.3}])
+@pytest.mark.parametrize("method", ["svd", "whitened"])
+def test_an_all_zero_layer_compresses_to_zeros_and_takes_no_budget(knob, method):
+    model = make_tiny_gpt2()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_proj.weight.zero_()
+    ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(0))  # 512 tokens >= 256 features
+    report = compress_model(model, LowRankConfig(**knob, bits=8, method=method), [ids], progress=False)
+    row = next(r for r in report.layers if r.name == "transformer.h.0.mlp.c_proj")
+    assert row.rel_error == 0.0
+    assert torch.count_nonzero(model.transformer.h[0].mlp.c_proj.dense_weight()) == 0
+    if "rank" not in knob:
+        assert row.rank == 1
+
+
+def test_whitening_on_too_few_tokens_warns():
+    model = make_tiny_gpt2()
+    ids = torch.randint(0, 128, (1, 8))  # 8 tokens for 64..256 input features
+    with pytest.warns(UserWarning, match="fewer tokens than input features"):
+        compress_model(model, LowRankConfig(rank=8, bits=8, method="whitened"), [ids], progress=False)

@@ -243,3 +243,18 @@ def test_kernels_compile_for_sm90():
     if result.returncode and "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("no ptxas for ahead-of-time compilation")
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_non_contiguous_factors_are_refused_not_misread():
+    torch.manual_seed(0)
+    down, up = torch.randn(8, 32), torch.randn(48, 8)  # up [out, r]: up.t() is a transposed view
+    factors = LowRankFactors(down.half(), None, up.t().half(), None, None, None)
+    with pytest.raises(ValueError, match="up_t must be contiguous"):
+        lowrank_matmul(torch.randn(2, 32, dtype=torch.float16), factors)
+
+
+def test_empty_batch_returns_an_empty_output():
+    torch.manual_seed(0)
+    factors = LowRankFactors(torch.randn(8, 32).half(), None, torch.randn(8, 48).half(), None, None, None)
+    y = lowrank_matmul(torch.randn(2, 0, 32, dtype=torch.float16), factors)
+    assert y.shape == (2, 0, 48)

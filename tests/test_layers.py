@@ -159,9 +159,15 @@ def test_forward_rejects_integer_input():
 def test_casting_the_module_keeps_scales_float32():
     dense = make_layer("Linear", 32, 24)
     compressed, _ = compress_single(dense, LowRankConfig(rank=8, bits=8))
+    with torch.no_grad():
+        compressed.down_scale[0] = 1e-9  # below fp16's range: a cast through fp16 would zero it
+    scales = (compressed.down_scale.clone(), compressed.up_t_scale.clone())
     compressed.half()
     assert compressed.down_scale.dtype == compressed.up_t_scale.dtype == torch.float32
+    assert torch.equal(compressed.down_scale, scales[0]) and torch.equal(compressed.up_t_scale, scales[1])
     assert compressed.down.dtype == torch.int8 and compressed.bias.dtype == torch.float16
+    compressed.to(torch.bfloat16)
+    assert torch.equal(compressed.down_scale, scales[0]) and torch.equal(compressed.up_t_scale, scales[1])
 
 
 @pytest.mark.parametrize("whitened", [False, True])

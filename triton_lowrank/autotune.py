@@ -249,9 +249,10 @@ def pretune_model(
     tuner = tuner or get_tuner()
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     problems = []
+    # The activations' dtype is the model's float dtype (its embeddings, norms and biases).
+    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
     for layer in layers:
-        act = dtype or (layer.bias.dtype if layer.bias is not None else
-                        layer.down.dtype if layer.bits is None else torch.float16)
+        act = dtype or model_dtype
         x_bytes = torch.tensor([], dtype=act).element_size()
         for m in m_values:
             p = Problem(m, layer.out_features, layer.in_features, layer.rank, layer.bits,

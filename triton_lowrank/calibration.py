@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -28,6 +29,7 @@ def collect_grams(
 ) -> dict[str, torch.Tensor]:
     """Return {layer name: XᵀX [in, in] float32} accumulated over every token of every batch."""
     grams: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
 
     def make_hook(name: str):
         def hook(module, inputs, output):
@@ -35,6 +37,7 @@ def collect_grams(
             x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
             gram = x.t() @ x  # [in, in]
             grams[name] = grams[name] + gram if name in grams else gram
+            tokens[name] = tokens.get(name, 0) + x.shape[0]
 
         return hook
 
@@ -52,4 +55,14 @@ def collect_grams(
     missing = [name for name in layers if name not in grams]
     if missing:
         raise ValueError(f"calibration never reached layer(s) {missing}: check the calibration batches")
+    # Fewer tokens than input features leave XᵀX singular: the whitening then fits those few tokens
+    # and generalises worse than plain SVD.
+    short = {name: tokens[name] for name, module in layers.items() if tokens[name] < grams[name].shape[0]}
+    if short:
+        name, count = next(iter(short.items()))
+        warnings.warn(
+            f"calibration saw fewer tokens than input features in {len(short)} layer(s), e.g. {name}: "
+            f"{count} tokens for {grams[name].shape[0]} features; whitening needs more calibration data",
+            stacklevel=3,
+        )
     return grams

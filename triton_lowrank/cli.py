@@ -61,12 +61,14 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def load(name: str, what: str = "model"):
-    """(model, tokenizer or None) on this machine's default device; hub failures become one error line."""
+def load(name: str, what: str = "model", keep_dtype: bool = False):
+    """(model, tokenizer or None) on this machine's default device, in its runtime dtype or, with
+    keep_dtype, the checkpoint's; hub failures become one error line."""
     from .demo import load_model, load_tokenizer, runtime
 
     source = resolve_model(name)
     device, dtype = runtime()
+    dtype = None if keep_dtype else dtype
     try:
         model = load_model(source, device, dtype)
     except OSError as exc:
@@ -123,10 +125,13 @@ def cmd_compress(args) -> None:
             model, tokenizer, read_text(args.calib_text), args.calib_samples, args.seq_len
         )
     fp16_bytes = dense_bytes(model, config)
-    report = compress_model(model, config, calibration)
     stored_dtype = source_dtype(args.model)
-    if stored_dtype in (torch.float16, torch.bfloat16):
-        model.to(stored_dtype)  # computed in fp32 on a CPU, saved as the source was; scales stay fp32
+    saved_as_source = stored_dtype in (torch.float16, torch.bfloat16)
+    if saved_as_source and config.bits is None:
+        model.to(stored_dtype)  # float factors are sized (for --budget) and stored in the source dtype
+    report = compress_model(model, config, calibration)
+    if saved_as_source:
+        model.to(stored_dtype)  # computed in fp32 on a CPU, saved as the source was; scales keep their values
     saved = save_compressed(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report)
     # The report's "before" is in the dtype the model was compressed in (float32 on a CPU); the budget is fp16.
@@ -185,7 +190,7 @@ def cmd_autotune(args) -> None:
 
     if not torch.cuda.is_available():
         raise ValueError("autotune needs a CUDA GPU: the Triton kernels it tunes only run there")
-    model, _ = load(args.compressed, "compressed model")
+    model, _ = load(args.compressed, "compressed model", keep_dtype=True)  # tune the dtype it will run in
     result = pretune_model(model, mode=args.mode)
     print(
         f"{result['layers']} layers, {result['unique_keys']} kernel shapes: {result['tuned']} tuned, "

@@ -187,7 +187,7 @@ def compress_model(
             new = LowRankLinear.from_factors(
                 up, down, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
             )
-        error = (new.dense_weight() - weight.float()).norm() / weight.float().norm()
+        error = (new.dense_weight() - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)
         tied = _tied_to_other_module(model, module)
         owned = [] if tied else [module.weight]
         owned += [] if module.bias is None else [module.bias]

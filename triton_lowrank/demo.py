@@ -72,7 +72,7 @@ def is_compressed_folder(path: str | Path) -> bool:
     return quantization.get("quant_method") == QUANT_METHOD
 
 
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
     """A dense or compressed causal LM from a local folder (or a hub id that from_pretrained resolves)."""
     if is_compressed_folder(path):
         from .checkpoint import load_compressed

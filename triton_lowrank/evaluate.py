@@ -41,9 +41,13 @@ METRICS = ("ppl_dense", "ppl_compressed", "ppl_ratio", "kl", "top1_agreement", "
 # ----------------------------------------------------------------------------- token windows
 
 
+MAX_DEFAULT_WINDOW = 2048  # long-context models (128k positions) would otherwise sample 128k-token windows
+
+
 def context_length(model: nn.Module) -> int:
-    """The model's context (GPT-2's n_positions)."""
-    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
+    """Default window length: the model's context (GPT-2's n_positions), at most MAX_DEFAULT_WINDOW."""
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
+    return min(context, MAX_DEFAULT_WINDOW)
 
 
 def text_windows(tokenizer, text: str, length: int, max_windows: int | None = None) -> torch.Tensor:

@@ -75,6 +75,8 @@ def truncated_factors(
 def rank_for_energy(s: torch.Tensor, energy: float) -> int:
     """Smallest rank whose kept squared singular values reach `energy` of the total."""
     power = s.double() ** 2
+    if not power.sum() > 0:
+        return 1  # an all-zero weight: one (zero) component represents it exactly
     kept = power.cumsum(0) / power.sum()
     return min(int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype)).item()) + 1, len(s))
 
@@ -93,7 +95,8 @@ def allocate_budget(spectra: list[torch.Tensor], bytes_per_rank: list[int], budg
             f"budget too small: rank 1 in every layer already needs {used:.0f} bytes, "
             f"the budget allows {budget_bytes:.0f}"
         )
-    power = [s.double() ** 2 / (s.double() ** 2).sum() for s in spectra]
+    # An all-zero layer gains nothing from any rank step (its normaliser is clamped to avoid 0/0).
+    power = [s.double() ** 2 / (s.double() ** 2).sum().clamp_min(torch.finfo(torch.float64).tiny) for s in spectra]
     heap = [(-power[i][1].item() / bytes_per_rank[i], i) for i in range(len(spectra)) if len(spectra[i]) > 1]
     heapq.heapify(heap)
     while heap:
@@ -112,10 +115,10 @@ def refit_up(weight: torch.Tensor, down: torch.Tensor, chol: torch.Tensor | None
 
     Quantizing both factors independently adds both errors. Fixing down at its stored value D̂ and
     solving min_U ‖(W - U·D̂)·L‖_F (L = I for plain SVD) lets up absorb down's quantization error,
-    so only up's own quantization error remains: U = (W·L)(D̂·L)ᵀ ((D̂·L)(D̂·L)ᵀ)⁻¹.
+    so only up's own quantization error remains: U = (W·L)(D̂·L)⁺.
     """
     w, d = weight.double(), down.double()  # [out, in], [r, in]
     if chol is not None:
         w, d = w @ chol.double(), d @ chol.double()
-    gram = d @ d.t()  # [r, r]
-    return torch.linalg.solve(gram, d @ w.t()).t().float()  # [out, r]
+    # The pseudo-inverse, not a solve: a rank component that rounded to all zeros leaves D̂ rank-deficient.
+    return (w @ torch.linalg.pinv(d)).float()  # [out, r]

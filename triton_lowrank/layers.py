@@ -106,13 +106,15 @@ class LowRankLinear(nn.Module):
         return layer
 
     def _apply(self, fn, recurse=True):
-        # model.half() / .to(bf16) would cast the float32 scales too, and fp16 scales underflow for
-        # small rank components; keep them float32 whatever the module's compute dtype becomes.
+        # model.half() / .to(bf16) would round the float32 scales too, and fp16 scales underflow for
+        # small rank components: scales follow device moves only, with their original float32 values.
+        scales = {name: getattr(self, name) for name in ("down_scale", "up_t_scale")}
         super()._apply(fn, recurse)
-        for name in ("down_scale", "up_t_scale"):
-            scale = getattr(self, name)
-            if scale is not None and scale.dtype != torch.float32:
-                setattr(self, name, scale.float())
+        for name, scale in scales.items():
+            moved = getattr(self, name)
+            if scale is not None and moved.dtype != torch.float32:
+                device = moved.device
+                self._buffers[name] = torch.empty_like(scale, device=device) if scale.is_meta else scale.to(device)
         return self
 
     def dequantized_factors(self) -> tuple[torch.Tensor, torch.Tensor]:

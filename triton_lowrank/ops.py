@@ -92,6 +92,9 @@ def check_inputs(x: torch.Tensor, f: LowRankFactors) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"lowrank_matmul: x is on {x.device} but {name} is on {t.device}")
+        # The kernels index the factors as row-major arrays; a transposed view would be read wrongly.
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"lowrank_matmul: {name} must be contiguous (row-major), got strides {t.stride()}")
 
 
 def interpreter_enabled() -> bool:
@@ -120,14 +123,18 @@ def _select_config(x2d: torch.Tensor, f: LowRankFactors):
     return get_tuner().config_for(problem, x2d.dtype)
 
 
-# Fused-path workspaces: zero-filled fp32 buffers the kernel leaves zeroed. One per
-# (device, stream, size bucket), never freed: a captured CUDA graph keeps using the pointer.
+# Fused-path workspaces for eager calls: zero-filled fp32 buffers the kernel leaves zeroed, one per
+# (device, stream, size bucket), reused so that no call pays for a memset. Graph capture allocates its own.
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 
 
 def _workspace(device: torch.device, numel: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     bucket = 1 << max(12, (numel - 1).bit_length())
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Each CUDA graph gets its own workspace from its private pool, zeroed by a node of that graph:
+        # graphs captured on one stream may replay in any order, or concurrently on several streams.
+        return torch.zeros(bucket, dtype=torch.float32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream, bucket)
     if key not in _WORKSPACES:
         _WORKSPACES[key] = torch.zeros(bucket, dtype=torch.float32, device=device)
@@ -207,6 +214,8 @@ def _forward(x: torch.Tensor, f: LowRankFactors, config=None, out: torch.Tensor 
     elif out.shape != (*lead, f.out_features) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"lowrank_matmul: out must be contiguous {x.dtype} of shape "
                          f"{(*lead, f.out_features)}, got {out.dtype} {tuple(out.shape)}")
+    if x2d.shape[0] == 0:  # nothing to compute, and nothing for the autotuner to learn from
+        return out
     launch(x2d, f, config or _select_config(x2d, f), out.view(-1, f.out_features))
     return out
 
