@@ -68,11 +68,17 @@ def test_corrupt_cache_warns_and_is_retuned(tmp_path):
     assert make_tuner(tmp_path).lookup(PROBLEM, "float16") == expected_winner(PROBLEM)
 
 
-def test_invalid_config_in_cache_counts_as_corrupt(tmp_path):
-    bad = {"version": 1, "sections": {"g|triton-1": {"k": {"config": {"path": "fused", "block_m": 3}}}}}
-    (tmp_path / "autotune.json").write_text(json.dumps(bad))
-    with pytest.warns(RuntimeWarning, match="corrupt"):
-        make_tuner(tmp_path)
+def test_an_invalid_entry_is_dropped_alone_and_other_gpus_sections_survive(tmp_path):
+    make_tuner(tmp_path, gpu_name="NVIDIA H200", timer=FakeTimer()).tune(PROBLEM, "float16")
+    data = json.loads((tmp_path / "autotune.json").read_text())
+    data["sections"]["g|triton-1"] = {"k": {"config": {"path": "fused", "block_m": 3}}}  # unreadable
+    (tmp_path / "autotune.json").write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match="dropped 1 unreadable"):
+        tuner = make_tuner(tmp_path, gpu_name="g", triton_version="1", timer=FakeTimer())
+    assert tuner.entries == {}
+    with pytest.warns(RuntimeWarning, match="dropped 1 unreadable"):  # save() re-reads the file before merging
+        tuner.tune(PROBLEM, "float16")
+    assert make_tuner(tmp_path, gpu_name="NVIDIA H200").lookup(PROBLEM, "float16") == expected_winner(PROBLEM)
 
 
 @pytest.mark.parametrize("change", ["gpu_name", "triton_version", "bits", "dtype", "m_bucket"])

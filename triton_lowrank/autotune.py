@@ -118,14 +118,26 @@ class Autotuner:
                 raise ValueError("unknown layout or version")
             if not isinstance(data.get("sections"), dict):
                 raise ValueError("missing 'sections'")
-            for entries in data["sections"].values():  # validate every stored config now
-                for entry in entries.values():
-                    TileConfig.from_dict(entry["config"])
-            return data
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
             warnings.warn(f"triton_lowrank: ignoring corrupt autotune cache {self.cache_path} ({err}); "
                           "shapes will be re-tuned", RuntimeWarning, stacklevel=3)
             return {"version": CACHE_VERSION, "sections": {}}
+        # One unreadable entry (say, written by a newer version) costs that entry, not the other GPUs' sections.
+        dropped = 0
+        for section, entries in list(data["sections"].items()):
+            if not isinstance(entries, dict):
+                data["sections"][section], dropped = {}, dropped + 1
+                continue
+            for key in list(entries):
+                try:
+                    TileConfig.from_dict(entries[key]["config"])
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    del entries[key]
+                    dropped += 1
+        if dropped:
+            warnings.warn(f"triton_lowrank: dropped {dropped} unreadable entries of {self.cache_path}; "
+                          "those shapes will be re-tuned", RuntimeWarning, stacklevel=3)
+        return data
 
     def save(self) -> None:
         """Merge this tuner's section into the file and replace it atomically."""
