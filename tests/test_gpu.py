@@ -99,6 +99,22 @@ def test_cuda_graph_capture_and_replay(m):
     assert_close_scaled(layer(static_x), reference(static_x, layer))
 
 
+def test_two_graphs_captured_on_one_stream_replay_in_any_order():
+    # The fused path's workspace must belong to each graph: a shared one would be zeroed only by
+    # the first graph's captured memset, and graph B replayed first would add onto stale memory.
+    layer = make_layer(1600, 6400, 400, 8)
+    xs = [torch.randn(1, 1600, device="cuda", dtype=torch.float16) for _ in range(2)]
+    graphs, ys = [torch.cuda.CUDAGraph() for _ in range(2)], []
+    for graph, x in zip(graphs, xs, strict=True):
+        with torch.cuda.graph(graph):  # no warm-up: the workspace is first met inside capture
+            ys.append(layer(x))
+    for graph in reversed(graphs):
+        graph.replay()
+    torch.cuda.synchronize()
+    for x, y in zip(xs, ys, strict=True):
+        assert_close_scaled(y, reference(x, layer))
+
+
 def test_compile_reduce_overhead_cudagraphs():
     layer = make_layer(1024, 4096, 256, 4, group_size=128)
     compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)

@@ -258,3 +258,17 @@ def test_empty_batch_returns_an_empty_output():
     factors = LowRankFactors(torch.randn(8, 32).half(), None, torch.randn(8, 48).half(), None, None, None)
     y = lowrank_matmul(torch.randn(2, 0, 32, dtype=torch.float16), factors)
     assert y.shape == (2, 0, 48)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_custom_op_passes_opcheck_and_compiles_fullgraph(bits):
+    """The op's schema and fake implementation, so torch.compile sees through it (CPU, interpreter)."""
+    torch.manual_seed(0)
+    layer = LowRankLinear.from_factors(torch.randn(48, 8), torch.randn(8, 32), torch.randn(48), bits, 16)
+    f = ops.as_factors(layer.half())
+    x = torch.randn(3, 32, dtype=torch.float16)
+    args = (x, f.down, f.down_scale, f.up_t, f.up_scale, f.bias, f.bits, f.group_size)
+    torch.library.opcheck(torch.ops.triton_lowrank.lowrank_matmul.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    compiled = torch.compile(lambda t: lowrank_matmul(t, f) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), lowrank_matmul(x, f) * 2)
