@@ -68,7 +68,7 @@ def main(argv=None) -> None:
         from triton_lowrank.embedded import embedded_model_path
 
         args.model = embedded_model_path()
-    device, dtype = runtime()
+    device, dtype = runtime(args.model)
     dense = load_model(args.model, device, dtype)
     tokenizer = load_tokenizer(args.model)
     read = lambda f: None if f is None else Path(f).read_text(encoding="utf-8")

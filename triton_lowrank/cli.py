@@ -67,7 +67,7 @@ def load(name: str, what: str = "model", keep_dtype: bool = False):
     from .demo import load_model, load_tokenizer, runtime
 
     source = resolve_model(name)
-    device, dtype = runtime()
+    device, dtype = runtime(source)
     dtype = None if keep_dtype else dtype
     try:
         model = load_model(source, device, dtype)
@@ -80,17 +80,6 @@ def load(name: str, what: str = "model", keep_dtype: bool = False):
     except (OSError, ValueError):
         tokenizer = None  # a folder saved without a tokenizer still compresses and evaluates on sampled text
     return model, tokenizer
-
-
-def source_dtype(name: str) -> torch.dtype | None:
-    """The float dtype a model's checkpoint is stored in, as its config says (None if unknown)."""
-    from transformers import AutoConfig
-
-    try:
-        dtype = AutoConfig.from_pretrained(resolve_model(name)).dtype
-    except (OSError, ValueError):
-        return None
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def read_text(path: str | None) -> str | None:
@@ -110,6 +99,7 @@ def rank_config(args) -> LowRankConfig:
 def cmd_compress(args) -> None:
     from .checkpoint import save_compressed
     from .compress import compress_model, validate_layers
+    from .demo import checkpoint_dtype
     from .evaluate import calibration_batches, dense_bytes, lowrank_bytes
 
     out = Path(args.out)
@@ -125,7 +115,7 @@ def cmd_compress(args) -> None:
             model, tokenizer, read_text(args.calib_text), args.calib_samples, args.seq_len
         )
     fp16_bytes = dense_bytes(model, config)
-    stored_dtype = source_dtype(args.model)
+    stored_dtype = checkpoint_dtype(resolve_model(args.model))
     saved_as_source = stored_dtype in (torch.float16, torch.bfloat16)
     if saved_as_source and config.bits is None:
         model.to(stored_dtype)  # float factors are sized (for --budget) and stored in the source dtype

@@ -54,10 +54,23 @@ QUICK = DemoSizes(calib_samples=4, eval_samples=4, seq_len=16, speed_tokens=4, s
 # ----------------------------------------------------------------------------- loading (shared with the CLI)
 
 
-def runtime() -> tuple[torch.device, torch.dtype]:
-    """fp16 on CUDA (Triton kernels); fp32 on the CPU, where fp16 matmuls are ~10x slower."""
+def checkpoint_dtype(source: str | Path) -> torch.dtype | None:
+    """The float dtype a model's checkpoint is stored in, as its config says (None if unknown)."""
+    from transformers import AutoConfig
+
+    try:
+        dtype = AutoConfig.from_pretrained(source).dtype
+    except (OSError, ValueError):
+        return None
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def runtime(source: str | Path | None = None) -> tuple[torch.device, torch.dtype]:
+    """On CUDA the checkpoint's half dtype (bf16 models overflow in fp16), else fp16, for the Triton
+    kernels; fp32 on the CPU, where half-precision matmuls are ~10x slower."""
     if torch.cuda.is_available():
-        return torch.device("cuda"), torch.float16
+        stored = None if source is None else checkpoint_dtype(source)
+        return torch.device("cuda"), torch.bfloat16 if stored == torch.bfloat16 else torch.float16
     return torch.device("cpu"), torch.float32
 
 
@@ -141,7 +154,7 @@ def run_demo(
         model_path = embedded_model_path()
     if not Path(model_path).is_dir():
         raise FileNotFoundError(f"model folder not found: {model_path}")
-    device, dtype = runtime()
+    device, dtype = runtime(model_path)
     compute = "Triton kernels (CUDA)" if device.type == "cuda" else "PyTorch reference path (CPU, no Triton)"
     dense = load_model(model_path, device, dtype)
     tokenizer = load_tokenizer(model_path)
