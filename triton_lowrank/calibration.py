@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -12,6 +13,17 @@ from tqdm.auto import tqdm
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """model.eval() for the block (no dropout while measuring), then the caller's mode back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def run_batch(model: nn.Module, batch, device: torch.device):
@@ -43,21 +55,19 @@ def collect_grams(
 
     handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
     device = model_device(model)
-    was_training = model.training
-    model.eval()
     try:
-        for batch in tqdm(calibration, desc="calibrating", unit="batch", disable=not progress):
-            run_batch(model, batch, device)
+        with eval_mode(model):
+            for batch in tqdm(calibration, desc="calibrating", unit="batch", disable=not progress):
+                run_batch(model, batch, device)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     missing = [name for name in layers if name not in grams]
     if missing:
         raise ValueError(f"calibration never reached layer(s) {missing}: check the calibration batches")
     # Fewer tokens than input features leave XᵀX singular: the whitening then fits those few tokens
     # and generalises worse than plain SVD.
-    short = {name: tokens[name] for name, module in layers.items() if tokens[name] < grams[name].shape[0]}
+    short = {name: tokens[name] for name in layers if tokens[name] < grams[name].shape[0]}
     if short:
         name, count = next(iter(short.items()))
         warnings.warn(

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .calibration import model_device
 from .config import LowRankConfig
 from .evaluate import (
     batches,
@@ -105,7 +106,7 @@ def load_tokenizer(path: str | Path):
 @torch.no_grad()
 def greedy(model: nn.Module, tokenizer, prompt: str, new_tokens: int) -> str:
     """The prompt's greedy continuation (the new text only)."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)  # [1, P]
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model_device(model))  # [1, P]
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),

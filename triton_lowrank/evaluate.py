@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import model_device
+from .calibration import eval_mode, model_device
 from .compress import compress_model, select_layers
 from .config import LowRankConfig
 from .factorize import dense_weight
@@ -139,15 +139,11 @@ def calibration_batches(
 def model_logits(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progress: bool = False):
     """Float32 logits [B, T, V] per batch of `tokens`, on the CPU."""
     device = model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return [
             model(input_ids=batch.to(device)).logits.float().cpu()
             for batch in tqdm(batches(tokens, batch_size), desc="logits", unit="batch", disable=not progress)
         ]
-    finally:
-        model.train(was_training)
 
 
 def compare_logits(dense: list[torch.Tensor], compressed: list[torch.Tensor], tokens: torch.Tensor) -> dict:
