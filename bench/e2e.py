@@ -32,8 +32,8 @@ from common import copy_bandwidth_gbs, environment, results_dir, write_csv, writ
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from triton_lowrank import LowRankConfig, compress_model, load_compressed, save_compressed
-from triton_lowrank.evaluate import compare_logits
-from triton_lowrank.generation_bench import MODES, measure_generation, weight_bytes
+from triton_lowrank.generation_bench import GENERATION_MODES, measure_generation, weight_bytes
+from triton_lowrank.metrics import compare_logits
 
 GPT2_SHAPES = {  # (n_layer, n_embd, n_head)
     "tiny": (2, 128, 4),
@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+")
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=GENERATION_MODES, default=list(GENERATION_MODES))
     args = parser.parse_args()
     on_cpu = torch.device(args.device).type == "cpu"
     quick_models = ["tiny"] if on_cpu else ["gpt2"]

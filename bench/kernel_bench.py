@@ -27,6 +27,7 @@ if "--dry-run" in sys.argv:  # the interpreter must be chosen before Triton is i
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -40,10 +41,15 @@ from common import (  # noqa: E402
     write_json,
 )
 from triton_lowrank.kernels.configs import Problem, default_config  # noqa: E402
+from triton_lowrank.kernels.launch import launch  # noqa: E402
 
-from triton_lowrank.ops import LowRankFactors, launch, lowrank_matmul  # noqa: E402
-from triton_lowrank.quant import factor_bytes, quantize  # noqa: E402
-from triton_lowrank.reference import lowrank_reference  # noqa: E402
+from triton_lowrank.autotune import Autotuner  # noqa: E402
+from triton_lowrank.factors import lowrank_bytes as factor_bytes  # noqa: E402
+from triton_lowrank.factors import random_factors  # noqa: E402
+from triton_lowrank.layers import LowRankLinear  # noqa: E402
+from triton_lowrank.ops import lowrank_matmul  # noqa: E402
+from triton_lowrank.pretune import pretune_model  # noqa: E402
+from triton_lowrank.reference import dequantized_factors, lowrank_reference  # noqa: E402
 
 GPT2_SHAPES = [(768, 2304), (768, 3072), (3072, 768), (1024, 4096), (1280, 5120), (1600, 6400), (6400, 1600)]
 LLAMA_SHAPE = (4096, 11008)
@@ -58,22 +64,16 @@ def make_sets(k, n, rank, bits, group, n_sets, device, dtype):
     """n_sets independent (factors, dense fp16 weight, fp16 factors) triples for L2 rotation."""
     sets = []
     for i in range(n_sets):
-        gen = torch.Generator(device=device).manual_seed(i)
-        down = torch.randn(rank, k, device=device, generator=gen) / k**0.5  # [r, in]
-        up_t = torch.randn(rank, n, device=device, generator=gen) / rank**0.5  # [r, out]
-        bias = torch.randn(n, device=device, generator=gen).to(dtype)
-        stored = []
-        for w in (down, up_t):
-            stored += [w.to(dtype), None] if bits is None else list(quantize(w, bits, group))
-        f = LowRankFactors(stored[0], stored[1], stored[2], stored[3], bias, bits, group)
-        # baselines get dequantized weights (same values), stored in the activation dtype
+        f = random_factors(k, n, rank, bits, group, dtype, seed=i, device=device)
+        # baselines get the dequantized weights (the same values), stored in the activation dtype
+        down, up_t = dequantized_factors(f)  # [r, in], [r, out] fp32
         down_f, up_f = down.to(dtype), up_t.t().contiguous().to(dtype)  # [r, in], [out, r]
-        sets.append({"f": f, "dense": (up_f @ down_f).contiguous(), "down": down_f, "up": up_f, "bias": bias})
+        sets.append({"f": f, "dense": (up_f @ down_f).contiguous(), "down": down_f, "up": up_f, "bias": f.bias})
     return sets
 
 
 def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("fused", "split")):
-    lowrank_bytes = factor_bytes(rank, k, bits, group) + factor_bytes(rank, n, bits, group) + n * 2
+    lowrank_bytes = factor_bytes(k, n, rank, bits, group) + n * 2
     dense_bytes = n * k * 2 + n * 2
     fp16_lowrank_bytes = rank * (k + n) * 2 + n * 2
     n_sets = rotation_count(dense_bytes + lowrank_bytes + fp16_lowrank_bytes) if device.type == "cuda" else 2
@@ -95,7 +95,7 @@ def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("fused", "s
     row = {"in": k, "out": n, "rank": rank, "bits": bits or 16, "m": m, "dtype": str(dtype).replace("torch.", ""),
            "factor_bytes": lowrank_bytes, "rotating_sets": n_sets}
     # A time counts only beside the correctness of what was timed: each kernel path against the reference.
-    reference = lowrank_reference(x, *sets[0]["f"]).float()  # [m, n]
+    reference = lowrank_reference(x, sets[0]["f"]).float()  # [m, n]
     for name in (*paths, "auto"):
         out.fill_(float("nan"))  # poisoned: an unwritten element shows up as NaN error
         got = contenders[name](0).float()
@@ -140,11 +140,6 @@ def sweep(args, device, dtype):
 
 def autotune_timing(device) -> dict:
     """GPT-2 XL layer shapes (rank ratio 0.25, int8) tuned cold in fast mode, then a warm start."""
-    from torch import nn
-
-    from triton_lowrank.autotune import Autotuner, pretune_model
-    from triton_lowrank.layers import LowRankLinear
-
     model = nn.Sequential(*[LowRankLinear(k, n, min(k, n) // 4, bits=8, device=device) for k, n in GPT2_XL_LAYERS])
     with tempfile.TemporaryDirectory() as cache_dir:
         start = time.perf_counter()
@@ -193,7 +188,6 @@ def plot(rows, out_dir: Path) -> list[Path]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="the whole sweep (long)")
-    parser.add_argument("--quick", action="store_true", help="the default trimmed sweep (kept for scripts)")
     parser.add_argument("--dry-run", action="store_true", help="CPU + interpreter, tiny shapes")
     parser.add_argument("--autotune", action="store_true", help="also time GPT-2 XL pretuning cold/warm")
     parser.add_argument("--autotune-only", action="store_true", help="only the autotune timing")

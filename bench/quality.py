@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from triton_lowrank.demo import load_model, load_tokenizer, runtime
-from triton_lowrank.evaluate import calibration_batches, eval_tokens, sweep, write_sweep
+from triton_lowrank.eval_data import calibration_batches, eval_tokens
+from triton_lowrank.loading import load_model, load_tokenizer, runtime
+from triton_lowrank.sweeps import sweep, write_sweep
 
 OUT = Path(__file__).resolve().parent / "results" / "quality"
 

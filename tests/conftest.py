@@ -7,9 +7,26 @@ import os
 if not glob.glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest
 import torch
+
+# Triton (and our kernels) are now set up for the interpreter. Interpreting every layer of every model test
+# would take minutes, so only tests marked `kernels` run the kernels on the CPU; the others run the PyTorch
+# reference, through the launcher's one switch (ops.uses_kernels reads TRITON_INTERPRET on every call,
+# Triton itself read it at import, above).
+import triton_lowrank.kernels.lowrank_matmul  # noqa: E402, F401  (decorated while the interpreter is on)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETER:
+    os.environ["TRITON_INTERPRET"] = "0"
+
+
+@pytest.fixture(autouse=True)
+def kernels_only_where_tested(request, monkeypatch):
+    if INTERPRETER and request.node.get_closest_marker("kernels") is not None:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def make_tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 64, vocab_size: int = 128) -> GPT2LMHeadModel:

@@ -14,8 +14,9 @@ from triton_lowrank.kernels.configs import (
     smem_bytes,
 )
 
-from triton_lowrank.autotune import Autotuner, pretune_model, problem_key, resolve_mode
+from triton_lowrank.autotune import Autotuner, problem_key, resolve_mode
 from triton_lowrank.layers import LowRankLinear
+from triton_lowrank.pretune import pretune_model
 
 PROBLEM = Problem(m=1, n=6400, k=1600, rank=400, bits=8, group_size=0)
 

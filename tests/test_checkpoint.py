@@ -246,7 +246,7 @@ def test_no_dense_weight_is_materialised_while_loading(saved, monkeypatch):
 
 
 def test_offloaded_tensors_are_recorded_as_unchecked_not_missing():
-    from triton_lowrank.hf_quantizer import tensor_checksums
+    from triton_lowrank.checkpoint_format import tensor_checksums
 
     sums = tensor_checksums({"a": torch.arange(4.0), "b": torch.empty(3, device="meta")})
     assert len(sums["a"]) == 64 and "b" in sums and sums["b"] is None

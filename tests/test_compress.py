@@ -9,7 +9,9 @@ from conftest import make_tiny_gpt2
 from transformers import BertConfig, BertModel
 
 from triton_lowrank import LowRankConfig, LowRankLinear, compress_model
-from triton_lowrank.factorize import dense_weight
+from triton_lowrank.factors import lowrank_bytes
+from triton_lowrank.formats import dense_weight
+from triton_lowrank.quant import tensor_bytes
 
 BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -93,9 +95,9 @@ def test_budget_hits_byte_target_within_one_rank_step(bits, group_size, budget):
     config = LowRankConfig(budget=budget, bits=bits, group_size=group_size)
     report = compress_model(model, config, progress=False)
     layers = dict(model.named_modules())
-    factor_bytes = sum(layers[row.name].storage_bytes() - row.out_features * 4 for row in report.layers)
+    factor_bytes = sum(tensor_bytes(layers[row.name].buffers()) for row in report.layers)
     target = budget * sum(2 * row.in_features * row.out_features for row in report.layers)
-    steps = [LowRankLinear.predicted_bytes(row.in_features, row.out_features, 1, bits, group_size, 4)
+    steps = [lowrank_bytes(row.in_features, row.out_features, 1, bits, group_size, 4)
              for row in report.layers if row.rank < min(row.in_features, row.out_features)]
     assert factor_bytes <= target
     assert target - factor_bytes < max(steps)
@@ -184,7 +186,7 @@ def test_an_all_zero_layer_compresses_to_zeros_and_takes_no_budget(knob, method)
     report = compress_model(model, LowRankConfig(**knob, bits=8, method=method), [ids], progress=False)
     row = next(r for r in report.layers if r.name == "transformer.h.0.mlp.c_proj")
     assert row.rel_error == 0.0
-    assert torch.count_nonzero(model.transformer.h[0].mlp.c_proj.dense_weight()) == 0
+    assert torch.count_nonzero(dense_weight(model.transformer.h[0].mlp.c_proj)) == 0
     if "rank" not in knob:
         assert row.rank == 1
 

@@ -1,4 +1,4 @@
-"""evaluate.py: metrics exact on identical models, sensitive to damage; RTN baselines; sweeps."""
+"""metrics, baselines, sweeps: exact on identical models, sensitive to damage; RTN baselines; sweeps."""
 
 import copy
 import json
@@ -8,16 +8,11 @@ import torch
 from conftest import TEXT, make_tiny_gpt2, tiny_tokenizer
 
 from triton_lowrank import LowRankConfig
-from triton_lowrank.evaluate import (
-    compress_copy,
-    evaluate,
-    rtn_baseline,
-    sample_sequences,
-    sweep,
-    text_windows,
-    write_sweep,
-)
-from triton_lowrank.factorize import dense_weight
+from triton_lowrank.baselines import compress_copy, rtn_baseline
+from triton_lowrank.eval_data import sample_sequences, text_windows
+from triton_lowrank.formats import dense_weight
+from triton_lowrank.metrics import evaluate
+from triton_lowrank.sweeps import sweep, write_sweep
 
 SMALL = {"num_samples": 4, "seq_len": 32, "progress": False}
 
@@ -96,7 +91,8 @@ def test_rtn_baseline_bytes_and_grid(model, bits, group_size):
 def test_sweep_rows_and_files(model, tmp_path):
     tokens = sample_sequences(model, 4, 32, seed=1, progress=False)
     calibration = [sample_sequences(model, 4, 32, seed=0, progress=False)]
-    rows = sweep(model, tokens, calibration, budgets=(0.5,), bits=(8,), group_size=32, progress=False)
+    rows = sweep(model, tokens, calibration, budgets=(0.5,), bits=(8,), group_size=32, progress=False,
+                 rtn_bits=(8, 4))
     assert [(r["method"], r["bits"]) for r in rows] == [("svd", 8), ("whitened", 8), ("rtn", 8), ("rtn", 4)]
     for row in rows[:2]:
         assert 0.4 < row["bytes_fraction"] <= 0.5  # the budget is an upper bound, met within rank steps
@@ -104,3 +100,10 @@ def test_sweep_rows_and_files(model, tmp_path):
     assert json.loads(paths["json"].read_text()) == rows
     assert paths["csv"].read_text().count("\n") == len(rows) + 1
     assert paths["png"].stat().st_size > 10_000
+
+
+def test_sweep_rtn_baselines_follow_the_bits_asked_for(model):
+    """The RTN baselines used to be int8 and int4 whatever `bits` said."""
+    tokens = sample_sequences(model, 2, 16, seed=1, progress=False)
+    rows = sweep(model, tokens, [], budgets=(0.5,), methods=("svd",), bits=(4,), group_size=32, progress=False)
+    assert [(r["method"], r["bits"]) for r in rows] == [("svd", 4), ("rtn", 4)]

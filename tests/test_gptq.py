@@ -8,6 +8,7 @@ from torch import nn
 
 from triton_lowrank import LowRankConfig, compress_model
 from triton_lowrank.factorize import truncated_factors
+from triton_lowrank.formats import dense_weight
 from triton_lowrank.gptq import _up_column_quantizer, gptq, quantize_factors
 from triton_lowrank.quant import dequantize, quantize, quantize_with_scale
 
@@ -49,7 +50,8 @@ def test_stored_factors_lie_exactly_on_their_quantization_grid(bits, group_size,
     x = correlated_inputs(128, 32, seed=3).double()
     chol = torch.linalg.cholesky(x.t() @ x) if calibrated else None
     _, down = truncated_factors(weight, 16, chol)
-    down_q, down_scale, up_q, up_scale = quantize_factors(weight, down, bits, group_size, chol)
+    f = quantize_factors(weight, down, bits, group_size, chol)
+    down_q, down_scale, up_q, up_scale = f.down, f.down_scale, f.up_t, f.up_t_scale
     assert up_q.shape == ((16, 48) if bits == 8 else (16, 24)) and up_scale.dtype == torch.float32
     for storage, scale in ((down_q, down_scale), (up_q, up_scale)):
         regridded = quantize_with_scale(dequantize(storage, scale, bits, group_size), scale, bits, group_size)
@@ -68,6 +70,6 @@ def test_error_feedback_lowers_activation_error_of_a_whitened_layer(bits, group_
         config = LowRankConfig(rank=48, bits=bits, group_size=group_size, method="whitened",
                                error_feedback=error_feedback)
         compress_model(holder, config, [{"input": calib}], progress=False)
-        return ((holder.layer.dense_weight() - weight) @ calib.t()).norm().item()
+        return ((dense_weight(holder.layer) - weight) @ calib.t()).norm().item()
 
     assert activation_error(True) < 0.9 * activation_error(False)

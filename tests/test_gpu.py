@@ -3,9 +3,12 @@
 import pytest
 import torch
 from triton_lowrank.kernels.configs import Problem, default_config
+from triton_lowrank.kernels.launch import launch
 
+from triton_lowrank.autotune import Autotuner
+from triton_lowrank.factors import round_factors
 from triton_lowrank.layers import LowRankLinear
-from triton_lowrank.ops import LowRankFactors, as_factors, launch, lowrank_matmul
+from triton_lowrank.ops import factors_args, lowrank_matmul
 from triton_lowrank.reference import lowrank_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -16,12 +19,11 @@ def make_layer(k, n, rank, bits, dtype=torch.float16, group_size=128, seed=0):
     up = torch.randn(n, rank, device="cuda", generator=gen) / rank**0.5
     down = torch.randn(rank, k, device="cuda", generator=gen) / k**0.5
     bias = torch.randn(n, device="cuda", generator=gen)
-    return LowRankLinear.from_factors(up, down, bias, bits, group_size, dtype)
+    return LowRankLinear.from_factors(round_factors(up, down, bias, bits, group_size, dtype), dtype)
 
 
 def reference(x, layer):
-    f = as_factors(layer)
-    return lowrank_reference(x, f.down, f.down_scale, f.up_t, f.up_scale, f.bias, f.bits, f.group_size)
+    return lowrank_reference(x, layer.factors())
 
 
 def assert_close_scaled(y, ref, rel=2e-2):
@@ -36,7 +38,7 @@ def assert_close_scaled(y, ref, rel=2e-2):
 @pytest.mark.parametrize("m", [1, 5, 64, 1000])
 def test_real_sizes_both_paths(bits, k, n, rank, m):
     layer = make_layer(k, n, rank, bits)
-    f = as_factors(layer)
+    f = layer.factors()
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     ref = reference(x, layer)
     problem = Problem(m, n, k, rank, bits, 128 if bits == 4 else 0)
@@ -126,31 +128,29 @@ def test_compile_reduce_overhead_cudagraphs():
 
 def test_opcheck():
     layer = make_layer(256, 384, 32, 8)
-    f = as_factors(layer)
+    f = layer.factors()
     for m in (1, 40):
         x = torch.randn(m, 256, device="cuda", dtype=torch.float16)
-        args = (x, f.down, f.down_scale, f.up_t, f.up_scale, f.bias, f.bits, f.group_size)
+        args = factors_args(x, f)
         torch.library.opcheck(torch.ops.triton_lowrank.lowrank_matmul.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def test_autotune_fast_on_gpu(tmp_path):
-    from triton_lowrank.autotune import Autotuner
-
     tuner = Autotuner(mode="fast", cache_dir=tmp_path, progress=False)
     problem = Problem(1, 6400, 1600, 400, 8, 0)
     config = tuner.tune(problem, "float16")
     layer = make_layer(1600, 6400, 400, 8)
     x = torch.randn(1, 1600, device="cuda", dtype=torch.float16)
     out = torch.empty(1, 6400, device="cuda", dtype=torch.float16)
-    assert_close_scaled(launch(x, as_factors(layer), config, out), reference(x, layer))
+    assert_close_scaled(launch(x, layer.factors(), config, out), reference(x, layer))
     assert Autotuner(mode="default", cache_dir=tmp_path).lookup(problem, "float16") == config
 
 
-def test_factor_tuple_and_device_errors():
+def test_factors_and_device_errors():
     layer = make_layer(256, 384, 32, 8)
-    f = tuple(as_factors(layer))
+    f = layer.factors()
     x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
     assert_close_scaled(lowrank_matmul(x, f), reference(x, layer))
     with pytest.raises(ValueError, match="cpu"):
-        lowrank_matmul(x.cpu(), LowRankFactors(*f))
+        lowrank_matmul(x.cpu(), f)

@@ -19,20 +19,23 @@ if not torch.cuda.is_available():
     import triton.language as tl
     from triton.runtime.jit import JITFunction
 
-    if os.environ.get("TRITON_INTERPRET") != "1" or isinstance(tl.zeros, JITFunction):
+    if isinstance(tl.zeros, JITFunction):  # Triton was imported without the interpreter
         raise RuntimeError(
             "tests/test_kernels.py needs the Triton interpreter without CUDA: set TRITON_INTERPRET=1 before "
             "Triton is imported (top of tests/conftest.py, or in the shell)"
         )
 
 import pytest  # noqa: E402
+from triton_lowrank.kernels import launch as kernel_launch  # noqa: E402
 from triton_lowrank.kernels.configs import TileConfig, default_config, next_pow2  # noqa: E402
 
 from triton_lowrank import ops  # noqa: E402
+from triton_lowrank.factors import LowRankFactors, random_factors, round_factors  # noqa: E402
 from triton_lowrank.layers import LowRankLinear  # noqa: E402
-from triton_lowrank.ops import LowRankFactors, lowrank_matmul  # noqa: E402
-from triton_lowrank.quant import quantize  # noqa: E402
+from triton_lowrank.ops import lowrank_matmul  # noqa: E402
 from triton_lowrank.reference import lowrank_reference  # noqa: E402
+
+pytestmark = pytest.mark.kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCES = {  # (atol, rtol) for outputs of magnitude ~1
@@ -44,19 +47,11 @@ TOLERANCES = {  # (atol, rtol) for outputs of magnitude ~1
 
 def make_factors(k, n, rank, bits, group_size, dtype, bias=True, seed=0) -> LowRankFactors:
     """Seeded random factors scaled so y is O(1); quantization gives non-trivial scales."""
-    gen = torch.Generator().manual_seed(seed)
-    down = torch.randn(rank, k, generator=gen) / k**0.5  # [r, in]
-    up_t = torch.randn(rank, n, generator=gen) / rank**0.5 * (1 + torch.rand(rank, 1, generator=gen))  # [r, out]
-    stored = []
-    for w in (down, up_t):
-        stored += [w.to(dtype), None] if bits is None else list(quantize(w, bits, group_size))
-    b = torch.randn(n, generator=gen).to(dtype) if bias else None
-    f = LowRankFactors(stored[0], stored[1], stored[2], stored[3], b, bits, group_size)
-    return LowRankFactors(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in f))
+    return random_factors(k, n, rank, bits, group_size, dtype, bias, seed, DEVICE)
 
 
 def reference(x, f):
-    return lowrank_reference(x, f.down, f.down_scale, f.up_t, f.up_scale, f.bias, f.bits, f.group_size)
+    return lowrank_reference(x, f)
 
 
 def run_poisoned(x, f, config):
@@ -124,12 +119,13 @@ def test_leading_dims_and_fp32(path):
 def test_custom_op_with_layer(m):
     """The registered op (default config, fused for m=1, two-launch for m=24) on a LowRankLinear."""
     gen = torch.Generator().manual_seed(5)
-    layer = LowRankLinear.from_factors(torch.randn(48, 6, generator=gen), torch.randn(6, 32, generator=gen) / 6,
-                                       torch.randn(48, generator=gen), bits=4, group_size=16).to(DEVICE)
+    stored = round_factors(torch.randn(48, 6, generator=gen), torch.randn(6, 32, generator=gen) / 6,
+                           torch.randn(48, generator=gen), 4, 16, torch.float16)
+    layer = LowRankLinear.from_factors(stored, torch.float16).to(DEVICE)
     x = torch.randn(m, 2, 32, generator=gen).half().to(DEVICE)  # [m, 2, K]
-    y = lowrank_matmul(x, layer)
+    y = layer(x)
     assert y.shape == (m, 2, 48) and y.dtype == torch.float16
-    assert_close(y, x, ops.as_factors(layer))
+    assert_close(y, x, layer.factors())
 
 
 def test_fused_workspace_left_zeroed():
@@ -140,7 +136,7 @@ def test_fused_workspace_left_zeroed():
     first = run_poisoned(x, f, config)
     second = run_poisoned(x, f, config)  # would double-count if the workspace kept the first sums
     torch.testing.assert_close(first, second, atol=0, rtol=0)
-    assert all(not ws.any() for ws in ops._WORKSPACES.values())
+    assert all(not ws.any() for ws in kernel_launch._WORKSPACES.values())
 
 
 def test_default_configs_are_launchable():
@@ -148,14 +144,13 @@ def test_default_configs_are_launchable():
     for m in (1, 4, 9, 300):
         f = make_factors(64, 48, 12, 8, 32, torch.float16, seed=m)
         x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
-        config = default_config(ops.problem_for(x, f), interpret=DEVICE == "cpu")
+        config = default_config(ops.problem_for(f, m, x.element_size()), interpret=DEVICE == "cpu")
         assert_close(run_poisoned(x, f, config), x, f)
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    f = make_factors(32, 16, 4, 8, 16, torch.float16)
-    f = LowRankFactors(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in f))
+    f = make_factors(32, 16, 4, 8, 16, torch.float16).to("cpu")
     x = torch.randn(3, 32).half()
     torch.testing.assert_close(lowrank_matmul(x, f), reference(x, f), atol=0, rtol=0)
 
@@ -180,7 +175,7 @@ def test_rejects_mismatched_shapes(what):
     if what == "features":
         x = torch.ones(2, 31, dtype=torch.float16, device=DEVICE)
     elif what == "rank":
-        f = f._replace(up_t=f.up_t[:3], up_scale=f.up_scale[:3])
+        f = f._replace(up_t=f.up_t[:3], up_t_scale=f.up_t_scale[:3])
     elif what == "scale":
         f = f._replace(down_scale=f.down_scale[:2])
     else:
@@ -264,11 +259,32 @@ def test_empty_batch_returns_an_empty_output():
 def test_custom_op_passes_opcheck_and_compiles_fullgraph(bits):
     """The op's schema and fake implementation, so torch.compile sees through it (CPU, interpreter)."""
     torch.manual_seed(0)
-    layer = LowRankLinear.from_factors(torch.randn(48, 8), torch.randn(8, 32), torch.randn(48), bits, 16)
-    f = ops.as_factors(layer.half())
+    stored = round_factors(torch.randn(48, 8), torch.randn(8, 32), torch.randn(48), bits, 16, torch.float32)
+    f = LowRankLinear.from_factors(stored, torch.float32).half().factors()
     x = torch.randn(3, 32, dtype=torch.float16)
-    args = (x, f.down, f.down_scale, f.up_t, f.up_scale, f.bias, f.bits, f.group_size)
+    args = ops.factors_args(x, f)
     torch.library.opcheck(torch.ops.triton_lowrank.lowrank_matmul.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     compiled = torch.compile(lambda t: lowrank_matmul(t, f) * 2, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), lowrank_matmul(x, f) * 2)
+
+
+def test_compressed_model_forward_runs_the_kernels_and_matches_the_reference(monkeypatch):
+    """Module -> custom op -> kernels: a compressed GPT-2's logits through the kernels (interpreted on
+    the CPU) equal the reference path's, and the kernels really ran."""
+    from conftest import make_tiny_gpt2
+
+    from triton_lowrank import LowRankConfig, compress_model
+
+    model = make_tiny_gpt2(n_layer=1, n_embd=32)
+    compress_model(model, LowRankConfig(rank=8, bits=4, group_size=16), progress=False)
+    model = model.to(DEVICE)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    launches = []
+    monkeypatch.setattr(ops, "launch", lambda *a: launches.append(a) or kernel_launch.launch(*a))
+    with torch.no_grad():
+        through_kernels = model(ids).logits
+        assert len(launches) == 4  # c_attn, attn c_proj, c_fc, mlp c_proj
+        monkeypatch.setattr(ops, "uses_kernels", lambda x: False)
+        through_reference = model(ids).logits
+    torch.testing.assert_close(through_kernels, through_reference, atol=1e-4, rtol=1e-4)

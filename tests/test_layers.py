@@ -9,7 +9,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from triton_lowrank import LowRankConfig, LowRankLinear, compress_model
-from triton_lowrank.factorize import dense_weight, refit_up, spectrum, truncated_factors
+from triton_lowrank.factorize import refit_up, spectrum, truncated_factors
+from triton_lowrank.factors import round_factors
+from triton_lowrank.formats import dense_weight
 from triton_lowrank.quant import dequantize, quantize
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -61,7 +63,7 @@ def test_truncation_error_is_eckart_young_optimum(kind, rank):
     s = torch.linalg.svdvals(weight.double())
     optimum = s[rank:].pow(2).sum().sqrt()
     compressed, row = compress_single(dense, LowRankConfig(rank=rank, bits=None))
-    error = (compressed.dense_weight().double() - weight.double()).norm()
+    error = (dense_weight(compressed).double() - weight.double()).norm()
     assert error.item() == pytest.approx(optimum.item(), rel=1e-4)
     assert row.rel_error == pytest.approx((optimum / weight.double().norm()).item(), rel=1e-4)
 
@@ -82,7 +84,7 @@ def test_whitened_truncation_beats_plain_svd_on_correlated_inputs():
         dense = make_layer("Linear", in_features, out_features)
         weight = dense.weight.detach().clone()
         compressed, _ = compress_single(dense, config, calibration=[{"input": calib}])
-        return ((compressed.dense_weight() - weight) @ x.t()).norm().item(), weight
+        return ((dense_weight(compressed) - weight) @ x.t()).norm().item(), weight
 
     plain, _ = activation_error(LowRankConfig(rank=rank, bits=None), calib)
     whitened, weight = activation_error(LowRankConfig(rank=rank, bits=None, method="whitened"), calib)
@@ -116,7 +118,7 @@ def test_quantized_factor_sqnr_above_floor(bits, group_size):
     weight = dense_weight(dense).detach().clone()
     compressed, _ = compress_single(dense, LowRankConfig(rank=64, bits=bits, group_size=group_size))
     # Full rank: what is lost is the quantization alone, on both factors (about 3 dB).
-    assert sqnr_db(weight, compressed.dense_weight()) >= SQNR_FLOOR_DB[bits] - 4
+    assert sqnr_db(weight, dense_weight(compressed)) >= SQNR_FLOOR_DB[bits] - 4
 
 
 def test_int4_packing_round_trips_exact_levels():
@@ -140,7 +142,7 @@ def test_forward_accepts_any_leading_shape_and_float_dtype(dtype, leading):
     y = compressed.to(dtype)(x.to(dtype))
     assert y.shape == (*leading, 24) and y.dtype == dtype
     atol, rtol = TOL[dtype]
-    expected = x @ compressed.dense_weight().t() + compressed.bias.float()
+    expected = x @ dense_weight(compressed).t() + compressed.bias.float()
     torch.testing.assert_close(y.float(), expected, atol=atol * 10, rtol=rtol * 10)
 
 
@@ -185,9 +187,10 @@ def test_refitting_up_to_the_stored_down_beats_quantizing_both_independently(bit
     dense = make_layer("Conv1D", 64, 96)
     weight = dense_weight(dense).detach().clone()
     up, down = truncated_factors(weight, 64)  # full rank: all the error is quantization error
-    independent = LowRankLinear.from_factors(up, down, None, bits, group_size, torch.float32)
+    stored = round_factors(up, down, None, bits, group_size, torch.float32)
+    independent = LowRankLinear.from_factors(stored, torch.float32)
     compressed, _ = compress_single(dense, LowRankConfig(rank=64, bits=bits, group_size=group_size))
-    refit_error = (compressed.dense_weight() - weight).norm()
-    independent_error = (independent.dense_weight() - weight).norm()
+    refit_error = (dense_weight(compressed) - weight).norm()
+    independent_error = (dense_weight(independent) - weight).norm()
     # Independent errors add in quadrature; with the refit mostly up's remains: about 1/√2 of it.
     assert refit_error < 0.85 * independent_error

@@ -24,8 +24,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from triton_lowrank.kernels.configs import (
+from .factors import random_factors
+from .kernels.configs import (
     DEFAULT_NUM_SMS,
     DEFAULT_SMEM_BYTES,
     Problem,
@@ -34,8 +36,9 @@ from triton_lowrank.kernels.configs import (
     default_config,
     m_bucket,
 )
+from .ops import launch, use_config_selector
 
-MODES = ("default", "fast", "max")
+TUNE_MODES = ("default", "fast", "max")
 ENV_MODE = "TRITON_LOWRANK_AUTOTUNE"
 ENV_CACHE_DIR = "TRITON_LOWRANK_CACHE_DIR"
 CACHE_VERSION = 1
@@ -46,8 +49,8 @@ Timer = Callable[[Problem, TileConfig], float]  # -> milliseconds
 
 def resolve_mode(mode: str | None = None) -> str:
     mode = mode or os.environ.get(ENV_MODE) or "default"
-    if mode not in MODES:
-        raise ValueError(f"autotune mode must be one of {MODES}, got {mode!r}")
+    if mode not in TUNE_MODES:
+        raise ValueError(f"autotune mode must be one of {TUNE_MODES}, got {mode!r}")
     return mode
 
 
@@ -197,12 +200,8 @@ class Autotuner:
         """Tune each distinct key once (tqdm progress), then write the cache once."""
         unique = {problem_key(p, d): (p, d) for p, d in problems}
         todo = {k: v for k, v in unique.items() if k not in self.entries}
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # tqdm is a dependency, but never let a progress bar break tuning
-            tqdm = None
         items = list(todo.items())
-        bar = tqdm(items, desc=f"autotune[{mode or self.mode}]", disable=not self.progress) if tqdm else items
+        bar = tqdm(items, desc=f"autotune[{mode or self.mode}]", disable=not self.progress)
         for _key, (p, d) in bar:
             self.tune(p, d, mode, save=False)
         if todo:
@@ -212,22 +211,13 @@ class Autotuner:
 
 def _make_gpu_timer(dtype: torch.dtype | str) -> Timer:
     """Median time (ms) of one launch on random data of the problem's shape (triton.testing.do_bench)."""
-    import triton.testing
-
-    from .ops import LowRankFactors, launch
-    from .quant import quantize
+    import triton.testing  # only a GPU benchmark needs it
 
     torch_dtype = getattr(torch, str(dtype).replace("torch.", ""))
 
     def timer(p: Problem, config: TileConfig) -> float:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(p.m, p.k, device="cuda", dtype=torch_dtype, generator=gen)
-        factors = []
-        for features in (p.k, p.n):
-            w = torch.randn(p.rank, features, device="cuda", generator=gen)
-            factors += [w.to(torch_dtype), None] if p.bits is None else list(quantize(w, p.bits, p.group_size or 128))
-        bias = torch.randn(p.n, device="cuda", dtype=torch_dtype, generator=gen)
-        f = LowRankFactors(factors[0], factors[1], factors[2], factors[3], bias, p.bits, p.group_size or 128)
+        x = torch.randn(p.m, p.k, device="cuda", dtype=torch_dtype, generator=torch.Generator("cuda").manual_seed(0))
+        f = random_factors(p.k, p.n, p.rank, p.bits, p.group_size, torch_dtype, device="cuda")
         out = torch.empty(p.m, p.n, device="cuda", dtype=torch_dtype)
         return triton.testing.do_bench(lambda: launch(x, f, config, out), return_mode="median")
 
@@ -245,33 +235,9 @@ def get_tuner() -> Autotuner:
     return _PROCESS_TUNER
 
 
-def pretune_model(
-    model: torch.nn.Module,
-    mode: str = "fast",
-    m_values: Iterable[int] = (1, 16, 256, 1024, 4096),
-    dtype: torch.dtype | None = None,
-    tuner: Autotuner | None = None,
-) -> dict:
-    """Tune every LowRankLinear shape of `model` for each M; identical keys are tuned once.
+def tuned_config(problem: Problem, dtype: torch.dtype) -> TileConfig:
+    """The launcher's config selector: the process tuner's choice (cached winner, tuning, or heuristic)."""
+    return get_tuner().config_for(problem, dtype)
 
-    Returns {"layers", "unique_keys", "tuned", "cached", "mode", "cache_path", "configs"}.
-    """
-    from .layers import LowRankLinear
 
-    tuner = tuner or get_tuner()
-    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
-    problems = []
-    # The activations' dtype is the model's float dtype (its embeddings, norms and biases).
-    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
-    for layer in layers:
-        act = dtype or model_dtype
-        x_bytes = torch.tensor([], dtype=act).element_size()
-        for m in m_values:
-            p = Problem(m, layer.out_features, layer.in_features, layer.rank, layer.bits,
-                        layer.group_size if layer.bits == 4 else 0, x_bytes)
-            problems.append((p, str(act).replace("torch.", "")))
-    keys = {problem_key(p, d) for p, d in problems}
-    cached = sum(k in tuner.entries for k in keys)
-    configs = tuner.tune_many(problems, mode=resolve_mode(mode))
-    return {"layers": len(layers), "unique_keys": len(keys), "tuned": len(keys) - cached, "cached": cached,
-            "mode": mode, "cache_path": str(tuner.cache_path), "configs": configs}
+use_config_selector(tuned_config)

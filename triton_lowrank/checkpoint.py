@@ -1,7 +1,7 @@
 """save_compressed / load_compressed: a compressed model as a standard, verifiable HF folder.
 
-The format itself (quantization_config, tensor names, checksums, verification) lives in
-hf_quantizer.py, shared with the `AutoModelForCausalLM.from_pretrained` path.
+The format itself (layer specs, expected tensors, checksums, verification) is checkpoint_format.py;
+the quantization_config class and transformers' `from_pretrained` path are hf_quantizer.py.
 """
 
 from __future__ import annotations
@@ -18,15 +18,8 @@ from accelerate.utils import find_tied_parameters
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from .hf_quantizer import (
-    CheckpointError,
-    TritonLowRankConfig,
-    attach_quantizer,
-    checkpoint_files,
-    mark_compressed,
-    replace_with_skeletons,
-    verify_checkpoint,
-)
+from .checkpoint_format import CheckpointError, checkpoint_files, replace_with_skeletons, verify_checkpoint
+from .hf_quantizer import TritonLowRankConfig, attach_quantizer, mark_compressed
 
 # Copied from the model's source folder when no tokenizer object is given.
 TOKENIZER_FILES = (
@@ -54,8 +47,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
     source = _source_folder(model)
     if source is not None and _overlaps(source.resolve(), out_dir.resolve()):
         raise ValueError(f"{out_dir} overlaps {source}, the folder the model was loaded from; save elsewhere")
-    previous = getattr(model.config, "quantization_config", None)
-    config = mark_compressed(model, getattr(previous, "compression", None))  # describes the model as it is now
+    config = mark_compressed(model)  # describes the model as it is now
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -66,7 +58,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
             for name in TOKENIZER_FILES:
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)
-        verify_checkpoint(checkpoint_files(tmp), config)  # what we wrote must load
+        verify_checkpoint(checkpoint_files(tmp), config.layers)  # what we wrote must load
         _use_default_permissions(tmp)
         _swap_into_place(tmp, out_dir)
     except BaseException:
@@ -132,13 +124,13 @@ def load_compressed(
         raise CheckpointError(f"{path}/config.json has no quantization_config: not a triton_lowrank checkpoint")
     if not isinstance(quantization, TritonLowRankConfig):
         quantization = TritonLowRankConfig.from_dict(dict(quantization))
-    stored = verify_checkpoint(checkpoint_files(path), quantization)
+    stored = verify_checkpoint(checkpoint_files(path), quantization.layers)
 
     del config.quantization_config  # build a plain skeleton; transformers' quantizer path is the other loader
     dtype = dtype or _config_dtype(config)
     with init_empty_weights():  # parameters on meta; non-persistent buffers (rotary, masks) are computed
         model = _model_class(config)._from_config(config, dtype=dtype)
-    replace_with_skeletons(model, quantization, dtype)
+    replace_with_skeletons(model, quantization.layers, dtype)
     model.tie_weights()  # GPT-2 / OPT: lm_head shares wte unless the head itself was compressed
     _check_complete(model, stored)  # accelerate would leave a missing tensor empty without a word
 

@@ -14,8 +14,20 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants as hub_constants
+from transformers.utils import logging as hf_logging
 
+from .baselines import compress_copy, compressed_bytes, dense_bytes
+from .checkpoint import save_compressed
+from .compress import compress_model, validate_layers
 from .config import LowRankConfig
+from .demo import greedy, run_demo
+from .embedded import embedded_model_path
+from .eval_data import calibration_batches
+from .generation_bench import GENERATION_MODES, measure_generation, weight_bytes
+from .loading import checkpoint_dtype, load_model, load_tokenizer, runtime
+from .metrics import evaluate
+from .pretune import pretune_model
 
 PROG = "triton-lowrank"
 # "gpt2" or "org/name": what a hub id looks like; anything else missing locally is a missing folder.
@@ -50,12 +62,10 @@ def resolve_model(name: str) -> str:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP probe: an unreachable hub otherwise costs ~25 s of retries and log lines."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
+    if hub_constants.HF_HUB_OFFLINE:
         return True  # from_pretrained then reads the local cache only, without network
     try:
-        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout).close()
+        socket.create_connection((urlparse(hub_constants.ENDPOINT).hostname, 443), timeout).close()
     except OSError:
         return False
     return True
@@ -64,8 +74,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def load(name: str, what: str = "model", keep_dtype: bool = False):
     """(model, tokenizer or None) on this machine's default device, in its runtime dtype or, with
     keep_dtype, the checkpoint's; hub failures become one error line."""
-    from .demo import load_model, load_tokenizer, runtime
-
     source = resolve_model(name)
     device, dtype = runtime(source)
     dtype = None if keep_dtype else dtype
@@ -97,11 +105,6 @@ def rank_config(args) -> LowRankConfig:
 
 
 def cmd_compress(args) -> None:
-    from .checkpoint import save_compressed
-    from .compress import compress_model, validate_layers
-    from .demo import checkpoint_dtype
-    from .evaluate import calibration_batches, dense_bytes, lowrank_bytes
-
     out = Path(args.out)
     # save_compressed checks this too, but only after minutes of work: fail before loading anything.
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
@@ -125,14 +128,12 @@ def cmd_compress(args) -> None:
     saved = save_compressed(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report)
     # The report's "before" is in the dtype the model was compressed in (float32 on a CPU); the budget is fp16.
-    factors = lowrank_bytes(model)
+    factors = compressed_bytes(model)
     print(f"factor + scale bytes {factors:,} = {factors / fp16_bytes:.1%} of the fp16 dense weights ({fp16_bytes:,})")
     print(f"saved to {saved}")
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import evaluate
-
     dense, tokenizer = load(args.dense, "dense model")
     compressed, _ = load(args.compressed, "compressed model")
     metrics = evaluate(dense, compressed, tokenizer, read_text(args.text), args.samples, args.seq_len)
@@ -141,8 +142,6 @@ def cmd_eval(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .demo import greedy
-
     model, tokenizer = load(args.model)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model} has no tokenizer files; generate needs one")
@@ -150,16 +149,10 @@ def cmd_generate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .generation_bench import measure_generation, weight_bytes
-
     if args.model is None:
-        from .embedded import embedded_model_path
-
         args.model = str(embedded_model_path())
     dense, tokenizer = load(args.model, "dense model")
     if args.compressed is None:  # compress in memory at the demo's default: whitened int8, budget 0.5
-        from .evaluate import calibration_batches, compress_copy
-
         config = LowRankConfig(budget=0.5, bits=8, method="whitened")
         compressed, _ = compress_copy(dense, config, calibration_batches(dense, tokenizer), progress=True)
     else:
@@ -174,10 +167,6 @@ def cmd_bench(args) -> None:
 
 
 def cmd_autotune(args) -> None:
-    import torch
-
-    from .autotune import pretune_model
-
     if not torch.cuda.is_available():
         raise ValueError("autotune needs a CUDA GPU: the Triton kernels it tunes only run there")
     model, _ = load(args.compressed, "compressed model", keep_dtype=True)  # tune the dtype it will run in
@@ -189,8 +178,6 @@ def cmd_autotune(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
-
     run_demo(args.model, args.out, args.budget, BITS[args.bits], args.method, args.group_size, args.quick)
 
 
@@ -235,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="its dense original (default: the embedded model)")
     p.add_argument("--prompt", default="ROMEO:")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--mode", choices=("eager", "static_compiled"), default="eager")
+    p.add_argument("--mode", choices=GENERATION_MODES, default="eager")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("autotune", help="pre-tune the Triton kernels for a compressed model (CUDA)")
@@ -261,8 +248,6 @@ def add_format_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()  # keep stderr for our own messages and progress bars
     hf_logging.disable_progress_bar()
     try:

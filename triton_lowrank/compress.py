@@ -1,4 +1,8 @@
-"""compress_model: replace a model's linear layers by LowRankLinear in place, and report it."""
+"""compress_model: replace a model's linear layers by LowRankLinear in place, and report it.
+
+This is also the one place where quantization is decided (`store_factors`): modules only store.
+Nothing here knows about saving; triton_lowrank.checkpoint describes a compressed model on disk.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,17 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 from .calibration import collect_grams
 from .config import LowRankConfig
-from .factorize import (
-    SUPPORTED_MODULES,
-    allocate_budget,
-    dense_weight,
-    rank_for_energy,
-    spectrum,
-    truncated_factors,
-    whitening_cholesky,
-)
+from .factorize import allocate_budget, rank_for_energy, spectrum, truncated_factors, whitening_cholesky
+from .factors import LowRankFactors, lowrank_bytes, round_factors
+from .formats import DENSE_KINDS, FLOAT_DTYPES, compressed_layers, dense_weight, untie_head
 from .gptq import quantize_factors
-from .layers import FLOAT_DTYPES, LowRankLinear
-from .quant import check_bits
+from .layers import LowRankLinear
+from .quant import check_bits, storage_group_size, tensor_bytes
+
+SUPPORTED_MODULES = tuple(DENSE_KINDS.values())
 
 
 @dataclass
@@ -94,7 +93,7 @@ def select_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Modul
                 )
             chosen[name] = module
     if not chosen:
-        if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        if compressed_layers(model):
             raise ValueError("compress_model: the model is already compressed (it holds LowRankLinear layers)")
         raise ValueError("compress_model: no layer matched the include/exclude patterns")
     return chosen
@@ -118,8 +117,9 @@ def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
         raise TypeError(f"{name}: weight dtype {module.weight.dtype} is not float32, float16 or bfloat16")
     if module.weight.is_meta:
         raise ValueError(f"{name}: weight is on the meta device; load the weights before compressing")
-    check_bits(config.bits, config.group_size, in_features, f"{name} (in_features)")
-    check_bits(config.bits, config.group_size, out_features, f"{name} (out_features)")
+    group_size = storage_group_size(config.bits, config.group_size)
+    check_bits(config.bits, group_size, in_features, f"{name} (in_features)")
+    check_bits(config.bits, group_size, out_features, f"{name} (out_features)")
 
 
 def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool) -> list[int]:
@@ -137,9 +137,7 @@ def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool) -> list[
     for module in layers.values():
         out_features, in_features = dense_weight(module).shape
         per_rank.append(
-            LowRankLinear.predicted_bytes(
-                in_features, out_features, 1, config.bits, config.group_size, module.weight.element_size()
-            )
+            lowrank_bytes(in_features, out_features, 1, config.bits, config.group_size, module.weight.element_size())
         )
     dense_fp16 = sum(2 * dense_weight(m).numel() for m in layers.values())
     return allocate_budget(spectra, per_rank, config.budget * dense_fp16)
@@ -152,16 +150,37 @@ def _tied_to_other_module(model: nn.Module, module: nn.Module) -> bool:
     )
 
 
+def store_factors(
+    weight: torch.Tensor,  # [out, in]
+    up: torch.Tensor,  # [out, r]
+    down: torch.Tensor,  # [r, in]
+    bias: torch.Tensor | None,
+    config: LowRankConfig,
+    chol: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> LowRankFactors:
+    """How the factors are stored: error feedback (gptq.py) for quantized factors when the config asks for
+    it, round-to-nearest otherwise, or floats in `dtype` for bits=None."""
+    if config.bits is not None and config.error_feedback:
+        f = quantize_factors(weight, down, config.bits, config.group_size, chol, bias)
+        return f._replace(bias=None if bias is None else bias.detach().to(dtype))
+    return round_factors(up, down, bias, config.bits, config.group_size, dtype)
+
+
 @torch.no_grad()
 def compress_model(
-    model: nn.Module, config: LowRankConfig, calibration: Iterable | None = None, progress: bool = True
+    model: nn.Module, config: LowRankConfig, calibration: Iterable | None = None, progress: bool | None = None
 ) -> CompressionReport:
     """Replace every selected nn.Linear / Conv1D of `model` by a LowRankLinear, in place.
+
+    progress: tqdm bars for calibration and the layers; None (default) shows them for model-level
+    work (more than one layer) and keeps a single-layer call quiet.
 
     The dense weights are dropped: afterwards no compressed layer's dense weight is reachable
     from the model (a weight tied to an input embedding stays, because the embedding uses it).
     """
     layers = validate_layers(model, config)
+    progress = len(layers) > 1 if progress is None else progress
     chols: dict[str, torch.Tensor] = {}
     if config.method == "whitened":
         if calibration is None:
@@ -171,6 +190,7 @@ def compress_model(
             chols[name] = whitening_cholesky(grams.pop(name), config.damping, name)
     ranks = _choose_ranks(layers, chols, config, progress)
 
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     rows = []
     for (name, module), rank in tqdm(
         list(zip(layers.items(), ranks, strict=True)), desc="compressing", unit="layer", disable=not progress
@@ -178,16 +198,9 @@ def compress_model(
         weight = dense_weight(module)  # [out, in]
         chol = chols.pop(name, None)
         up, down = truncated_factors(weight, rank, chol)
-        if config.bits is not None and config.error_feedback:
-            stored = quantize_factors(weight, down, config.bits, config.group_size, chol)
-            new = LowRankLinear.from_stored(
-                *stored, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
-            )
-        else:
-            new = LowRankLinear.from_factors(
-                up, down, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
-            )
-        error = (new.dense_weight() - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)
+        stored = store_factors(weight, up, down, module.bias, config, chol, module.weight.dtype)
+        new = LowRankLinear.from_factors(stored, module.weight.dtype, name, type(module).__name__)
+        error = (dense_weight(new) - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)
         tied = _tied_to_other_module(model, module)
         owned = [] if tied else [module.weight]
         owned += [] if module.bias is None else [module.bias]
@@ -199,19 +212,15 @@ def compress_model(
                 out_features=weight.shape[0],
                 rank=rank,
                 bits=config.bits,
-                bytes_before=sum(t.numel() * t.element_size() for t in owned),
-                bytes_after=new.storage_bytes(),
+                bytes_before=tensor_bytes(owned),
+                bytes_after=tensor_bytes([*new.buffers(), *new.parameters()]),
                 rel_error=error.item(),
             )
         )
+        if module is head:
+            untie_head(model)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         del weight, module, up, down
-    if any(row.name == "lm_head" for row in rows) and hasattr(model, "config"):
-        # The compressed head no longer shares the embedding matrix; stop transformers re-tying it.
-        model.config.tie_word_embeddings = False
-    if isinstance(model, PreTrainedModel):
-        from .hf_quantizer import mark_compressed  # lazy: the quantizer module builds on this one's layers
-
-        mark_compressed(model, config.to_dict())  # so model.save_pretrained writes a loadable checkpoint
+    model.compression_config = config  # what made these layers, for checkpoints to record
     return CompressionReport(rows, config)

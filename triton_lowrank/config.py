@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 from .quant import SUPPORTED_BITS
 
@@ -29,6 +30,8 @@ class LowRankConfig:
     error_feedback: quantize the factors GPTQ-style (each rounding error pushed onto what is not yet
                 quantized, up refitted to the stored down); False rounds each factor to nearest.
     """
+
+    VERSION: ClassVar[int] = 1  # bumped when a field's meaning changes; recorded in checkpoints
 
     rank: int | None = None
     rank_ratio: float | None = None
@@ -70,4 +73,4 @@ class LowRankConfig:
         self.exclude = tuple(self.exclude)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"version": self.VERSION, **asdict(self)}

@@ -18,20 +18,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .baselines import compress_copy, compressed_bytes, dense_bytes
 from .calibration import model_device
+from .checkpoint import save_compressed
 from .config import LowRankConfig
-from .evaluate import (
-    batches,
-    compare_logits,
-    compress_copy,
-    dense_bytes,
-    lowrank_bytes,
-    model_logits,
-    result_row,
-    sample_sequences,
-    sweep,
-    write_sweep,
-)
+from .embedded import embedded_model_path
+from .eval_data import batches, sample_sequences
+from .generation_bench import measure_generation, weight_bytes
+from .loading import load_model, load_tokenizer, runtime
+from .metrics import compare_logits, model_logits
+from .sweeps import result_row, sweep, write_sweep
 
 SEED = 0
 DEFAULT_PROMPT = "KING HENRY.\nNow, lords,"  # the corpus writes speakers as "NAME." on their own line
@@ -50,57 +46,6 @@ class DemoSizes:
 
 FULL = DemoSizes(calib_samples=32, eval_samples=32, seq_len=128, speed_tokens=64, sample_tokens=48)
 QUICK = DemoSizes(calib_samples=4, eval_samples=4, seq_len=16, speed_tokens=4, sample_tokens=4)
-
-
-# ----------------------------------------------------------------------------- loading (shared with the CLI)
-
-
-def checkpoint_dtype(source: str | Path) -> torch.dtype | None:
-    """The float dtype a model's checkpoint is stored in, as its config says (None if unknown)."""
-    from transformers import AutoConfig
-
-    try:
-        dtype = AutoConfig.from_pretrained(source).dtype
-    except (OSError, ValueError):
-        return None
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def runtime(source: str | Path | None = None) -> tuple[torch.device, torch.dtype]:
-    """On CUDA the checkpoint's half dtype (bf16 models overflow in fp16), else fp16, for the Triton
-    kernels; fp32 on the CPU, where half-precision matmuls are ~10x slower."""
-    if torch.cuda.is_available():
-        stored = None if source is None else checkpoint_dtype(source)
-        return torch.device("cuda"), torch.bfloat16 if stored == torch.bfloat16 else torch.float16
-    return torch.device("cpu"), torch.float32
-
-
-def is_compressed_folder(path: str | Path) -> bool:
-    """True for a folder written by save_compressed (its config names our quant_method)."""
-    from .hf_quantizer import QUANT_METHOD
-
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    quantization = json.loads(config.read_text()).get("quantization_config") or {}
-    return quantization.get("quant_method") == QUANT_METHOD
-
-
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
-    """A dense or compressed causal LM from a local folder (or a hub id that from_pretrained resolves)."""
-    if is_compressed_folder(path):
-        from .checkpoint import load_compressed
-
-        return load_compressed(path, device_map=str(device), dtype=dtype)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-
-
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 @torch.no_grad()
@@ -142,16 +87,11 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Run the demo, print its report, write demo.json + sweep files into `out_dir`; returns the numbers."""
-    from .checkpoint import save_compressed
-    from .generation_bench import measure_generation, weight_bytes
-
     started = time.perf_counter()
     sizes = QUICK if quick else FULL
     # Built first: a bad knob fails before any slow step.
     config = LowRankConfig(budget=budget, bits=bits, group_size=group_size, method=method)
     if model_path is None:
-        from .embedded import embedded_model_path
-
         model_path = embedded_model_path()
     if not Path(model_path).is_dir():
         raise FileNotFoundError(f"model folder not found: {model_path}")
@@ -180,10 +120,11 @@ def run_demo(
         for name, model in (("dense", dense), ("compressed", compressed))
     }
     # The plot: this compression beside the other method and the RTN baselines at (about) the same bytes.
-    layer_bytes = {"dense_fp16": dense_bytes(dense, config), "compressed": lowrank_bytes(compressed)}
+    layer_bytes = {"dense_fp16": dense_bytes(dense, config), "compressed": compressed_bytes(compressed)}
     rows = [result_row(method, bits, budget, layer_bytes["compressed"], layer_bytes["dense_fp16"], quality)]
     other = [m for m in ("svd", "whitened") if m != method]
-    rows += sweep(dense, tokens, calibration, (budget,), other, (bits,), group_size, progress=progress)
+    rows += sweep(dense, tokens, calibration, (budget,), other, (bits,), group_size, progress=progress,
+                  rtn_bits=(8, 4))
     paths = write_sweep(rows, out_dir, f"{Path(model_path).name}: quality vs weight bytes at budget {budget}")
 
     model_bytes = {"dense": weight_bytes(dense), "compressed": weight_bytes(compressed)}

@@ -11,19 +11,6 @@ from __future__ import annotations
 import heapq
 
 import torch
-from torch import nn
-from transformers.pytorch_utils import Conv1D
-
-SUPPORTED_MODULES = (nn.Linear, Conv1D)
-
-
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The [out, in] weight of a supported layer. Orientation is decided by type, never by shape."""
-    if isinstance(module, Conv1D):
-        return module.weight.t()  # Conv1D stores [in, out]
-    if isinstance(module, nn.Linear):
-        return module.weight  # nn.Linear stores [out, in]
-    raise TypeError(f"unsupported module type {type(module).__name__}")
 
 
 def whitening_cholesky(gram: torch.Tensor, max_damping: float, name: str) -> torch.Tensor:

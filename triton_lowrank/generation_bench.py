@@ -12,26 +12,22 @@ import time
 import torch
 from torch import nn
 
-MODES = ("eager", "static_compiled")
+from .quant import tensor_bytes
+
+GENERATION_MODES = ("eager", "static_compiled")
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's stored tensors (parameters and persistent buffers), tied tensors once."""
-    seen, total = set(), 0
-    for tensor in model.state_dict().values():
-        key = (tensor.device, tensor.untyped_storage().data_ptr()) if not tensor.is_meta else id(tensor)
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
-    return total
+    return tensor_bytes(model.state_dict().values())
 
 
 def generate_kwargs(model: nn.Module, new_tokens: int, mode: str) -> dict:
     """Greedy decoding of exactly `new_tokens` tokens. "static_compiled" asks for a static cache, whose
     forward transformers compiles by itself (its default CompileConfig: inductor, reduce-overhead) on
     CUDA when the model allows it (hf_quantizer.is_compileable); on CPU it runs uncompiled."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
     eos = model.generation_config.eos_token_id
     kwargs = dict(
         max_new_tokens=new_tokens,

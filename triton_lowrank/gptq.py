@@ -20,7 +20,8 @@ from collections.abc import Callable
 import torch
 
 from .factorize import refit_up
-from .quant import QMAX, dequantize, quantize, quantize_with_scale, round_to_levels
+from .factors import LowRankFactors
+from .quant import QMAX, dequantize, quantize, quantize_with_scale, round_to_levels, storage_group_size
 
 BLOCK = 128  # columns whose updates are applied lazily, as one matrix product per block
 
@@ -79,8 +80,9 @@ def quantize_factors(
     bits: int,
     group_size: int,
     chol: torch.Tensor | None = None,  # lower Cholesky factor of the calibration Gram matrix
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(down storage, down scales, up_t storage, up_t scales) quantized with error feedback.
+    bias: torch.Tensor | None = None,  # [out], stored as given
+) -> LowRankFactors:
+    """The factors quantized with error feedback (bits 8 or 4).
 
     The up factor is not an input: it is refitted to the stored down factor.
     """
@@ -93,5 +95,6 @@ def quantize_factors(
     up_hat = gptq(up, hessian_up, quantize_column)  # [out, r]
     up_scale = up_scale[:, 0] if bits == 8 else up_scale
     up_storage = quantize_with_scale(up_hat.t().contiguous(), up_scale, bits, group_size)
-    return down_storage, down_scale, up_storage, up_scale
+    group = storage_group_size(bits, group_size)
+    return LowRankFactors(down_storage, down_scale, up_storage, up_scale, bias, bits, group)
 

@@ -1,29 +1,15 @@
-"""The on-disk format of a compressed model, and its transformers integration.
+"""The transformers integration: the quantization_config class and the HfQuantizer.
 
-A compressed checkpoint is a standard HF folder: config.json carries a `quantization_config`
-with quant_method "triton_lowrank" (format version, and per compressed layer: the dense kind
-it replaced, in/out features, rank, bits, group size, bias), and model.safetensors holds the
-LowRankLinear buffers `<layer>.down`, `.up_t`, `.down_scale`, `.up_t_scale`, `.bias` in their
-storage dtypes. No dense `<layer>.weight` of a compressed layer is ever written or built.
-
-Integrity: the safetensors metadata key CHECKSUM_KEY holds a JSON map {tensor: sha256 of its
-raw bytes}. `verify_checkpoint` checks the header, every expected tensor's presence, shape and
-dtype, and those checksums before a single tensor is loaded, in both load paths. A file
-without the key (written by another tool) is still checked for everything but the bytes.
-
-Importing this module registers the config and the quantizer with transformers, so
-`AutoModelForCausalLM.from_pretrained(folder)` rebuilds the LowRankLinear layers itself.
+Importing this module registers both with transformers, so `AutoModelForCausalLM.from_pretrained(folder)`
+rebuilds the compressed layers itself (through checkpoint_format.py, like load_compressed), and
+`model.save_pretrained(folder)` on a model passed through `mark_compressed` writes a checksummed checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
-import os
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
@@ -34,33 +20,24 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .factorize import SUPPORTED_MODULES, dense_weight
-from .layers import LowRankLinear
-from .quant import check_bits, storage_shapes
-
-QUANT_METHOD = "triton_lowrank"
-FORMAT_VERSION = 1
-CHECKSUM_KEY = "triton_lowrank.sha256"
-LAYER_FIELDS = {
-    "kind": str,  # the dense class replaced: "Linear" or "Conv1D"
-    "in_features": int,
-    "out_features": int,
-    "rank": int,
-    "bits": (int, type(None)),
-    "group_size": int,
-    "bias": bool,
-}
-FLOAT_CODES = ("F32", "F16", "BF16")  # bits=None factors and biases follow the model's float dtype
-
-
-class CheckpointError(ValueError):
-    """A compressed checkpoint that does not match its quantization_config; the message names the field or tensor."""
+from .checkpoint_format import (
+    CHECKSUM_KEY,
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    READABLE_VERSIONS,
+    CheckpointError,
+    normalized_spec,
+    replace_with_skeletons,
+    tensor_checksums,
+    verify_checkpoint,
+)
+from .formats import compressed_layers, untie_head
 
 
 class TritonLowRankConfig(QuantizationConfigMixin):
     """quantization_config of a compressed model: everything needed to rebuild its layer skeletons.
 
-    layers: {module name: {"kind", "in_features", "out_features", "rank", "bits", "group_size", "bias"}}.
+    layers: {module name: spec of its weight format (formats.py)}.
     bits / group_size: the value shared by all layers (None when layers differ), for humans and tools.
     compression: the LowRankConfig used, informational only.
     """
@@ -77,200 +54,28 @@ class TritonLowRankConfig(QuantizationConfigMixin):
     ) -> None:
         if quant_method != QUANT_METHOD:
             raise CheckpointError(f"quantization_config.quant_method is {quant_method!r}, expected {QUANT_METHOD!r}")
-        if format_version != FORMAT_VERSION:
+        if format_version not in READABLE_VERSIONS:
             raise CheckpointError(
                 f"quantization_config.format_version is {format_version!r}; this triton_lowrank reads "
-                f"version {FORMAT_VERSION} only"
+                f"version(s) {', '.join(map(str, READABLE_VERSIONS))}"
             )
         if not isinstance(layers, dict) or not layers:
             raise CheckpointError("quantization_config.layers must be a non-empty {name: spec} mapping")
-        for name, spec in layers.items():
-            _check_layer_spec(name, spec)
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
-        self.layers = layers
+        self.layers = {name: normalized_spec(name, spec) for name, spec in layers.items()}
         self.bits, self.group_size = bits, group_size
         self.compression = compression
 
     @classmethod
     def from_model(cls, model: nn.Module, compression: dict | None = None) -> TritonLowRankConfig:
-        """Describe every LowRankLinear of `model`."""
-        compressed = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-        if not compressed:
-            raise ValueError("the model has no LowRankLinear layer: run compress_model first")
-        layers = {
-            name: {
-                "kind": m.replaces,
-                "in_features": m.in_features,
-                "out_features": m.out_features,
-                "rank": m.rank,
-                "bits": m.bits,
-                "group_size": m.group_size,
-                "bias": m.bias is not None,
-            }
-            for name, m in compressed.items()
-        }
-        shared = {key: {spec[key] for spec in layers.values()} for key in ("bits", "group_size")}
+        """Describe every compressed layer of `model`."""
+        layers = {name: m.spec() for name, m in compressed_layers(model).items()}
+        if not layers:
+            raise ValueError("the model has no compressed layer: run compress_model first")
+        shared = {key: {spec.get(key) for spec in layers.values()} for key in ("bits", "group_size")}
         bits, group_size = (next(iter(v)) if len(v) == 1 else None for v in shared.values())
         return cls(layers, bits, group_size, compression=compression)
-
-
-def _check_layer_spec(name: str, spec: dict) -> None:
-    where = f"quantization_config.layers[{name!r}]"
-    if not isinstance(spec, dict):
-        raise CheckpointError(f"{where} must be a mapping, got {type(spec).__name__}")
-    for field, kind in LAYER_FIELDS.items():
-        if field not in spec:
-            raise CheckpointError(f"{where}.{field} is missing")
-        if not isinstance(spec[field], kind) or (kind is int and isinstance(spec[field], bool)):
-            raise CheckpointError(f"{where}.{field} has the wrong type: {spec[field]!r}")
-    if spec["kind"] not in ("Linear", "Conv1D"):
-        raise CheckpointError(f"{where}.kind must be 'Linear' or 'Conv1D', got {spec['kind']!r}")
-    try:
-        check_bits(spec["bits"], spec["group_size"], spec["in_features"], f"{where} (in_features)")
-        check_bits(spec["bits"], spec["group_size"], spec["out_features"], f"{where} (out_features)")
-    except ValueError as error:
-        raise CheckpointError(str(error)) from None
-
-
-def expected_tensors(config: TritonLowRankConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """{tensor name: (shape, allowed safetensors dtype codes)} for every compressed layer."""
-    storage_code = {None: FLOAT_CODES, 8: ("I8",), 4: ("U8",)}
-    expected = {}
-    for name, spec in config.layers.items():
-        for factor, features in (("down", spec["in_features"]), ("up_t", spec["out_features"])):
-            data_shape, scale_shape = storage_shapes(spec["rank"], features, spec["bits"], spec["group_size"])
-            expected[f"{name}.{factor}"] = (data_shape, storage_code[spec["bits"]])
-            if scale_shape is not None:
-                expected[f"{name}.{factor}_scale"] = (scale_shape, ("F32",))
-        if spec["bias"]:
-            expected[f"{name}.bias"] = ((spec["out_features"],), FLOAT_CODES)
-    return expected
-
-
-def replace_with_skeletons(model: nn.Module, config: TritonLowRankConfig, dtype: torch.dtype) -> None:
-    """Swap each compressed layer of an empty model for a LowRankLinear on the meta device.
-
-    Factors of bits=None layers and biases get `dtype`; int storage keeps its dtype and scales stay
-    float32, so a loader that casts to the skeleton's dtypes (accelerate, transformers) keeps them.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, spec in config.layers.items():
-        try:
-            dense = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(
-                f"quantization_config.layers names {name!r}, which {type(model).__name__} does not have"
-            ) from None
-        if type(dense).__name__ != spec["kind"] or not isinstance(dense, SUPPORTED_MODULES):
-            kind = type(dense).__name__
-            raise CheckpointError(f"{name}: quantization_config says {spec['kind']}, the model has {kind}")
-        if tuple(dense_weight(dense).shape) != (spec["out_features"], spec["in_features"]):
-            raise CheckpointError(
-                f"{name}: quantization_config says in={spec['in_features']}, out={spec['out_features']}, "
-                f"the model's layer is [out, in] = {list(dense_weight(dense).shape)}"
-            )
-        skeleton = LowRankLinear(
-            spec["in_features"], spec["out_features"], spec["rank"], spec["bits"], spec["group_size"],
-            spec["bias"], dtype, device="meta", name=name, replaces=spec["kind"],
-        )  # fmt: skip
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, skeleton)
-        if dense is head:
-            model.config.tie_word_embeddings = False  # a compressed head cannot share the embedding matrix
-
-
-def tensor_checksums(state_dict: dict[str, torch.Tensor]) -> dict[str, str | None]:
-    """sha256 of each tensor's raw bytes, exactly as safetensors writes them."""
-    sums = {}
-    for name, tensor in state_dict.items():
-        if tensor.device.type == "meta":
-            sums[name] = None  # offloaded: no bytes to hash here; recorded as unchecked, not as missing
-            continue
-        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        sums[name] = hashlib.sha256(raw).hexdigest()
-    return sums
-
-
-def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a local checkpoint folder (single file or sharded index)."""
-    folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-
-
-def _read_header(path: Path) -> tuple[dict, int, int]:
-    """(header, byte offset of the data section, file size), with the header's own bounds checked."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: truncated, {size} bytes is shorter than the safetensors header length")
-        length = int.from_bytes(prefix, "little")
-        if 8 + length > size:
-            raise CheckpointError(f"{path}: truncated, header needs {length} bytes but the file has {size - 8}")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError as error:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({error})") from None
-    return header, 8 + length, size
-
-
-def verify_checkpoint(files: list[Path], config: TritonLowRankConfig) -> set[str]:
-    """Raise CheckpointError naming the tensor or field if `files` do not hold what `config` describes.
-
-    Returns the names of all tensors stored."""
-    found: dict[str, dict] = {}
-    for path in map(Path, files):
-        header, data_start, size = _read_header(path)
-        metadata = header.pop("__metadata__", None) or {}
-        for name, info in header.items():
-            begin, end = info["data_offsets"]
-            if data_start + end > size:
-                raise CheckpointError(
-                    f"tensor {name!r} in {path}: data ends at byte {data_start + end}, the file has {size} (truncated)"
-                )
-            found[name] = info
-        _verify_checksums(path, header, data_start, metadata)
-    for name, (shape, codes) in expected_tensors(config).items():
-        if name not in found:
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint ({', '.join(map(str, files))})")
-        if tuple(found[name]["shape"]) != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} has shape {found[name]['shape']}, expected {list(shape)}")
-        if found[name]["dtype"] not in codes:
-            raise CheckpointError(f"tensor {name!r} has dtype {found[name]['dtype']}, expected one of {codes}")
-    for layer in config.layers:
-        if f"{layer}.weight" in found:
-            raise CheckpointError(f"tensor '{layer}.weight': a dense weight for compressed layer {layer!r}")
-    return set(found)
-
-
-def _verify_checksums(path: Path, header: dict, data_start: int, metadata: dict) -> None:
-    if CHECKSUM_KEY not in metadata:
-        return  # written without triton_lowrank's quantizer attached: shapes and dtypes are still checked
-    try:
-        sums = json.loads(metadata[CHECKSUM_KEY])
-    except ValueError:
-        raise CheckpointError(f"{path}: metadata field {CHECKSUM_KEY!r} is not valid JSON") from None
-    if not header:
-        return
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        view = memoryview(data)
-        try:
-            for name, info in header.items():
-                if name not in sums:
-                    raise CheckpointError(f"tensor {name!r} in {path} has no checksum in {CHECKSUM_KEY!r}")
-                if sums[name] is None:
-                    continue  # saved from an offloaded model, where its bytes could not be hashed
-                begin, end = info["data_offsets"]
-                if hashlib.sha256(view[data_start + begin : data_start + end]).hexdigest() != sums[name]:
-                    raise CheckpointError(f"tensor {name!r} in {path}: checksum mismatch, the bytes were changed")
-        finally:
-            view.release()
 
 
 class TritonLowRankHfQuantizer(HfQuantizer):
@@ -286,8 +91,8 @@ class TritonLowRankHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         files = kwargs.get("checkpoint_files") or getattr(self, "checkpoint_files", None)
         if files:  # verify before any tensor is read: transformers would random-init a missing one
-            verify_checkpoint([Path(f) for f in files], self.quantization_config)
-        replace_with_skeletons(model, self.quantization_config, model.dtype)
+            verify_checkpoint([Path(f) for f in files], self.quantization_config.layers)
+        replace_with_skeletons(model, self.quantization_config.layers, model.dtype)
         for name in self.quantization_config.layers:
             # A parent's _init_weights may reach for `child.weight` (GPT-2 rescales c_proj.weight); the
             # parents' tensors come from the checkpoint, so their random init is skipped, as for loaded weights.
@@ -310,13 +115,20 @@ class TritonLowRankHfQuantizer(HfQuantizer):
         return True
 
 
-def mark_compressed(model: nn.Module, compression: dict | None = None) -> TritonLowRankConfig:
+def mark_compressed(model: nn.Module) -> TritonLowRankConfig:
     """Attach a quantization_config and the quantizer to a compressed model, as from_pretrained would.
 
-    Afterwards `model.save_pretrained(folder)` writes a loadable, checksummed checkpoint.
-    `compression` (a LowRankConfig.to_dict()) is recorded for information only.
+    Afterwards `model.save_pretrained(folder)` writes a loadable, checksummed checkpoint. The
+    LowRankConfig that compress_model recorded (or the one a loaded checkpoint carried) is kept,
+    for information only.
     """
+    made_by = getattr(model, "compression_config", None)
+    previous = getattr(getattr(model, "config", None), "quantization_config", None)
+    compression = made_by.to_dict() if made_by is not None else getattr(previous, "compression", None)
     config = TritonLowRankConfig.from_model(model, compression)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head in compressed_layers(model).values():
+        untie_head(model)
     attach_quantizer(model, config)
     return config
 

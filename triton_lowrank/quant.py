@@ -16,10 +16,21 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_BITS = (None, 8, 4)
+SUPPORTED_BITS = (None, 8, 4)  # None is the one spelling of "not quantized" (floats in the layer's dtype)
+NO_GROUPS = 0  # the one spelling of "this storage has no groups" (floats and int8: whole rows share a scale)
 QMAX = {8: 127, 4: 7}
 QMIN = {8: -127, 4: -8}
 _TINY = torch.finfo(torch.float32).tiny
+
+
+def bits_label(bits: int | None) -> str:
+    """How reports and tables name a storage: "float" or "int8" / "int4"."""
+    return "float" if bits is None else f"int{bits}"
+
+
+def storage_group_size(bits: int | None, group_size: int) -> int:
+    """The group size a storage really uses: `group_size` for int4, NO_GROUPS otherwise."""
+    return group_size if bits == 4 else NO_GROUPS
 
 
 def check_bits(bits: int | None, group_size: int, features: int, where: str) -> None:
@@ -106,10 +117,25 @@ def storage_shapes(
     return (rows, cols // 2), (rows, cols // group_size)
 
 
-def factor_bytes(rows: int, cols: int, bits: int | None, group_size: int, float_bytes: int = 2) -> int:
-    """Bytes of one stored factor with its scales (`float_bytes` per element when unquantized)."""
+def matrix_bytes(rows: int, cols: int, bits: int | None, group_size: int, float_bytes: int = 2) -> int:
+    """Bytes a [rows, cols] matrix WILL take when stored, with its scales (`float_bytes` per element
+    when unquantized): the prediction used before anything is stored (budgets, RTN baselines)."""
     if bits is None:
         return rows * cols * float_bytes
     if bits == 8:
         return rows * cols + rows * 4
     return rows * cols // 2 + rows * (cols // group_size) * 4
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes the given tensors hold, each storage counted once (tied weights, views): the one counter
+    of what IS stored (module sizes, model sizes, reports)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        key = id(t) if t.is_meta else (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
