@@ -1,12 +1,13 @@
 """compress_model: replace a model's linear layers by LowRankLinear in place, and report it.
 
 This is also the one place where quantization is decided (`store_factors`): modules only store.
-Nothing here knows about saving; triton_lowrank.checkpoint describes a compressed model on disk.
+Nothing here knows about saving: layers above subscribe with `after_compression` (the transformers
+integration attaches its quantizer there, so `model.save_pretrained` works straight after compressing).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 
@@ -24,6 +25,15 @@ from .layers import LowRankLinear
 from .quant import check_bits, storage_group_size, tensor_bytes
 
 SUPPORTED_MODULES = tuple(DENSE_KINDS.values())
+CompressedHook = Callable[[nn.Module], None]
+_after_compression: list[CompressedHook] = []
+
+
+def after_compression(hook: CompressedHook) -> CompressedHook:
+    """Register `hook(model)`, called at the end of every compress_model (once per hook)."""
+    if hook not in _after_compression:
+        _after_compression.append(hook)
+    return hook
 
 
 @dataclass
@@ -223,4 +233,6 @@ def compress_model(
         setattr(model.get_submodule(parent_name), child, new)
         del weight, module, up, down
     model.compression_config = config  # what made these layers, for checkpoints to record
+    for hook in _after_compression:
+        hook(model)
     return CompressionReport(rows, config)

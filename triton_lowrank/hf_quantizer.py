@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -31,6 +32,7 @@ from .checkpoint_format import (
     tensor_checksums,
     verify_checkpoint,
 )
+from .compress import after_compression
 from .formats import compressed_layers, untie_head
 
 
@@ -138,6 +140,14 @@ def attach_quantizer(model: nn.Module, config: TritonLowRankConfig) -> None:
     model.hf_quantizer = TritonLowRankHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+
+
+@after_compression
+def _attach_after_compression(model: nn.Module) -> None:
+    """A compressed transformers model gets the quantizer at once, so `model.save_pretrained` writes a
+    loadable checkpoint straight after compress_model."""
+    if isinstance(model, PreTrainedModel):
+        mark_compressed(model)
 
 
 # Registered once per process, even if this module is imported again (e.g. reloaded in a notebook).
