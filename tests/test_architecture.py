@@ -6,6 +6,10 @@ it is), at the lowest layer whose modules it needs.
 """
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +130,17 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     fake.write_text("from .compress import compress_model\n")
     (name, _, _), = package_imports("quant", fake)
     assert LAYER_OF[resolve(name, source_files())] > LAYER_OF["quant"]
+
+
+def test_a_plain_checkout_imports_without_installing(tmp_path):
+    """kernels/ lives at the top level but is triton_lowrank.kernels: a copy of the source tree on
+    PYTHONPATH (no pip install, as on a GPU image without a package index) must import it from there."""
+    copy = tmp_path / "checkout"
+    for part in ("triton_lowrank", "kernels"):
+        shutil.copytree(ROOT / part, copy / part, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    shutil.copy(ROOT / "pyproject.toml", copy)
+    code = "import triton_lowrank.kernels.launch as m, triton_lowrank.ops as o; print(m.__file__); print(o.__file__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(copy)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(copy / "kernels" / "launch.py"), str(copy / "triton_lowrank" / "ops.py")]

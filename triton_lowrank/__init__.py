@@ -4,6 +4,21 @@ Importing the package registers the transformers quantizer (from_pretrained load
 and the autotuner's config selector (the custom op asks it for tile configs).
 """
 
+import importlib.util
+import sys
+from pathlib import Path
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "__init__.py").is_file():
+    # A source checkout (plain with PYTHONPATH, or editable): the top-level kernels/ folder is this package's
+    # `kernels` subpackage, as the installed package maps it (pyproject's package-dir), with no install step.
+    _spec = importlib.util.spec_from_file_location(
+        f"{__name__}.kernels", _CHECKOUT / "kernels" / "__init__.py",
+        submodule_search_locations=[str(_CHECKOUT / "kernels")],
+    )
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_spec.name])
+
 from . import autotune  # noqa: F401  (installs the tuned-config selector into the launcher)
 from .checkpoint import load_compressed, save_compressed
 from .checkpoint_format import CheckpointError
