@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import AutoModel, AutoTokenizer
 
 from .calibration import eval_mode, model_device
 
@@ -47,8 +48,6 @@ def model_folder() -> Path:
 
 def load_model(dtype: torch.dtype = torch.float32):
     """(BertModel in eval mode, its tokenizer), from the package folder, offline."""
-    from transformers import AutoModel, AutoTokenizer
-
     folder = model_folder()
     model = AutoModel.from_pretrained(folder, dtype=dtype, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
