@@ -1,9 +1,13 @@
-"""save_compressed / load_compressed: round trips, no dense weights, atomic writes, checkpoint validation."""
+"""save_compressed / load_compressed: round trips, no dense weights, atomic and crash-safe writes that
+replace only a checkpoint, and checkpoints verified as a whole (config, tensor set, bytes, scales) by both loaders."""
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,9 +15,19 @@ import torch
 from conftest import make_tiny_gpt2
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from triton_lowrank import CheckpointError, LowRankConfig, compress_model, load_compressed, save_compressed
+import triton_lowrank.checkpoint as checkpoint
+from triton_lowrank import (
+    CheckpointError,
+    LowRankConfig,
+    TritonLowRankConfig,
+    compress_model,
+    load_compressed,
+    save_compressed,
+)
+from triton_lowrank.checkpoint import output_lock, recover_interrupted_save
+from triton_lowrank.checkpoint_format import RECORD_KEY, checksum_metadata, covered_config
 from triton_lowrank.layers import LowRankLinear
 
 PROMPT = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 8, 16, 32, 64, 3, 7]])
@@ -107,22 +121,54 @@ def test_source_folder_is_never_modified(tmp_path):
     assert folder_digest(source) == before
 
 
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
 def test_existing_folder_is_refused_unless_overwrite(tmp_path, model8):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("old")
-    model = model8
-    with pytest.raises(FileExistsError, match=str(out)):
-        save_compressed(model, out)
-    save_compressed(model, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
+    save_compressed(model8, out)  # an empty folder is fine
+    with pytest.raises(FileExistsError, match=f"{out} already exists.*pass overwrite=True"):
+        save_compressed(model8, out)
+    (out / "model.safetensors").write_bytes(b"stale")
+    save_compressed(model8, out, overwrite=True)  # an earlier checkpoint is replaced
+    load_compressed(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder or lock left behind
+
+
+def test_overwrite_replaces_only_a_checkpoint(tmp_path, model8):
+    """The issue's data loss: `compress MODEL . --overwrite` in a folder with notes.txt and src/ replaced it all."""
+    out = tmp_path / "work"
+    (out / "src").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"not a triton_lowrank checkpoint \(it holds notes\.txt, src/\)"):
+        save_compressed(model8, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "src").is_dir()
+    (out / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
+    with pytest.raises(FileExistsError, match="not a triton_lowrank checkpoint"):
+        save_compressed(model8, out, overwrite=True)  # someone else's quantized model is not ours to delete
+    with pytest.raises(FileExistsError, match="is a file"):
+        save_compressed(model8, out / "notes.txt", overwrite=True)
+    with pytest.raises(NotADirectoryError, match="notes.txt is a file"):
+        save_compressed(model8, out / "notes.txt" / "deeper")
+
+
+def test_unwritable_parent_is_refused_before_writing(tmp_path, model8, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # root ignores chmod
+    with pytest.raises(PermissionError, match=f"{tmp_path} is not writable"):
+        save_compressed(model8, tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_module_gets_a_clear_message(tmp_path):
+    with pytest.raises(TypeError, match="needs a transformers model.*got Sequential"):
+        save_compressed(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path / "out")
 
 
 def test_failed_overwrite_keeps_the_old_folder(tmp_path, monkeypatch, model8):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    out = save_compressed(model8, tmp_path / "out")
+    before = folder_digest(out)
     model = model8
 
     def fail(*args, **kwargs):
@@ -131,8 +177,126 @@ def test_failed_overwrite_keeps_the_old_folder(tmp_path, monkeypatch, model8):
     monkeypatch.setattr(type(model), "save_pretrained", fail)
     with pytest.raises(OSError, match="disk full"):
         save_compressed(model, out, overwrite=True)
-    assert (out / "keep.txt").read_text() == "old"
+    assert folder_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("failing_rename", [1, 2])
+def test_a_failing_rename_keeps_the_old_folder(tmp_path, monkeypatch, model8, failing_rename):
+    """Rename 1 parks OUT as .OUT.old-*, rename 2 moves the new folder in (then OUT is put back)."""
+    out = save_compressed(model8, tmp_path / "out")
+    before = folder_digest(out)
+    calls, rename = [], os.rename
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) == failing_rename:
+            raise OSError("rename failed")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises(OSError, match="rename failed"):
+        save_compressed(model8, out, overwrite=True)
+    assert folder_digest(out) == before and leftovers(tmp_path) == []
+
+
+# --- a save killed at each step: the next run restores or removes what it left, and says so --------------
+
+def _exit_at(step: str) -> None:
+    """In a forked child: make the save die (os._exit: no cleanup, no finally) at `step`."""
+    die = lambda *args, **kwargs: os._exit(9)
+    rename, rmtree = os.rename, shutil.rmtree
+    if step == "writing":  # the new checkpoint is (partly) written in .OUT.tmp-*
+        checkpoint.verify_checkpoint = die
+    elif step in ("before_park", "parked"):  # killed before rename 1, or between renames 1 and 2
+        calls = []
+
+        def rename_then_die(src, dst):
+            calls.append(src)
+            if len(calls) == (1 if step == "before_park" else 2):
+                os._exit(9)
+            rename(src, dst)
+
+        os.rename = rename_then_die
+    elif step == "swapped":  # the new one is in place, the old one not yet deleted
+        shutil.rmtree = lambda path, *a, **k: os._exit(9) if ".old-" in str(path) else rmtree(path, *a, **k)
+    elif step == "deleting":  # killed halfway through deleting the old one
+        def half_then_die(path, *args, **kwargs):
+            if ".old-" in str(path):
+                (Path(path) / "model.safetensors").unlink()
+                os._exit(9)
+            rmtree(path, *args, **kwargs)
+
+        shutil.rmtree = half_then_die
+
+
+def save_killed_at(step: str, model, out: Path) -> None:
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            _exit_at(step)
+            save_compressed(model, out, overwrite=True)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail(f"the save killed at {step} hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 9, "the kill point was never reached"
+
+
+KILL_STEPS = {  # step: (which checkpoint OUT holds after recovery, what the warning says)
+    "writing": ("old", "removed 1 leftover"),
+    "before_park": ("old", "removed 1 leftover"),
+    "parked": ("old", "restored out from .out.old-"),
+    "swapped": ("new", "removed 1 leftover"),
+    "deleting": ("new", "removed 1 leftover"),
+}
+
+
+@pytest.mark.parametrize("step", list(KILL_STEPS))
+def test_a_save_killed_at_each_step_is_recovered(tmp_path, model8, step):
+    old_model = make_tiny_gpt2()
+    compress_model(old_model, LowRankConfig(rank=8), progress=False)
+    out = save_compressed(old_model, tmp_path / "out")
+    old, expected_state = folder_digest(out), KILL_STEPS[step][0]
+    save_killed_at(step, model8, out)
+    assert leftovers(tmp_path), "a kill leaves something behind"
+    with output_lock(out), pytest.warns(RuntimeWarning, match=KILL_STEPS[step][1]):
+        recover_interrupted_save(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left, lock file included
+    assert (folder_digest(out) == old) == (expected_state == "old")
+    loaded = load_compressed(out)  # a complete checkpoint either way
+    assert loaded.transformer.h[0].attn.c_attn.rank == (8 if expected_state == "old" else 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        save_compressed(model8, out, overwrite=True)  # nothing left to recover: no warning
+
+
+def test_the_next_save_recovers_by_itself(tmp_path, model8):
+    out = save_compressed(model8, tmp_path / "out")
+    save_killed_at("parked", model8, out)
+    assert not out.exists()
+    with pytest.warns(RuntimeWarning, match="restored out.*removed 1 leftover"):
+        save_compressed(model8, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    load_compressed(out)
+
+
+def test_a_second_run_to_the_same_folder_fails_at_once(tmp_path, model8):
+    """Another process holds the lock (an flock on another open file conflicts even in one process)."""
+    fd = os.open(tmp_path / ".out.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242")
+    try:
+        with pytest.raises(FileExistsError, match=r"being written by another run \(process 4242"):
+            save_compressed(model8, tmp_path / "out")
+    finally:
+        os.close(fd)
+    assert not (tmp_path / "out").exists()
+    save_compressed(model8, tmp_path / "out")  # the lock was released: now it works
 
 
 def test_tokenizer_is_saved(tmp_path, model8):
@@ -168,11 +332,41 @@ def data_range(path: Path, name: str) -> tuple[int, int]:
     return 8 + header_len + begin, 8 + header_len + end
 
 
-def rewrite(path: Path, change) -> None:
+def rewrite(path: Path, change, recompute: bool = False, metadata_change=None) -> None:
+    """Change the tensors of a checkpoint file; recompute=True also recomputes its checksums and record, as a
+    careful forger (or a tool that re-saves) would, so only the checks against the model can catch it."""
     with safe_open(path, "pt") as f:
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 (not iterable)
     change(tensors)
+    if recompute:
+        config = AutoConfig.from_pretrained(path.parent)
+        q = config.quantization_config
+        layers = TritonLowRankConfig.from_dict(q if isinstance(q, dict) else q.to_dict()).layers
+        metadata = checksum_metadata(tensors, covered_config(layers, config.tie_word_embeddings))
+    if metadata_change is not None:
+        metadata_change(metadata)
     save_file(tensors, path, metadata={"format": "pt"} | {k: v for k, v in metadata.items() if k != "format"})
+
+
+def edit_config(folder: Path, change) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+def edit_header(path: Path, change) -> None:
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    change(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + length :])
+
+
+def logits_of(model):
+    with torch.no_grad():
+        return model(PROMPT).logits
 
 
 def test_truncated_file_fails_naming_the_tensor(copy_of):
@@ -196,11 +390,88 @@ def test_missing_tensor_fails_naming_it(copy_of):
 
 
 def test_shape_mismatch_fails_naming_the_tensor(copy_of):
-    config_path = copy_of / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"]["layers"]["transformer.h.1.attn.c_attn"]["rank"] = 12
-    config_path.write_text(json.dumps(config))
-    assert_both_fail(copy_of, r"'transformer\.h\.1\.attn\.c_attn\.down' has shape \[16, 64\], expected \[12, 64\]")
+    # With its checksum record the edit is refused as an edit; without checking the record (verify=False,
+    # or a file from before the record) the layer's shapes still name the tensor.
+    edit_config(copy_of, lambda c: c["quantization_config"]["layers"]["transformer.h.1.attn.c_attn"].update(rank=12))
+    assert_both_fail(copy_of, "config.json does not match the checksum record")
+    with pytest.raises(CheckpointError, match=r"'transformer\.h\.1\.attn\.c_attn\.down' has shape \[16, 64\], "
+                                              r"expected \[12, 64\]"):
+        load_compressed(copy_of, verify=False)
+
+
+CONFIG_EDITS = {
+    # the issue's silent one: one layer's bias dropped, logits off by up to 0.31
+    "bias dropped": lambda c: c["quantization_config"]["layers"]["transformer.h.0.mlp.c_fc"].update(bias=False),
+    "layer entry removed": lambda c: c["quantization_config"]["layers"].pop("transformer.h.0.attn.c_attn"),
+    "head untied": lambda c: c.update(tie_word_embeddings=False),
+    "bits changed": lambda c: c["quantization_config"]["layers"]["transformer.h.0.mlp.c_fc"].update(bits=None),
+}
+
+
+@pytest.mark.parametrize("edit", list(CONFIG_EDITS))
+def test_config_edits_are_caught_by_the_checksum_record(copy_of, edit):
+    edit_config(copy_of, CONFIG_EDITS[edit])
+    assert_both_fail(copy_of, "config.json does not match the checksum record")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda t: t.pop("transformer.h.0.ln_1.weight"), r"'transformer\.h\.0\.ln_1\.weight' is missing"),
+        (lambda t: t.pop("transformer.wte.weight"), r"'(transformer\.wte|lm_head)\.weight' is missing"),
+        (lambda t: t.update({"lm_head.weight": t["transformer.wte.weight"] + 1}), "would overwrite"),
+        (lambda t: t.update({"extra.tensor": torch.ones(3)}), "'extra.tensor' .*no parameter or buffer"),
+        (lambda t: t["transformer.h.1.mlp.c_proj.up_t_scale"].__setitem__(3, float("nan")),
+         r"'transformer\.h\.1\.mlp\.c_proj\.up_t_scale'.*1 scale\(s\) are NaN or infinite"),
+        (lambda t: t["transformer.h.0.attn.c_attn.down_scale"].__setitem__(0, float("inf")), "NaN or infinite"),
+    ],
+    ids=["ln_1 deleted", "wte deleted", "tied alias added", "unknown tensor added", "nan scale", "inf scale"],
+)
+def test_tensor_edits_with_recomputed_checksums_are_refused_by_both_loaders(copy_of, change, match):
+    """Through from_pretrained too: a missing tensor would be random-initialised, an extra one skipped or
+    written over a tied weight, behind only transformers' load report."""
+    rewrite(copy_of / "model.safetensors", change, recompute=True)
+    assert_both_fail(copy_of, match)
+
+
+def test_untied_head_is_caught_against_the_model_without_a_record(copy_of):
+    """A file from before the record: flipping tie_word_embeddings leaves lm_head.weight missing, and says so."""
+    rewrite(copy_of / "model.safetensors", lambda t: None, metadata_change=lambda m: m.pop(RECORD_KEY))
+    edit_config(copy_of, CONFIG_EDITS["head untied"])
+    assert_both_fail(copy_of, r"'lm_head\.weight' is missing")
+
+
+def test_a_file_without_checksums_is_refused_unless_verify_false(copy_of, saved):
+    rewrite(copy_of / "model.safetensors", lambda t: None, metadata_change=lambda m: m.clear())
+    assert_both_fail(copy_of, r"model\.safetensors has no checksums .*verify=False")
+    with pytest.warns(UserWarning, match="without checking its checksums"):
+        model = load_compressed(copy_of, verify=False)
+    assert torch.equal(logits_of(model), saved[8][1])
+
+
+def test_a_file_from_before_the_record_loads_with_a_warning(copy_of, saved):
+    rewrite(copy_of / "model.safetensors", lambda t: None, metadata_change=lambda m: m.pop(RECORD_KEY))
+    for load in (load_compressed, AutoModelForCausalLM.from_pretrained):
+        with pytest.warns(UserWarning, match="older triton_lowrank.*save it again"):
+            model = load(copy_of)
+        assert torch.equal(logits_of(model), saved[8][1])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda h: h["transformer.h.0.attn.c_attn.down"].pop("data_offsets"),
+         r"'transformer\.h\.0\.attn\.c_attn\.down'.*not {dtype, shape, data_offsets}"),
+        (lambda h: h["transformer.h.0.attn.c_attn.down"].update(data_offsets="x"), "data_offsets is not"),
+        (lambda h: h["transformer.h.0.attn.c_attn.down"].update(shape=[-1]), "shape is not a list of sizes"),
+        (lambda h: h["transformer.h.0.attn.c_attn.down"].update(shape=[3, 3]), r"bytes for shape \[3, 3\]"),
+        (lambda h: h.update(__metadata__=[1]), "__metadata__ is not a map"),
+    ],
+    ids=["no data_offsets", "offsets garbled", "negative size", "size mismatch", "metadata garbled"],
+)
+def test_garbled_header_is_a_checkpoint_error(copy_of, change, match):
+    edit_header(copy_of / "model.safetensors", change)
+    assert_both_fail(copy_of, match)
 
 
 def test_unknown_format_version_fails_naming_the_field(copy_of):

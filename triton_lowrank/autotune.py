@@ -10,12 +10,15 @@ environment variable TRITON_LOWRANK_AUTOTUNE (for scripts). At run time the cust
 process tuner `get_tuner()` for a config: a cached winner if there is one, else it tunes in the
 tuner's mode, except while a CUDA graph is being captured (never benchmark then: the heuristic).
 
-Cache file: $TRITON_LOWRANK_CACHE_DIR/autotune.json (default ~/.cache/triton_lowrank/), written
-atomically (temp file + os.replace); a corrupt file is ignored with a warning and re-tuned.
+Cache file: $TRITON_LOWRANK_CACHE_DIR/autotune.json (default ~/.cache/triton_lowrank/), merged and
+written under an flock on autotune.json.lock (concurrent tuners lose no entry) and replaced atomically
+(temp file + os.replace); a corrupt file is ignored with a warning and re-tuned. A cache that cannot be
+read or written warns once and keeps the winners in memory: the forward pass never fails because of it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -55,7 +58,12 @@ def resolve_mode(mode: str | None = None) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "triton_lowrank")
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR])
+    try:
+        return Path.home() / ".cache" / "triton_lowrank"
+    except RuntimeError:  # no HOME and no passwd entry (some containers): a cache that lives with the process
+        return Path(tempfile.gettempdir()) / f"triton_lowrank-{os.getuid()}"
 
 
 def problem_key(p: Problem, dtype: torch.dtype | str) -> str:
@@ -101,6 +109,7 @@ class Autotuner:
         props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() and gpu_name is None else None
         self.num_sms = num_sms or (props.multi_processor_count if props else DEFAULT_NUM_SMS)
         self.smem_bytes = smem_bytes or getattr(props, "shared_memory_per_block_optin", 0) or DEFAULT_SMEM_BYTES
+        self._cache_failed = False  # warned once already; the winners stay in memory from then on
         self.entries: dict[str, dict] = self._read_file()["sections"].get(self.section, {})
 
     # ---- cache file -------------------------------------------------------------------
@@ -113,18 +122,24 @@ class Autotuner:
         return f"{self.gpu_name}|triton-{self.triton_version}"
 
     def _read_file(self) -> dict:
-        if not self.cache_path.exists():
-            return {"version": CACHE_VERSION, "sections": {}}
+        empty = {"version": CACHE_VERSION, "sections": {}}
         try:
-            data = json.loads(self.cache_path.read_text())
+            text = self.cache_path.read_text()
+        except FileNotFoundError:
+            return empty
+        except OSError as err:
+            self._cache_unusable("read", err)
+            return empty
+        try:
+            data = json.loads(text)
             if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
                 raise ValueError("unknown layout or version")
             if not isinstance(data.get("sections"), dict):
                 raise ValueError("missing 'sections'")
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
             warnings.warn(f"triton_lowrank: ignoring corrupt autotune cache {self.cache_path} ({err}); "
                           "shapes will be re-tuned", RuntimeWarning, stacklevel=3)
-            return {"version": CACHE_VERSION, "sections": {}}
+            return empty
         # One unreadable entry (say, written by a newer version) costs that entry, not the other GPUs' sections.
         dropped = 0
         for section, entries in list(data["sections"].items()):
@@ -143,18 +158,35 @@ class Autotuner:
         return data
 
     def save(self) -> None:
-        """Merge this tuner's section into the file and replace it atomically."""
-        data = self._read_file()
-        data["sections"].setdefault(self.section, {}).update(self.entries)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".autotune-", suffix=".json.tmp")
+        """Merge this tuner's section into the file and replace it atomically, under the cache's file lock.
+
+        Never raises for the file: a cache that cannot be written warns once and the winners stay in memory."""
+        if self._cache_failed:
+            return
         try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1, sort_keys=True)
-            os.replace(tmp, self.cache_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.cache_dir / "autotune.json.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # read-merge-write as one step: concurrent tuners lose nothing
+                data = self._read_file()
+                if self._cache_failed:
+                    return  # unreadable: writing now would drop the other tuners' entries
+                data["sections"].setdefault(self.section, {}).update(self.entries)
+                fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".autotune-", suffix=".json.tmp")
+                try:
+                    with os.fdopen(fd, "w") as fh:
+                        json.dump(data, fh, indent=1, sort_keys=True)
+                    os.replace(tmp, self.cache_path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+        except OSError as err:
+            self._cache_unusable("write", err)
+
+    def _cache_unusable(self, action: str, err: OSError) -> None:
+        if not self._cache_failed:
+            warnings.warn(f"triton_lowrank: cannot {action} the autotune cache {self.cache_path} ({err}); "
+                          "tuned configs stay in memory for this process", RuntimeWarning, stacklevel=4)
+        self._cache_failed = True
 
     # ---- selection --------------------------------------------------------------------
     def lookup(self, p: Problem, dtype: torch.dtype | str) -> TileConfig | None:

@@ -7,6 +7,8 @@ integration attaches its quantizer there, so `model.save_pretrained` works strai
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
@@ -23,6 +25,7 @@ from .formats import DENSE_KINDS, FLOAT_DTYPES, compressed_layers, dense_weight,
 from .gptq import quantize_factors
 from .layers import LowRankLinear
 from .quant import check_bits, storage_group_size, tensor_bytes
+from .reference import dequantized_factors
 
 SUPPORTED_MODULES = tuple(DENSE_KINDS.values())
 CompressedHook = Callable[[nn.Module], None]
@@ -127,6 +130,10 @@ def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
         raise TypeError(f"{name}: weight dtype {module.weight.dtype} is not float32, float16 or bfloat16")
     if module.weight.is_meta:
         raise ValueError(f"{name}: weight is on the meta device; load the weights before compressing")
+    for tensor_name, tensor in (("weight", module.weight), ("bias", module.bias)):
+        if tensor is not None and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{name}: {tensor_name} has {bad} NaN or infinite value(s); only finite weights compress")
     group_size = storage_group_size(config.bits, config.group_size)
     check_bits(config.bits, group_size, in_features, f"{name} (in_features)")
     check_bits(config.bits, group_size, out_features, f"{name} (out_features)")
@@ -150,7 +157,27 @@ def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool) -> list[
             lowrank_bytes(in_features, out_features, 1, config.bits, config.group_size, module.weight.element_size())
         )
     dense_fp16 = sum(2 * dense_weight(m).numel() for m in layers.values())
-    return allocate_budget(spectra, per_rank, config.budget * dense_fp16)
+    full_rank = sum(b * min(dense_weight(m).shape) for b, m in zip(per_rank, layers.values(), strict=True))
+    if config.budget * dense_fp16 > full_rank:
+        warnings.warn(
+            f"budget {config.budget:g} is more than full rank needs ({full_rank / dense_fp16:.3g} of the fp16 dense "
+            "bytes for these layers): clamped, every layer keeps full rank",
+            UserWarning,
+            stacklevel=3,
+        )
+    return allocate_budget(spectra, per_rank, min(config.budget * dense_fp16, full_rank))
+
+
+def relative_error(weight: torch.Tensor, stored: LowRankFactors) -> float:
+    """‖W - Ŵ‖_F / ‖W‖_F in float64 on the dequantized factors: a float32 norm overflows for an outlier
+    weight (1e30 then reports 0 or nan); inf or nan when the stored result is."""
+    down, up_t = dequantized_factors(stored)  # [r, in], [r, out]
+    w = weight.detach().double()  # [out, in]
+    error = torch.linalg.matrix_norm(w - up_t.double().t() @ down.double())
+    norm = torch.linalg.matrix_norm(w)
+    if norm == 0:  # an all-zero weight: any error is infinitely large next to it
+        return 0.0 if error == 0 else (error * math.inf).item()
+    return (error / norm).item()
 
 
 def _tied_to_other_module(model: nn.Module, module: nn.Module) -> bool:
@@ -195,9 +222,26 @@ def compress_model(
     if config.method == "whitened":
         if calibration is None:
             raise ValueError("method='whitened' needs calibration batches (input ids or kwargs dicts)")
+        if isinstance(calibration, (torch.Tensor, dict)):
+            raise TypeError(
+                f"calibration is one {type(calibration).__name__}; pass a list of batches "
+                "([batch, seq] input-id tensors or kwargs dicts), e.g. [input_ids]"
+            )
         grams = collect_grams(model, layers, calibration, progress)
+        silent = [name for name, gram in grams.items() if not gram.diagonal().sum() > 0]
+        if silent:
+            # All-zero inputs (say, after an all-zero layer): any factors give zero activation error on this
+            # data, so whitening has nothing to weigh; plain SVD keeps the weight itself.
+            warnings.warn(
+                f"calibration gave {len(silent)} layer(s) only zero inputs (e.g. {silent[0]}): "
+                "those are factorized by plain SVD",
+                UserWarning,
+                stacklevel=2,
+            )
         for name in layers:
-            chols[name] = whitening_cholesky(grams.pop(name), config.damping, name)
+            gram = grams.pop(name)
+            if name not in silent:
+                chols[name] = whitening_cholesky(gram, config.damping, name)
     ranks = _choose_ranks(layers, chols, config, progress)
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -210,7 +254,6 @@ def compress_model(
         up, down = truncated_factors(weight, rank, chol)
         stored = store_factors(weight, up, down, module.bias, config, chol, module.weight.dtype)
         new = LowRankLinear.from_factors(stored, module.weight.dtype, name, type(module).__name__)
-        error = (dense_weight(new) - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)
         tied = _tied_to_other_module(model, module)
         owned = [] if tied else [module.weight]
         owned += [] if module.bias is None else [module.bias]
@@ -224,7 +267,7 @@ def compress_model(
                 bits=config.bits,
                 bytes_before=tensor_bytes(owned),
                 bytes_after=tensor_bytes([*new.buffers(), *new.parameters()]),
-                rel_error=error.item(),
+                rel_error=relative_error(weight, new.factors()),
             )
         )
         if module is head:

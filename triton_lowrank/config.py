@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -51,26 +52,65 @@ class LowRankConfig:
             raise ValueError(
                 f"LowRankConfig: set exactly one of rank, rank_ratio, energy, budget; got {chosen or 'none'}"
             )
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int)):
-            raise TypeError(f"LowRankConfig: rank must be an int, got {self.rank!r}")
+        # Types first, so a string or a float where an int belongs gets its own message (not "'<' not supported").
+        _check_int("rank", self.rank, optional=True)
+        for knob in ("rank_ratio", "energy", "budget", "damping"):
+            _check_number(knob, getattr(self, knob), optional=knob != "damping")
+        _check_int("bits", self.bits, optional=True)
+        _check_int("group_size", self.group_size)
+        if not isinstance(self.error_feedback, bool):
+            raise TypeError(f"LowRankConfig: error_feedback must be True or False, got {self.error_feedback!r}")
+        if not isinstance(self.method, str):
+            raise TypeError(f"LowRankConfig: method must be a string, got {self.method!r}")
+
         if self.rank is not None and self.rank <= 0:
             raise ValueError(f"LowRankConfig: rank must be >= 1, got {self.rank}")
         for knob in ("rank_ratio", "energy"):
             value = getattr(self, knob)
             if value is not None and not 0 < value <= 1:
                 raise ValueError(f"LowRankConfig: {knob} is the fraction kept, in (0, 1]; got {value}")
-        if self.budget is not None and not self.budget > 0:
-            raise ValueError(f"LowRankConfig: budget must be > 0, got {self.budget}")
+        # Above the full-rank bytes a budget is clamped by compress_model (with a warning): only it knows the layers.
+        if self.budget is not None and not 0 < self.budget < math.inf:
+            raise ValueError(f"LowRankConfig: budget must be > 0 and finite, got {self.budget}")
+        if not 0 < self.damping < math.inf:
+            raise ValueError(f"LowRankConfig: damping must be > 0 and finite, got {self.damping}")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"LowRankConfig: bits must be one of None, 8 or 4, got {self.bits!r}")
         if self.bits == 4 and (self.group_size <= 0 or self.group_size % 2):
             raise ValueError(f"LowRankConfig: group_size must be a positive even number, got {self.group_size}")
+        if self.group_size < 0:
+            raise ValueError(f"LowRankConfig: group_size must be >= 0, got {self.group_size}")
         if self.method not in ("svd", "whitened"):
             raise ValueError(f"LowRankConfig: method must be 'svd' or 'whitened', got {self.method!r}")
         if isinstance(self.include, str) or isinstance(self.exclude, str):
             raise TypeError("LowRankConfig: include and exclude are sequences of patterns, not one string")
-        self.include = None if self.include is None else tuple(self.include)
-        self.exclude = tuple(self.exclude)
+        self.include = None if self.include is None else _patterns("include", self.include)
+        self.exclude = _patterns("exclude", self.exclude)
 
     def to_dict(self) -> dict:
         return {"version": self.VERSION, **asdict(self)}
+
+
+def _check_int(name: str, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"LowRankConfig: {name} must be an integer, got {value!r} ({type(value).__name__})")
+
+
+def _check_number(name: str, value, optional: bool = False) -> None:
+    """A real number (int or float; not bool, not a numeric string). NaN and inf fail the range checks."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"LowRankConfig: {name} must be a number, got {value!r} ({type(value).__name__})")
+
+
+def _patterns(name: str, value) -> tuple[str, ...]:
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise TypeError(f"LowRankConfig: {name} must be a sequence of glob patterns, got {value!r}") from None
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"LowRankConfig: {name} patterns must be strings, got {patterns!r}")
+    return patterns

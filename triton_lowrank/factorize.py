@@ -9,8 +9,11 @@ rank-r error on those activations.
 from __future__ import annotations
 
 import heapq
+import math
 
 import torch
+
+MAX_DAMPING_TRIES = 64  # 0, 1e-8, 1e-7, ... reach any finite damping up to 1e55
 
 
 def whitening_cholesky(gram: torch.Tensor, max_damping: float, name: str) -> torch.Tensor:
@@ -19,8 +22,10 @@ def whitening_cholesky(gram: torch.Tensor, max_damping: float, name: str) -> tor
     mean_diag = gram.diagonal().mean()
     if not mean_diag > 0:
         raise ValueError(f"{name}: calibration produced no activations for this layer")
+    if not 0 < max_damping < math.inf:  # NaN would never reach the bound below: refuse instead of looping
+        raise ValueError(f"{name}: damping must be > 0 and finite, got {max_damping}")
     damping = 0.0
-    while True:
+    for _ in range(MAX_DAMPING_TRIES):
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         chol, info = torch.linalg.cholesky_ex(gram + damping * mean_diag * eye)
         if info.item() == 0:
@@ -28,6 +33,7 @@ def whitening_cholesky(gram: torch.Tensor, max_damping: float, name: str) -> tor
         if damping >= max_damping:
             raise ValueError(f"{name}: calibration Gram matrix is not positive definite even with damping {damping}")
         damping = min(max_damping, 1e-8 if damping == 0 else damping * 10)
+    raise ValueError(f"{name}: calibration Gram matrix is not positive definite even with damping {damping}")
 
 
 def _svd_dtype(chol: torch.Tensor | None) -> torch.dtype:

@@ -7,11 +7,11 @@ rebuilds the compressed layers itself (through checkpoint_format.py, like load_c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -22,14 +22,15 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint_format import (
-    CHECKSUM_KEY,
     FORMAT_VERSION,
     QUANT_METHOD,
     READABLE_VERSIONS,
     CheckpointError,
+    check_complete,
+    checksum_metadata,
+    covered_config,
     normalized_spec,
     replace_with_skeletons,
-    tensor_checksums,
     verify_checkpoint,
 )
 from .compress import after_compression
@@ -91,19 +92,31 @@ class TritonLowRankHfQuantizer(HfQuantizer):
         return super().preprocess_model(model, *args, **kwargs)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        # Everything is checked before a tensor is read: transformers would random-initialise a missing
+        # tensor, skip an unexpected one and let a stored alias overwrite a tied weight, behind a load report.
         files = kwargs.get("checkpoint_files") or getattr(self, "checkpoint_files", None)
-        if files:  # verify before any tensor is read: transformers would random-init a missing one
-            verify_checkpoint([Path(f) for f in files], self.quantization_config.layers)
-        replace_with_skeletons(model, self.quantization_config.layers, model.dtype)
-        for name in self.quantization_config.layers:
+        if not files:
+            raise CheckpointError("triton_lowrank checkpoints load from safetensors files only; none were given")
+        config = self.quantization_config
+        covered = covered_config(config.layers, model.config.tie_word_embeddings, config.format_version)
+        stored = verify_checkpoint([Path(f) for f in files], config.layers, covered)
+        replace_with_skeletons(model, config.layers, model.dtype)
+        check_complete(model, stored)
+        for name in config.layers:
             # A parent's _init_weights may reach for `child.weight` (GPT-2 rescales c_proj.weight); the
             # parents' tensors come from the checkpoint, so their random init is skipped, as for loaded weights.
             model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
         return model
 
     def get_state_dict_and_metadata(self, model, *args, **kwargs):
-        # Called by save_pretrained before it writes anything: stamp the checksums into the metadata.
-        return None, {CHECKSUM_KEY: json.dumps(tensor_checksums(model.state_dict()))}
+        # Called by save_pretrained before it writes anything. The state dict is what it will write (tied
+        # weights once, by transformers' own rule), so the checksum record lists exactly the stored names.
+        state_dict = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
+        for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+            state_dict.pop(key, None)
+        config = self.quantization_config
+        covered = covered_config(config.layers, model.config.tie_word_embeddings, config.format_version)
+        return state_dict, checksum_metadata(state_dict, covered)
 
     def is_serializable(self, *args, **kwargs) -> bool:  # a method in 5.x (older ones pass safe_serialization)
         return True
