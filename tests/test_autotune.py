@@ -116,10 +116,10 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("triton_lowrank.autotune.json.dump", broken_dump)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.warns(RuntimeWarning, match="cannot write the autotune cache .*disk full"):  # never raises
         tuner.tune(Problem(16, 6400, 1600, 400, 8, 0), "float16")
     assert (tmp_path / "autotune.json").read_text() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["autotune.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["autotune.json", "autotune.json.lock"]
 
 
 def test_ties_resolve_to_the_heuristic(tmp_path):

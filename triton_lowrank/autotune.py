@@ -125,8 +125,8 @@ class Autotuner:
         empty = {"version": CACHE_VERSION, "sections": {}}
         try:
             text = self.cache_path.read_text()
-        except FileNotFoundError:
-            return empty
+        except (FileNotFoundError, NotADirectoryError):
+            return empty  # nothing cached yet (or nowhere to cache: save() says so)
         except OSError as err:
             self._cache_unusable("read", err)
             return empty
