@@ -121,3 +121,36 @@ def test_demo_quick_on_the_embedded_model(tmp_path, capsys):
     except FileNotFoundError:
         pytest.skip("the embedded checkpoint is not trained yet")
     check_demo(["demo"], tmp_path / "demo", capsys)
+
+
+def test_overwrite_replaces_only_an_earlier_checkpoint(model_dir, tmp_path, capsys, monkeypatch):
+    """The issue's data loss: `compress MODEL . --overwrite` in a folder with notes.txt and src/ replaced it all."""
+    work = tmp_path / "work"
+    (work / "src").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    code, _, err = run(["compress", model_dir, ".", "--rank", 4, "--method", "svd", "--overwrite"], capsys)
+    assert_one_line_error(code, err, "it is not a triton_lowrank checkpoint (it holds notes.txt, src/)")
+    assert (work / "notes.txt").read_text() == "mine" and (work / "src").is_dir()
+    out = tmp_path / "out"
+    for rank in (4, 8):  # the second run replaces the first checkpoint
+        code, _, err = run(["compress", model_dir, out, "--rank", rank, "--method", "svd", "--overwrite"], capsys)
+        assert code == 0, err
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert {spec["rank"] for spec in layers.values()} == {8}
+
+
+def test_an_interrupted_save_is_recovered_and_said_in_one_line(model_dir, tmp_path, capsys):
+    """A kill between the swap's renames left OUT missing, the old checkpoint parked and the new one half-written."""
+    out = tmp_path / "out"
+    code, _, err = run(["compress", model_dir, out, "--rank", 4, "--method", "svd"], capsys)
+    assert code == 0, err
+    out.rename(tmp_path / ".out.old-abcd1234")
+    (tmp_path / ".out.tmp-wxyz5678").mkdir()
+    (tmp_path / ".out.tmp-wxyz5678" / "model.safetensors").write_bytes(b"half")
+    code, _, err = run(["compress", model_dir, out, "--rank", 4, "--method", "svd"], capsys)
+    warning, error = err.strip().splitlines()
+    assert warning.startswith("triton-lowrank: warning:") and "restored out from .out.old-abcd1234" in warning
+    assert "removed 1 leftover folder(s) of an interrupted save: .out.tmp-wxyz5678" in warning
+    assert code == 1 and "out already exists and is not empty; pass --overwrite" in error  # the restored one is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "config.json").is_file()
