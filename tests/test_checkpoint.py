@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2
+from conftest import make_tiny_gpt2, tiny_tokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -307,6 +307,21 @@ def test_tokenizer_is_saved(tmp_path, model8):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")))
     folder = save_compressed(model8, tmp_path / "out", tokenizer=tokenizer)
     assert (folder / "tokenizer.json").is_file()
+
+
+def test_broken_tokenizer_files_are_not_copied(tmp_path):
+    """A source folder whose tokenizer files do not make a tokenizer (here: only its config) gets none copied."""
+    source = tmp_path / "dense"
+    make_tiny_gpt2(vocab_size=len(tiny_tokenizer())).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    shutil.copy(tmp_path / "tok" / "tokenizer_config.json", source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    compress_model(model, LowRankConfig(rank=8), progress=False)
+    with pytest.warns(UserWarning, match=f"tokenizer files of {source} were not copied"):
+        out = save_compressed(model, tmp_path / "out")
+    assert not (out / "tokenizer_config.json").exists()
+    shutil.copy(tmp_path / "tok" / "tokenizer.json", source)  # now complete: copied
+    assert (save_compressed(model, tmp_path / "out", overwrite=True) / "tokenizer.json").is_file()
 
 
 # --- validation: every failure names the tensor or field, in both load paths -----------------------------
