@@ -93,8 +93,6 @@ def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 3
 def embedding_cosine(dense: nn.Module, compressed: nn.Module, sentences: list[str], tokenizer=None) -> float:
     """Mean cosine between the dense and the compressed model's embeddings of the same sentences."""
     if tokenizer is None:
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(model_folder(), local_files_only=True)
     a, b = embed(dense, tokenizer, sentences), embed(compressed, tokenizer, sentences)  # [N, hidden] each, unit norm
     return (a * b).sum(-1).mean().item()
