@@ -287,6 +287,20 @@ def test_api_bad_input_gets_a_clear_error(call, error, message):
     assert "\n" not in str(raised)
 
 
+def test_cholesky_retries_are_bounded(monkeypatch):
+    """Even a factorization that never succeeds ends the retries (NaN damping once made them endless)."""
+    calls = []
+
+    def never(matrix):
+        calls.append(1)
+        return matrix, torch.tensor(1)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", never)
+    with pytest.raises(ValueError, match="layer: calibration Gram matrix is not positive definite"):
+        whitening_cholesky(SINGULAR, 1e300, "layer")
+    assert len(calls) <= 64
+
+
 def _raised(call):
     try:
         call()

@@ -497,11 +497,10 @@ def test_unknown_format_version_fails_naming_the_field(copy_of):
     assert_both_fail(copy_of, "format_version")
 
 
-def test_missing_uncompressed_tensor_fails_in_load_compressed(copy_of):
-    # transformers itself only warns and random-initialises a missing dense tensor; load_compressed refuses.
+def test_missing_uncompressed_tensor_fails_in_both_loaders(copy_of):
+    # transformers itself only warns and random-initialises a missing dense tensor; our quantizer refuses too.
     rewrite(copy_of / "model.safetensors", lambda t: t.pop("transformer.ln_f.weight"))
-    with pytest.raises(CheckpointError, match=r"'transformer\.ln_f\.weight' is missing"):
-        load_compressed(copy_of)
+    assert_both_fail(copy_of, r"'transformer\.ln_f\.weight' is missing")
 
 
 def test_saved_folder_gets_umask_permissions_not_tempdir_ones(saved):

@@ -163,7 +163,7 @@ def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool) -> list[
             f"budget {config.budget:g} is more than full rank needs ({full_rank / dense_fp16:.3g} of the fp16 dense "
             "bytes for these layers): clamped, every layer keeps full rank",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # compress_model's caller (through torch.no_grad's wrapper)
         )
     return allocate_budget(spectra, per_rank, min(config.budget * dense_fp16, full_rank))
 
@@ -236,7 +236,7 @@ def compress_model(
                 f"calibration gave {len(silent)} layer(s) only zero inputs (e.g. {silent[0]}): "
                 "those are factorized by plain SVD",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         for name in layers:
             gram = grams.pop(name)
