@@ -11,7 +11,11 @@ from pathlib import Path
 
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+try:  # transformers' own rule for which name of a tied weight is stored (not in every 5.x release)
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+except ImportError:
+    remove_tied_weights_from_state_dict = None
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -81,6 +85,21 @@ class TritonLowRankConfig(QuantizationConfigMixin):
         return cls(layers, bits, group_size, compression=compression)
 
 
+def _without_tied_aliases(state_dict: dict, model: nn.Module) -> dict:
+    """Tied tensors once, keeping the name that is not declared tied (GPT-2: wte.weight, not lm_head.weight)."""
+    declared = getattr(model, "_tied_weights_keys", None) or ()
+    declared = set(declared.keys() if isinstance(declared, dict) else declared)
+    kept, seen = {}, {}
+    for name in sorted(state_dict, key=lambda n: n in declared):  # undeclared names first
+        tensor = state_dict[name]
+        key = None if tensor.is_meta else (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key is not None and key in seen:
+            continue
+        seen[key] = name
+        kept[name] = tensor
+    return {name: kept[name] for name in state_dict if name in kept}
+
+
 class TritonLowRankHfQuantizer(HfQuantizer):
     """Loads (and saves) pre-compressed checkpoints; compressing on load is compress_model's job."""
 
@@ -111,7 +130,11 @@ class TritonLowRankHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model, *args, **kwargs):
         # Called by save_pretrained before it writes anything. The state dict is what it will write (tied
         # weights once, by transformers' own rule), so the checksum record lists exactly the stored names.
-        state_dict = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
+        state_dict = dict(model.state_dict())
+        if remove_tied_weights_from_state_dict is not None:
+            state_dict = remove_tied_weights_from_state_dict(state_dict, model)
+        else:
+            state_dict = _without_tied_aliases(state_dict, model)
         for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
             state_dict.pop(key, None)
         config = self.quantization_config
