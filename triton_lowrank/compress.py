@@ -11,13 +11,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .calibration import collect_grams
+from .calibration import GramStats, collect_grams
 from .config import LowRankConfig
 from .factorize import (
     SUPPORTED_MODULES,
     allocate_budget,
     dense_weight,
     rank_for_energy,
+    shrunk_gram,
     spectrum,
     truncated_factors,
     whitening_cholesky,
@@ -25,6 +26,7 @@ from .factorize import (
 from .gptq import quantize_factors
 from .layers import FLOAT_DTYPES, LowRankLinear
 from .quant import check_bits
+from .sequential import calibrate_blockwise, find_blocks
 
 
 @dataclass
@@ -38,6 +40,7 @@ class LayerReport:
     bytes_before: int  # bytes the layer owned alone (a weight tied to an embedding stays: 0)
     bytes_after: int  # factors + scales + bias
     rel_error: float  # ‖W - Ŵ‖_F / ‖W‖_F of the stored (quantized) factors
+    calib_tokens: int | None = None  # real (unpadded) calibration tokens this layer saw; None without calibration
 
 
 @dataclass
@@ -62,12 +65,15 @@ class CompressionReport:
     def __str__(self) -> str:
         header = f"{'layer':<32} {'kind':<7} {'in':>6} {'out':>6} {'rank':>5} {'bits':>4} "
         header += f"{'bytes before':>13} {'bytes after':>12} {'rel err':>8}"
+        calibrated = any(row.calib_tokens is not None for row in self.layers)
+        header += f" {'calib tokens':>12}" if calibrated else ""
         lines = [header, "-" * len(header)]
         for row in self.layers:
             bits = "fp" if row.bits is None else str(row.bits)
             lines.append(
                 f"{row.name:<32} {row.kind:<7} {row.in_features:>6} {row.out_features:>6} {row.rank:>5} "
                 f"{bits:>4} {row.bytes_before:>13,} {row.bytes_after:>12,} {row.rel_error:>8.4f}"
+                + (f" {row.calib_tokens or 0:>12,}" if calibrated else "")
             )
         ratio = self.bytes_after / max(self.bytes_before, 1)
         lines.append("-" * len(header))
@@ -122,15 +128,16 @@ def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
     check_bits(config.bits, config.group_size, out_features, f"{name} (out_features)")
 
 
-def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool) -> list[int]:
+def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool, spectra=None) -> list[int]:
     if config.rank is not None:
         return [config.rank] * len(layers)
     if config.rank_ratio is not None:
         return [max(1, round(config.rank_ratio * min(dense_weight(m).shape))) for m in layers.values()]
-    spectra = [
-        spectrum(dense_weight(m), chols.get(n))
-        for n, m in tqdm(layers.items(), desc="spectra", unit="layer", disable=not progress)
-    ]
+    if spectra is None:
+        spectra = [
+            spectrum(dense_weight(m), chols.get(n))
+            for n, m in tqdm(layers.items(), desc="spectra", unit="layer", disable=not progress)
+        ]
     if config.energy is not None:
         return [rank_for_energy(s, config.energy) for s in spectra]
     per_rank = []
@@ -152,6 +159,71 @@ def _tied_to_other_module(model: nn.Module, module: nn.Module) -> bool:
     )
 
 
+def whitening(stats: GramStats, config: LowRankConfig, name: str) -> torch.Tensor:
+    """Lower Cholesky factor of the layer's Gram matrix, shrunk as `config.shrinkage` says."""
+    gram, _ = shrunk_gram(stats, config.shrinkage)
+    return whitening_cholesky(gram, config.damping, name)
+
+
+def _compress_layer(model, name, module, rank, chol, config: LowRankConfig, calib_tokens) -> LayerReport:
+    """Replace one layer by its LowRankLinear in `model`; its report row."""
+    weight = dense_weight(module)  # [out, in]
+    up, down = truncated_factors(weight, rank, chol)
+    if config.bits is not None and config.error_feedback:
+        stored = quantize_factors(weight, down, config.bits, config.group_size, chol)
+        new = LowRankLinear.from_stored(
+            *stored, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
+        )
+    else:
+        new = LowRankLinear.from_factors(
+            up, down, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
+        )
+    error = (new.dense_weight() - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)
+    tied = _tied_to_other_module(model, module)
+    owned = [] if tied else [module.weight]
+    owned += [] if module.bias is None else [module.bias]
+    row = LayerReport(
+        name=name,
+        kind=type(module).__name__,
+        in_features=weight.shape[1],
+        out_features=weight.shape[0],
+        rank=rank,
+        bits=config.bits,
+        bytes_before=sum(t.numel() * t.element_size() for t in owned),
+        bytes_after=new.storage_bytes(),
+        rel_error=error.item(),
+        calib_tokens=calib_tokens,
+    )
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+    return row
+
+
+def _compress_sequential(model, layers, config: LowRankConfig, calibration, progress: bool) -> list[LayerReport]:
+    """Whitened compression block by block (sequential.py). A budget or energy target needs every layer's
+    spectrum first: a measuring pass over the dense blocks computes them, one block's Grams at a time."""
+    spectra: dict[str, torch.Tensor] = {}
+    if config.budget is not None or config.energy is not None:
+
+        def measure(group: dict[str, nn.Module], stats: dict[str, GramStats]) -> None:
+            for name, module in group.items():
+                spectra[name] = spectrum(dense_weight(module), whitening(stats.pop(name), config, name))
+
+        calibrate_blockwise(model, layers, calibration, measure, progress, "spectra", warn=False)
+    chosen = _choose_ranks(layers, {}, config, progress, [spectra.get(n) for n in layers])
+    ranks = dict(zip(layers, chosen, strict=True))
+    rows: dict[str, LayerReport] = {}
+
+    def compress(group: dict[str, nn.Module], stats: dict[str, GramStats]) -> None:
+        for name, module in group.items():
+            layer_stats = stats.pop(name)
+            chol = whitening(layer_stats, config, name)
+            rows[name] = _compress_layer(model, name, module, ranks[name], chol, config, layer_stats.tokens)
+
+    calibrate_blockwise(model, layers, calibration, compress, progress, "compressing blocks")
+    return [rows[name] for name in layers]
+
+
 @torch.no_grad()
 def compress_model(
     model: nn.Module, config: LowRankConfig, calibration: Iterable | None = None, progress: bool = True
@@ -162,51 +234,25 @@ def compress_model(
     from the model (a weight tied to an input embedding stays, because the embedding uses it).
     """
     layers = validate_layers(model, config)
-    chols: dict[str, torch.Tensor] = {}
-    if config.method == "whitened":
-        if calibration is None:
-            raise ValueError("method='whitened' needs calibration batches (input ids or kwargs dicts)")
-        grams = collect_grams(model, layers, calibration, progress)
-        for name in layers:
-            chols[name] = whitening_cholesky(grams.pop(name), config.damping, name)
-    ranks = _choose_ranks(layers, chols, config, progress)
-
-    rows = []
-    for (name, module), rank in tqdm(
-        list(zip(layers.items(), ranks, strict=True)), desc="compressing", unit="layer", disable=not progress
-    ):
-        weight = dense_weight(module)  # [out, in]
-        chol = chols.pop(name, None)
-        up, down = truncated_factors(weight, rank, chol)
-        if config.bits is not None and config.error_feedback:
-            stored = quantize_factors(weight, down, config.bits, config.group_size, chol)
-            new = LowRankLinear.from_stored(
-                *stored, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
+    if config.method == "whitened" and calibration is None:
+        raise ValueError("method='whitened' needs calibration batches (input ids or kwargs dicts)")
+    if config.method == "whitened" and config.sequential and find_blocks(model, layers) is not None:
+        rows = _compress_sequential(model, layers, config, calibration, progress)
+    else:
+        chols: dict[str, torch.Tensor] = {}
+        tokens: dict[str, int] = {}
+        if config.method == "whitened":
+            stats = collect_grams(model, layers, calibration, progress)
+            for name in layers:
+                tokens[name] = stats[name].tokens
+                chols[name] = whitening(stats.pop(name), config, name)
+        ranks = _choose_ranks(layers, chols, config, progress)
+        rows = [
+            _compress_layer(model, name, module, rank, chols.pop(name, None), config, tokens.get(name))
+            for (name, module), rank in tqdm(
+                list(zip(layers.items(), ranks, strict=True)), desc="compressing", unit="layer", disable=not progress
             )
-        else:
-            new = LowRankLinear.from_factors(
-                up, down, module.bias, config.bits, config.group_size, module.weight.dtype, name, type(module).__name__
-            )
-        error = (new.dense_weight() - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)
-        tied = _tied_to_other_module(model, module)
-        owned = [] if tied else [module.weight]
-        owned += [] if module.bias is None else [module.bias]
-        rows.append(
-            LayerReport(
-                name=name,
-                kind=type(module).__name__,
-                in_features=weight.shape[1],
-                out_features=weight.shape[0],
-                rank=rank,
-                bits=config.bits,
-                bytes_before=sum(t.numel() * t.element_size() for t in owned),
-                bytes_after=new.storage_bytes(),
-                rel_error=error.item(),
-            )
-        )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-        del weight, module, up, down
+        ]
     if any(row.name == "lm_head" for row in rows) and hasattr(model, "config"):
         # The compressed head no longer shares the embedding matrix; stop transformers re-tying it.
         model.config.tie_word_embeddings = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from .quant import SUPPORTED_BITS
@@ -26,6 +27,13 @@ class LowRankConfig:
     include:    glob patterns (fnmatch on full module names); None selects every nn.Linear and GPT-2 Conv1D.
     exclude:    glob patterns removed from the selection; "lm_head" by default (set () to compress it).
     damping:    largest relative diagonal damping tried when the calibration Gram matrix is singular.
+    shrinkage:  whitening only. How far each layer's Gram matrix is shrunk toward a scaled identity before
+                whitening: "auto" picks the strength per layer from the data (Ledoit–Wolf; near 0 with many
+                tokens per feature, near 1 with few), a number in [0, 1] fixes it (0: the raw Gram, SVD-LLM;
+                1: a multiple of I, i.e. plain SVD).
+    sequential: whitening only. Calibrate block by block, each block on the outputs of the already
+                compressed blocks before it; only one block's Gram matrices are in memory at a time.
+                False calibrates every layer on the dense model in one pass (all Grams at once).
     error_feedback: quantize the factors GPTQ-style (each rounding error pushed onto what is not yet
                 quantized, up refitted to the stored down); False rounds each factor to nearest.
     """
@@ -41,6 +49,8 @@ class LowRankConfig:
     exclude: tuple[str, ...] = field(default=("lm_head",))
     damping: float = 1e-2
     error_feedback: bool = True
+    shrinkage: float | str = "auto"
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         chosen = [k for k in RANK_KNOBS if getattr(self, k) is not None]
@@ -64,6 +74,11 @@ class LowRankConfig:
             raise ValueError(f"LowRankConfig: group_size must be a positive even number, got {self.group_size}")
         if self.method not in ("svd", "whitened"):
             raise ValueError(f"LowRankConfig: method must be 'svd' or 'whitened', got {self.method!r}")
+        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
+            raise ValueError(f"LowRankConfig: damping must be a finite number >= 0, got {self.damping!r}")
+        is_number = isinstance(self.shrinkage, (int, float)) and not isinstance(self.shrinkage, bool)
+        if self.shrinkage != "auto" and not (is_number and 0 <= self.shrinkage <= 1):
+            raise ValueError(f"LowRankConfig: shrinkage must be 'auto' or a number in [0, 1], got {self.shrinkage!r}")
         if isinstance(self.include, str) or isinstance(self.exclude, str):
             raise TypeError("LowRankConfig: include and exclude are sequences of patterns, not one string")
         self.include = None if self.include is None else tuple(self.include)
