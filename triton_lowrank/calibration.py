@@ -1,14 +1,23 @@
-"""Collect per-layer input Gram matrices XᵀX over calibration batches, with forward hooks."""
+"""Collect per-layer input statistics (the Gram matrix XᵀX and what its shrinkage needs) with forward hooks.
+
+Only real tokens count: a batch that carries an `attention_mask` contributes the positions the mask
+marks, never its padding.
+"""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+# Calibration tokens per input feature for whitening to be well estimated; below it the Gram is shrunk
+# toward plain SVD (factorize.shrunk_gram) and the caller is warned.
+TOKENS_PER_FEATURE = 8
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -35,44 +44,108 @@ def run_batch(model: nn.Module, batch, device: torch.device):
     raise TypeError(f"calibration batch must be a tensor of input ids or a dict of kwargs, got {type(batch).__name__}")
 
 
-@torch.no_grad()
-def collect_grams(
-    model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable, progress: bool = True
-) -> dict[str, torch.Tensor]:
-    """Return {layer name: XᵀX [in, in] float32} accumulated over every token of every batch."""
-    grams: dict[str, torch.Tensor] = {}
-    tokens: dict[str, int] = {}
+def batch_mask(batch, device: torch.device) -> torch.Tensor | None:
+    """[B, T] bool of the real tokens of a kwargs batch with a 2-D attention_mask, else None (all real)."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask.to(device) != 0
+    return None
 
-    def make_hook(name: str):
+
+@dataclass
+class GramStats:
+    """One layer's input statistics over the real calibration tokens x_k [in]."""
+
+    gram: torch.Tensor  # [in, in] float32: Σ_k x_k x_kᵀ
+    tokens: int  # n
+    sum_norm4: float  # Σ_k ‖x_k‖⁴: Ledoit–Wolf's estimate of how noisy the Gram's entries are
+
+    @classmethod
+    def empty(cls, features: int, device: torch.device) -> GramStats:
+        zeros = torch.zeros(features, features, dtype=torch.float32, device=device)
+        return cls(zeros, 0, 0.0)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate the rows of x [n, in] (any float dtype)."""
+        x = x.float()
+        self.gram += x.t() @ x  # [in, in]
+        self.sum_norm4 += x.double().square().sum(1).square().sum().item()
+        self.tokens += x.shape[0]
+
+
+class GramCollector:
+    """Forward hooks that accumulate GramStats for `layers` while batches run; set `mask` per batch."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.layers = layers
+        self.stats: dict[str, GramStats] = {}
+        self.mask: torch.Tensor | None = None  # [B, T] bool real tokens of the batch now running
+        self._handles = []
+
+    def _hook(self, name: str):
         def hook(module, inputs, output):
             x = inputs[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
-            gram = x.t() @ x  # [in, in]
-            grams[name] = grams[name] + gram if name in grams else gram
-            tokens[name] = tokens.get(name, 0) + x.shape[0]
+            if self.mask is not None and x.shape[:-1] == self.mask.shape:
+                x = x[self.mask]  # [real tokens, in]
+            else:  # no mask, or a layer fed something else than every position (e.g. BERT's pooler: [B, in])
+                x = x.reshape(-1, x.shape[-1])  # [tokens, in]
+            if name not in self.stats:
+                self.stats[name] = GramStats.empty(x.shape[-1], x.device)
+            self.stats[name].add(x)
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
-    device = model_device(model)
-    try:
-        with eval_mode(model):
-            for batch in tqdm(calibration, desc="calibrating", unit="batch", disable=not progress):
-                run_batch(model, batch, device)
-    finally:
-        for handle in handles:
+    def __enter__(self) -> GramCollector:
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
             handle.remove()
-    missing = [name for name in layers if name not in grams]
+        self._handles = []
+
+
+@torch.no_grad()
+def collect_grams(
+    model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable, progress: bool = True
+) -> dict[str, GramStats]:
+    """{layer name: GramStats} accumulated over every real token of every batch, through the whole model."""
+    device = model_device(model)
+    with eval_mode(model), GramCollector(layers) as collector:
+        for batch in tqdm(calibration, desc="calibrating", unit="batch", disable=not progress):
+            collector.mask = batch_mask(batch, device)
+            run_batch(model, batch, device)
+    check_coverage(layers, token_counts(collector.stats), stacklevel=6)
+    return collector.stats
+
+
+def token_counts(stats: dict[str, GramStats]) -> dict[str, tuple[int, int]]:
+    """{layer: (real tokens seen, input features)}: all check_coverage needs, once the Grams are gone."""
+    return {name: (s.tokens, s.gram.shape[0]) for name, s in stats.items()}
+
+
+def check_reached(layers: Iterable[str], counts: dict[str, tuple[int, int]]) -> None:
+    missing = [name for name in layers if counts.get(name, (0, 0))[0] == 0]
     if missing:
         raise ValueError(f"calibration never reached layer(s) {missing}: check the calibration batches")
-    # Fewer tokens than input features leave XᵀX singular: the whitening then fits those few tokens
-    # and generalises worse than plain SVD.
-    short = {name: tokens[name] for name in layers if tokens[name] < grams[name].shape[0]}
-    if short:
-        name, count = next(iter(short.items()))
-        warnings.warn(
-            f"calibration saw fewer tokens than input features in {len(short)} layer(s), e.g. {name}: "
-            f"{count} tokens for {grams[name].shape[0]} features; whitening needs more calibration data",
-            stacklevel=3,
-        )
-    return grams
+
+
+def check_coverage(layers: Iterable[str], counts: dict[str, tuple[int, int]], stacklevel: int = 4) -> None:
+    """Raise if a layer saw no token; warn once, naming the worst-covered layer, below TOKENS_PER_FEATURE."""
+    check_reached(layers, counts)
+    per_feature = {name: tokens / features for name, (tokens, features) in counts.items()}
+    short = [name for name, ratio in per_feature.items() if ratio < TOKENS_PER_FEATURE]
+    if not short:
+        return
+    worst = min(short, key=per_feature.get)
+    tokens, features = counts[worst]
+    # Fewer tokens than features leave XᵀX singular; the whitening then fits those few tokens. The Gram is
+    # shrunk toward a scaled identity (plain SVD) accordingly, so whitening loses its edge rather than failing.
+    what = "input features" if tokens < features else f"{TOKENS_PER_FEATURE}x the input features"
+    warnings.warn(
+        f"calibration saw fewer tokens than {what} in {len(short)} layer(s), e.g. {worst}: {tokens} tokens for "
+        f"{features} features; whitening falls back toward plain SVD there (use >= {TOKENS_PER_FEATURE} tokens "
+        "per input feature for its full benefit)",
+        stacklevel=stacklevel,
+    )

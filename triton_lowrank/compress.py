@@ -17,15 +17,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import collect_grams
+from .calibration import GramStats, collect_grams
 from .config import LowRankConfig
-from .factorize import allocate_budget, rank_for_energy, spectrum, truncated_factors, whitening_cholesky
+from .factorize import (
+    allocate_budget,
+    rank_for_energy,
+    shrunk_gram,
+    spectrum,
+    truncated_factors,
+    whitening_cholesky,
+)
 from .factors import LowRankFactors, lowrank_bytes, round_factors
 from .formats import DENSE_KINDS, FLOAT_DTYPES, compressed_layers, dense_weight, untie_head
 from .gptq import quantize_factors
 from .layers import LowRankLinear
 from .quant import check_bits, storage_group_size, tensor_bytes
 from .reference import dequantized_factors
+from .sequential import calibrate_blockwise, find_blocks
 
 SUPPORTED_MODULES = tuple(DENSE_KINDS.values())
 CompressedHook = Callable[[nn.Module], None]
@@ -50,6 +58,7 @@ class LayerReport:
     bytes_before: int  # bytes the layer owned alone (a weight tied to an embedding stays: 0)
     bytes_after: int  # factors + scales + bias
     rel_error: float  # ‖W - Ŵ‖_F / ‖W‖_F of the stored (quantized) factors
+    calib_tokens: int | None = None  # real (unpadded) calibration tokens this layer saw; None without calibration
 
 
 @dataclass
@@ -74,12 +83,15 @@ class CompressionReport:
     def __str__(self) -> str:
         header = f"{'layer':<32} {'kind':<7} {'in':>6} {'out':>6} {'rank':>5} {'bits':>4} "
         header += f"{'bytes before':>13} {'bytes after':>12} {'rel err':>8}"
+        calibrated = any(row.calib_tokens is not None for row in self.layers)
+        header += f" {'calib tokens':>12}" if calibrated else ""
         lines = [header, "-" * len(header)]
         for row in self.layers:
             bits = "fp" if row.bits is None else str(row.bits)
             lines.append(
                 f"{row.name:<32} {row.kind:<7} {row.in_features:>6} {row.out_features:>6} {row.rank:>5} "
                 f"{bits:>4} {row.bytes_before:>13,} {row.bytes_after:>12,} {row.rel_error:>8.4f}"
+                + (f" {row.calib_tokens or 0:>12,}" if calibrated else "")
             )
         ratio = self.bytes_after / max(self.bytes_before, 1)
         lines.append("-" * len(header))
@@ -139,15 +151,16 @@ def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
     check_bits(config.bits, group_size, out_features, f"{name} (out_features)")
 
 
-def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool) -> list[int]:
+def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool, spectra=None) -> list[int]:
     if config.rank is not None:
         return [config.rank] * len(layers)
     if config.rank_ratio is not None:
         return [max(1, round(config.rank_ratio * min(dense_weight(m).shape))) for m in layers.values()]
-    spectra = [
-        spectrum(dense_weight(m), chols.get(n))
-        for n, m in tqdm(layers.items(), desc="spectra", unit="layer", disable=not progress)
-    ]
+    if spectra is None:
+        spectra = [
+            spectrum(dense_weight(m), chols.get(n))
+            for n, m in tqdm(layers.items(), desc="spectra", unit="layer", disable=not progress)
+        ]
     if config.energy is not None:
         return [rank_for_energy(s, config.energy) for s in spectra]
     per_rank = []
@@ -204,6 +217,70 @@ def store_factors(
     return round_factors(up, down, bias, config.bits, config.group_size, dtype)
 
 
+def whitening(stats: GramStats, config: LowRankConfig, name: str) -> torch.Tensor | None:
+    """Lower Cholesky factor of the layer's Gram matrix, shrunk as `config.shrinkage` says; None (plain SVD)
+    for a layer whose calibration inputs were all zero (say, after an all-zero layer): any factors give
+    zero activation error on such data, so whitening has nothing to weigh."""
+    if not stats.gram.diagonal().sum() > 0:
+        warnings.warn(f"{name}: calibration gave this layer only zero inputs; it is factorized by plain SVD",
+                      UserWarning, stacklevel=4)
+        return None
+    gram, _ = shrunk_gram(stats, config.shrinkage)
+    return whitening_cholesky(gram, config.damping, name)
+
+
+def _compress_layer(model, name, module, rank, chol, config: LowRankConfig, calib_tokens, head) -> LayerReport:
+    """Replace one layer by its LowRankLinear in `model`; its report row."""
+    weight = dense_weight(module)  # [out, in]
+    up, down = truncated_factors(weight, rank, chol)
+    stored = store_factors(weight, up, down, module.bias, config, chol, module.weight.dtype)
+    new = LowRankLinear.from_factors(stored, module.weight.dtype, name, type(module).__name__)
+    owned = [] if _tied_to_other_module(model, module) else [module.weight]
+    owned += [] if module.bias is None else [module.bias]
+    row = LayerReport(
+        name=name,
+        kind=type(module).__name__,
+        in_features=weight.shape[1],
+        out_features=weight.shape[0],
+        rank=rank,
+        bits=config.bits,
+        bytes_before=tensor_bytes(owned),
+        bytes_after=tensor_bytes([*new.buffers(), *new.parameters()]),
+        rel_error=relative_error(weight, new.factors()),
+        calib_tokens=calib_tokens,
+    )
+    if module is head:
+        untie_head(model)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+    return row
+
+
+def _compress_sequential(model, layers, config: LowRankConfig, calibration, progress: bool, head) -> list[LayerReport]:
+    """Whitened compression block by block (sequential.py). A budget or energy target needs every layer's
+    spectrum first: a measuring pass over the dense blocks computes them, one block's Grams at a time."""
+    spectra: dict[str, torch.Tensor] = {}
+    if config.budget is not None or config.energy is not None:
+
+        def measure(group: dict[str, nn.Module], stats: dict[str, GramStats]) -> None:
+            for name, module in group.items():
+                spectra[name] = spectrum(dense_weight(module), whitening(stats.pop(name), config, name))
+
+        calibrate_blockwise(model, layers, calibration, measure, progress, "spectra", warn=False)
+    chosen = _choose_ranks(layers, {}, config, progress, [spectra.get(n) for n in layers])
+    ranks = dict(zip(layers, chosen, strict=True))
+    rows: dict[str, LayerReport] = {}
+
+    def compress(group: dict[str, nn.Module], stats: dict[str, GramStats]) -> None:
+        for name, module in group.items():
+            layer_stats = stats.pop(name)
+            chol = whitening(layer_stats, config, name)
+            rows[name] = _compress_layer(model, name, module, ranks[name], chol, config, layer_stats.tokens, head)
+
+    calibrate_blockwise(model, layers, calibration, compress, progress, "compressing blocks")
+    return [rows[name] for name in layers]
+
+
 @torch.no_grad()
 def compress_model(
     model: nn.Module, config: LowRankConfig, calibration: Iterable | None = None, progress: bool | None = None
@@ -218,7 +295,7 @@ def compress_model(
     """
     layers = validate_layers(model, config)
     progress = len(layers) > 1 if progress is None else progress
-    chols: dict[str, torch.Tensor] = {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if config.method == "whitened":
         if calibration is None:
             raise ValueError("method='whitened' needs calibration batches (input ids or kwargs dicts)")
@@ -227,54 +304,23 @@ def compress_model(
                 f"calibration is one {type(calibration).__name__}; pass a list of batches "
                 "([batch, seq] input-id tensors or kwargs dicts), e.g. [input_ids]"
             )
-        grams = collect_grams(model, layers, calibration, progress)
-        silent = [name for name, gram in grams.items() if not gram.diagonal().sum() > 0]
-        if silent:
-            # All-zero inputs (say, after an all-zero layer): any factors give zero activation error on this
-            # data, so whitening has nothing to weigh; plain SVD keeps the weight itself.
-            warnings.warn(
-                f"calibration gave {len(silent)} layer(s) only zero inputs (e.g. {silent[0]}): "
-                "those are factorized by plain SVD",
-                UserWarning,
-                stacklevel=3,
+    if config.method == "whitened" and config.sequential and find_blocks(model, layers) is not None:
+        rows = _compress_sequential(model, layers, config, calibration, progress, head)
+    else:
+        chols: dict[str, torch.Tensor | None] = {}
+        tokens: dict[str, int] = {}
+        if config.method == "whitened":
+            stats = collect_grams(model, layers, calibration, progress)
+            for name in layers:
+                tokens[name] = stats[name].tokens
+                chols[name] = whitening(stats.pop(name), config, name)
+        ranks = _choose_ranks(layers, chols, config, progress)
+        rows = [
+            _compress_layer(model, name, module, rank, chols.pop(name, None), config, tokens.get(name), head)
+            for (name, module), rank in tqdm(
+                list(zip(layers.items(), ranks, strict=True)), desc="compressing", unit="layer", disable=not progress
             )
-        for name in layers:
-            gram = grams.pop(name)
-            if name not in silent:
-                chols[name] = whitening_cholesky(gram, config.damping, name)
-    ranks = _choose_ranks(layers, chols, config, progress)
-
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    rows = []
-    for (name, module), rank in tqdm(
-        list(zip(layers.items(), ranks, strict=True)), desc="compressing", unit="layer", disable=not progress
-    ):
-        weight = dense_weight(module)  # [out, in]
-        chol = chols.pop(name, None)
-        up, down = truncated_factors(weight, rank, chol)
-        stored = store_factors(weight, up, down, module.bias, config, chol, module.weight.dtype)
-        new = LowRankLinear.from_factors(stored, module.weight.dtype, name, type(module).__name__)
-        tied = _tied_to_other_module(model, module)
-        owned = [] if tied else [module.weight]
-        owned += [] if module.bias is None else [module.bias]
-        rows.append(
-            LayerReport(
-                name=name,
-                kind=type(module).__name__,
-                in_features=weight.shape[1],
-                out_features=weight.shape[0],
-                rank=rank,
-                bits=config.bits,
-                bytes_before=tensor_bytes(owned),
-                bytes_after=tensor_bytes([*new.buffers(), *new.parameters()]),
-                rel_error=relative_error(weight, new.factors()),
-            )
-        )
-        if module is head:
-            untie_head(model)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-        del weight, module, up, down
+        ]
     model.compression_config = config  # what made these layers, for checkpoints to record
     for hook in _after_compression:
         hook(model)

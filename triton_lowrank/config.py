@@ -28,6 +28,13 @@ class LowRankConfig:
     include:    glob patterns (fnmatch on full module names); None selects every nn.Linear and GPT-2 Conv1D.
     exclude:    glob patterns removed from the selection; "lm_head" by default (set () to compress it).
     damping:    largest relative diagonal damping tried when the calibration Gram matrix is singular.
+    shrinkage:  whitening only. How far each layer's Gram matrix is shrunk toward a scaled identity before
+                whitening: "auto" picks the strength per layer from the data (Ledoit–Wolf; near 0 with many
+                tokens per feature, near 1 with few), a number in [0, 1] fixes it (0: the raw Gram, SVD-LLM;
+                1: a multiple of I, i.e. plain SVD).
+    sequential: whitening only. Calibrate block by block, each block on the outputs of the already
+                compressed blocks before it; only one block's Gram matrices are in memory at a time.
+                False calibrates every layer on the dense model in one pass (all Grams at once).
     error_feedback: quantize the factors GPTQ-style (each rounding error pushed onto what is not yet
                 quantized, up refitted to the stored down); False rounds each factor to nearest.
     """
@@ -45,6 +52,8 @@ class LowRankConfig:
     exclude: tuple[str, ...] = field(default=("lm_head",))
     damping: float = 1e-2
     error_feedback: bool = True
+    shrinkage: float | str = "auto"
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         chosen = [k for k in RANK_KNOBS if getattr(self, k) is not None]
@@ -58,8 +67,9 @@ class LowRankConfig:
             _check_number(knob, getattr(self, knob), optional=knob != "damping")
         _check_int("bits", self.bits, optional=True)
         _check_int("group_size", self.group_size)
-        if not isinstance(self.error_feedback, bool):
-            raise TypeError(f"LowRankConfig: error_feedback must be True or False, got {self.error_feedback!r}")
+        for knob in ("error_feedback", "sequential"):
+            if not isinstance(getattr(self, knob), bool):
+                raise TypeError(f"LowRankConfig: {knob} must be True or False, got {getattr(self, knob)!r}")
         if not isinstance(self.method, str):
             raise TypeError(f"LowRankConfig: method must be a string, got {self.method!r}")
 
@@ -82,6 +92,9 @@ class LowRankConfig:
             raise ValueError(f"LowRankConfig: group_size must be >= 0, got {self.group_size}")
         if self.method not in ("svd", "whitened"):
             raise ValueError(f"LowRankConfig: method must be 'svd' or 'whitened', got {self.method!r}")
+        is_number = isinstance(self.shrinkage, (int, float)) and not isinstance(self.shrinkage, bool)
+        if self.shrinkage != "auto" and not (is_number and 0 <= self.shrinkage <= 1):
+            raise ValueError(f"LowRankConfig: shrinkage must be 'auto' or a number in [0, 1], got {self.shrinkage!r}")
         if isinstance(self.include, str) or isinstance(self.exclude, str):
             raise TypeError("LowRankConfig: include and exclude are sequences of patterns, not one string")
         self.include = None if self.include is None else _patterns("include", self.include)

@@ -13,27 +13,63 @@ import math
 
 import torch
 
-MAX_DAMPING_TRIES = 64  # 0, 1e-8, 1e-7, ... reach any finite damping up to 1e55
+from .calibration import GramStats
+
+
+def shrinkage_strength(stats: GramStats) -> float:
+    """Ledoit–Wolf's data-driven shrinkage α in [0, 1] of the second-moment matrix S = XᵀX / n toward μI.
+
+    The estimate (1 - α)·S + α·μI (μ = tr S / d) has the least expected Frobenius error at α = β² / δ²,
+    with δ² = ‖S - μI‖² (how far the data are from isotropic) and β² = Σ_k ‖x_k x_kᵀ - S‖² / n² (the sampling
+    noise of S; ‖x_k x_kᵀ‖² = ‖x_k‖⁴, hence GramStats.sum_norm4). Few tokens per feature make β² large and α
+    go to 1. Ledoit & Wolf, "A well-conditioned estimator for large-dimensional covariance matrices", 2004.
+    """
+    n = stats.tokens
+    s = stats.gram.double() / n  # [in, in]
+    frob2 = s.square().sum().item()
+    delta2 = frob2 - s.diagonal().sum().item() ** 2 / s.shape[0]  # ‖S - μI‖²
+    beta2 = (stats.sum_norm4 / n - frob2) / n
+    if not delta2 > 0:
+        return 0.0  # S is already isotropic
+    return min(1.0, max(0.0, beta2 / delta2))
+
+
+def shrunk_gram(stats: GramStats, shrinkage: float | str) -> tuple[torch.Tensor, float]:
+    """((1 - α)·S + α·μI [in, in] float64, α), S = XᵀX / n; `shrinkage` is α or "auto" (Ledoit–Wolf).
+
+    Whitening with a multiple of I leaves the truncation plain SVD's, so α = 1 is plain SVD and α between
+    0 and 1 moves from the calibration-optimal truncation (SVD-LLM) toward it.
+    """
+    alpha = shrinkage_strength(stats) if shrinkage == "auto" else float(shrinkage)
+    s = stats.gram.double() / max(stats.tokens, 1)  # [in, in]
+    shrunk = (1 - alpha) * s
+    shrunk.diagonal().add_(alpha * s.diagonal().mean())
+    return shrunk, alpha
+
+
+# Relative diagonal damping tried, in order, when the Gram matrix is not positive definite.
+DAMPING_STEPS = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def whitening_cholesky(gram: torch.Tensor, max_damping: float, name: str) -> torch.Tensor:
-    """Lower Cholesky factor L of the [in, in] Gram matrix, damped only if it is singular."""
+    """Lower Cholesky factor L of the [in, in] Gram matrix, damped only if it is singular.
+
+    Damping runs through DAMPING_STEPS up to `max_damping` (a bounded number of tries, never a loop).
+    """
     gram = gram.double()
     mean_diag = gram.diagonal().mean()
     if not mean_diag > 0:
         raise ValueError(f"{name}: calibration produced no activations for this layer")
-    if not 0 < max_damping < math.inf:  # NaN would never reach the bound below: refuse instead of looping
+    if not (math.isfinite(max_damping) and max_damping > 0):  # NaN would never end the retries
         raise ValueError(f"{name}: damping must be > 0 and finite, got {max_damping}")
-    damping = 0.0
-    for _ in range(MAX_DAMPING_TRIES):
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    if not torch.isfinite(gram).all():
+        raise ValueError(f"{name}: calibration Gram matrix has non-finite entries (inf or NaN activations)")
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for damping in [d for d in DAMPING_STEPS if d < max_damping] + [max_damping]:
         chol, info = torch.linalg.cholesky_ex(gram + damping * mean_diag * eye)
         if info.item() == 0:
             return chol
-        if damping >= max_damping:
-            raise ValueError(f"{name}: calibration Gram matrix is not positive definite even with damping {damping}")
-        damping = min(max_damping, 1e-8 if damping == 0 else damping * 10)
-    raise ValueError(f"{name}: calibration Gram matrix is not positive definite even with damping {damping}")
+    raise ValueError(f"{name}: calibration Gram matrix is not positive definite even with damping {max_damping}")
 
 
 def _svd_dtype(chol: torch.Tensor | None) -> torch.dtype:
