@@ -27,7 +27,8 @@ Per kernel, with P programs over S SMs and c = CTAs resident per SM (occupancy, 
   memory = unique DRAM bytes per SM / min(HBM share per SM, bytes in flight per SM / DRAM latency)
            + weight bytes re-read from L2 / L2 bandwidth,   bytes in flight per SM = c x threads x weight
            bytes per thread per iteration x (2 if prefetched else 1)        (Little's law)
-  time   = LAUNCH_US + max(issue, memory) + DRAM latency x (1 + 1 if the kernel has global atomics)
+  time   = launch + max(issue, memory) + DRAM latency x (1 + 1 if the kernel has global atomics),
+           launch = LAUNCH_US, or PDL_LAUNCH_US for a programmatic dependent launch
 A plan of several kernels adds their times.
 """
 
@@ -57,6 +58,7 @@ L2_TBS = 7.0  # L2 read bandwidth for re-read weight tiles
 DRAM_LATENCY_NS = 650.0  # loaded round trip
 ISSUE_PER_CLK = 128  # thread-instructions per SM per clock: 4 schedulers x 32 lanes
 LAUNCH_US = 2.0  # per kernel under CUDA graphs (issue 9: "a second launch costs about 2 us")
+PDL_LAUNCH_US = 0.7  # a programmatic dependent launch: its launch overlaps the previous kernel (a guess)
 REGS_PER_SM, MAX_WARPS_PER_SM, MAX_CTAS_PER_SM = 65536, 64, 32
 SMEM_PER_SM, SMEM_RESERVED_PER_CTA = 233472, 1024
 
@@ -162,13 +164,18 @@ def record_launches(s: Spec, config) -> list[Launch]:
             return run
 
     originals = {name: obj for name, obj in vars(kern).items() if isinstance(obj, JITFunction)}
+    pdl = getattr(launch_mod, "pdl_supported", None)
     try:
         for name, obj in originals.items():
             setattr(kern, name, Recorder(obj))
+        if pdl is not None:  # what the launcher decides on an sm_90 device
+            launch_mod.pdl_supported = lambda x2d: True
         launch_mod.launch(x, f, config, out)
     finally:
         for name, obj in originals.items():
             setattr(kern, name, obj)
+        if pdl is not None:
+            launch_mod.pdl_supported = pdl
     return launches
 
 
@@ -491,7 +498,8 @@ def analyze_launch(s: Spec, launch: Launch, workdir: str) -> dict:
                  if isinstance(a, torch.Tensor) and launch.roles.get(i) in ("weight", "scale", "x", "out", "bias"))
     record = {
         "kernel": name, "grid": list(launch.grid), "programs": programs, "num_warps": warps,
-        "num_stages": getattr(meta, "num_stages", None), "regs": res["regs"],
+        "num_stages": getattr(meta, "num_stages", None), "launch_pdl": bool(getattr(meta, "launch_pdl", False)),
+        "regs": res["regs"],
         "spills": res["local"] + res["stack"], "shared_bytes": shared, "ctas_per_sm": ctas,
         "resident_ctas_per_sm": min(ctas, programs // SMS) if programs >= SMS else (1 if programs else 0),
         "waves": round(programs / (SMS * max(ctas, 1)), 2), **sass_info,
@@ -519,7 +527,7 @@ def estimate_kernel_us(r: dict) -> float:
     reread = max(0, r["weight_bytes_streamed"] - r["weight_bytes"])
     memory = r["unique_bytes"] * share / bandwidth + reread / (L2_TBS * 1e6)
     serial = DRAM_LATENCY_NS * 1e-3 * (1 + (r["global_atomics"] > 0))
-    return round(LAUNCH_US + max(issue, memory) + serial, 2)
+    return round((PDL_LAUNCH_US if r.get("launch_pdl") else LAUNCH_US) + max(issue, memory) + serial, 2)
 
 
 def report_problem(s: Spec, config, workdir: str) -> list[dict]:
