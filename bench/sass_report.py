@@ -410,13 +410,20 @@ def analyze_sass(text: str, offsets: dict[int, int], roles: dict[int, str]) -> d
     }
 
 
+MOVES = ("MOV", "IMAD.MOV.U32", "IMAD.MOV", "UMOV")
+
+
 def _read_before_redefined(instrs: list[Instr], load: int, end: int) -> bool:
-    """Whether the loaded registers are read later in the same iteration (else the load is a prefetch)."""
+    """Whether the loaded registers are used later in the same iteration (else the load is a prefetch for the
+    next one). A register move only carries the value on (the copy is followed, not counted as a use)."""
     live = set(instrs[load].dests())
     for ins in instrs[load + 1:end + 1]:
-        if live & set(ins.sources()):
-            return True
+        read = live & set(ins.sources())
         live -= set(ins.dests())
+        if read and ins.op in MOVES:
+            live |= set(ins.dests())
+        elif read:
+            return True
         if not live:
             return False
     return False
@@ -572,6 +579,8 @@ def load_measurements() -> dict:
         except (OSError, ValueError):
             continue
         gpu = data.get("env", {}).get("device", path.parent.name)
+        if path.parent.name == "dry-run" or str(gpu).startswith("cpu"):
+            continue  # interpreter timings measure numpy, not a GPU
         for row in data.get("rows", []):
             for key, value in row.items():
                 if key.endswith("_us") and key not in ("cublas_us", "unfused_us"):
