@@ -131,21 +131,21 @@ def _store_output(y_ptr, stride_ym, acc, bias_ptr, m_offs, n_offs, M, n_hi, HAS_
 
 # ---- decode path, CUDA cores (BLOCK_M == 1) ----------------------------------------------------------
 @triton.jit
-def _x_pair(x_row_ptr, col, k_hi, X_PAIRS: tl.constexpr, MASKED: tl.constexpr):
-    """fp32 x[col] and x[col + 1] for even columns `col` [T, 4]: one 32-bit load for both when X_PAIRS
+def _x_pair(x_row_ptr, pair, k_hi, X_PAIRS: tl.constexpr, MASKED: tl.constexpr):
+    """fp32 x[2 pair] and x[2 pair + 1] for pair indices `pair` [T, 4]: one 32-bit load for both when X_PAIRS
     (16-bit activations, 4-byte aligned rows), else two loads."""
-    mask = col < k_hi if MASKED else None
+    mask = pair < k_hi // 2 if MASKED else None  # k_hi is even
     if X_PAIRS:
-        pair_ptr = x_row_ptr.to(tl.pointer_type(tl.int32)) + col // 2
+        pair_ptr = x_row_ptr.to(tl.pointer_type(tl.int32)) + pair
         both = tl.load(pair_ptr, mask=mask, other=0) if MASKED else tl.load(pair_ptr)
         lo = both.to(tl.int16).to(x_row_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
         hi = (both >> 16).to(tl.int16).to(x_row_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
     elif MASKED:
-        lo = tl.load(x_row_ptr + col, mask=mask, other=0.0).to(tl.float32)
-        hi = tl.load(x_row_ptr + col + 1, mask=mask, other=0.0).to(tl.float32)
+        lo = tl.load(x_row_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(x_row_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
     else:
-        lo = tl.load(x_row_ptr + col).to(tl.float32)
-        hi = tl.load(x_row_ptr + col + 1).to(tl.float32)
+        lo = tl.load(x_row_ptr + 2 * pair).to(tl.float32)
+        hi = tl.load(x_row_ptr + 2 * pair + 1).to(tl.float32)
     return lo, hi
 
 
@@ -174,7 +174,7 @@ def _shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, k_hi, 
         acc += chunk.to(tl.float32) * x[None, :, :]
     elif BITS == 8:
         for pair in tl.static_range(2):
-            lo, hi = _x_pair(x_row_ptr, cols * 4 + 2 * pair, k_hi, X_PAIRS, MASKED)
+            lo, hi = _x_pair(x_row_ptr, cols * 2 + pair, k_hi, X_PAIRS, MASKED)
             acc += int8_lane(chunk, 2 * pair, magic, True) * lo[None, :, :]
             acc += int8_lane(chunk, 2 * pair + 1, magic, True) * hi[None, :, :]
             xoff += lo + hi
@@ -182,7 +182,7 @@ def _shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, k_hi, 
         t = tl.zeros(chunk.shape, dtype=tl.float32)
         tile_off = tl.zeros(cols.shape, dtype=tl.float32)
         for pair in tl.static_range(4):
-            lo, hi = _x_pair(x_row_ptr, cols * 8 + 2 * pair, k_hi, X_PAIRS, MASKED)
+            lo, hi = _x_pair(x_row_ptr, cols * 4 + pair, k_hi, X_PAIRS, MASKED)
             t += int4_lane(chunk, 2 * pair, magic, not PRECISE) * lo[None, :, :]
             t += int4_lane(chunk, 2 * pair + 1, magic, True) * hi[None, :, :]
             if PRECISE:
