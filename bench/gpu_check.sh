@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh
 # Installs the package editable without build isolation (the image has setuptools but no package
 # index; kernels/ maps to triton_lowrank.kernels, so PYTHONPATH alone is not enough), runs the GPU tests and the kernel tests on CUDA, the quick kernel benchmark with
-# autotune timing, bench/e2e.py --quick, archives results to $OUT, and prints the summary table
+# autotune timing (and tuned_winners.json), the static sm_90 report with its estimates beside those measurements,
+# bench/e2e.py --quick, archives results to $OUT, and prints the summary table
 # last. Each step has its own timeout so one hang cannot eat the whole lease.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -31,11 +32,14 @@ if ! "$PY" -c "import triton_lowrank.kernels.launch" 2>/dev/null; then
 fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 120 gpu-tests "$PY" -m pytest -q -m gpu tests/
-step 60 kernel-tests "$PY" -m pytest -q tests/test_kernels.py tests/test_autotune.py
+step 240 kernel-tests "$PY" -m pytest -q tests/test_kernels.py tests/test_autotune.py
 step 150 bench-kernels "$PY" bench/kernel_bench.py --autotune
+RESULTS=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); from common import results_dir; print(results_dir())")
+# The static sm_90 report after the benchmark, so each estimate prints beside the time just measured.
+step 240 sass-report bash -c "set -o pipefail; env -u TRITON_INTERPRET '$PY' bench/sass_report.py --json '$RESULTS/sass_report.json' \
+    | tee '$RESULTS/sass_report.txt'"
 step 120 bench-e2e "$PY" bench/e2e.py --quick
 
-RESULTS=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); from common import results_dir; print(results_dir())")
 "$PY" bench/summary.py "$RESULTS" | tee "$RESULTS/summary.txt"
 if [ -n "${OUT:-}" ]; then
     # The device tool returns at most 8 files: ship the whole results folder as one archive.

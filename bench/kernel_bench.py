@@ -1,4 +1,4 @@
-"""Kernel benchmark: fused (1 launch) and two-launch low-rank kernels vs cuBLAS dense fp16 and
+"""Kernel benchmark: the decode and split paths of the low-rank kernels vs cuBLAS dense fp16 and
 unfused PyTorch low-rank (two F.linear on fp16 factors), with cold L2 and CUDA-graph timing.
 
     python bench/kernel_bench.py            # quick sweep (~2-3 min on an H100)
@@ -6,8 +6,9 @@ unfused PyTorch low-rank (two F.linear on fp16 factors), with cold L2 and CUDA-g
     python bench/kernel_bench.py --autotune # also time GPT-2 XL pretuning, cold and warm
     python bench/kernel_bench.py --dry-run  # CPU, tiny shapes, Triton interpreter: checks the plumbing
 
-Writes kernels.json / kernels.csv / kernels_*.png (and autotune_timing.json) under
-bench/results/<gpu-slug>/. Bandwidth counts factor + scale + bias bytes plus activations.
+Writes kernels.json / kernels.csv / kernels_*.png (and autotune_timing.json, tuned_winners.json) under
+bench/results/<gpu-slug>/. Bandwidth counts factor + scale + bias bytes plus activations. Each path runs its
+default config (what bench/sass_report.py compiles), so the report prints its estimates beside these times.
 """
 
 # Named kernel_bench, not kernels: as a script its folder is on sys.path, and a module named
@@ -72,7 +73,7 @@ def make_sets(k, n, rank, bits, group, n_sets, device, dtype):
     return sets
 
 
-def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("fused", "split")):
+def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("decode", "split")):
     lowrank_bytes = factor_bytes(k, n, rank, bits, group) + n * 2
     dense_bytes = n * k * 2 + n * 2
     fp16_lowrank_bytes = rank * (k + n) * 2 + n * 2
@@ -84,9 +85,10 @@ def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("fused", "s
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device.type == "cuda" else 132
     interpret = device.type != "cuda"
     configs = {
-        "fused": default_config(problem, sms, interpret, fused_max_m=1 << 30),
+        "decode": default_config(problem, sms, interpret, fused_max_m=1 << 30),
         "split": default_config(problem, sms, interpret, fused_max_m=0),
     }
+    paths = tuple(p for p in paths if configs[p].path == p)  # decode needs 16-byte factor rows
     contenders = {name: (lambda i, c=configs[name]: launch(x, sets[i]["f"], c, out)) for name in paths}
     contenders["auto"] = lambda i: lowrank_matmul(x, sets[i]["f"])  # what the custom op picks
     contenders["cublas"] = lambda i: F.linear(x, sets[i]["dense"], sets[i]["bias"])
@@ -114,7 +116,7 @@ def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("fused", "s
 
 def sweep(args, device, dtype):
     if args.dry_run:
-        shapes, ms, ratios, bit_list = [(48, 80)], (1, 20), (0.25,), (8, 4)
+        shapes, ms, ratios, bit_list = [(64, 96)], (1, 20), (0.25,), (8, 4)
     elif args.full:
         shapes, ms, ratios, bit_list = [*GPT2_SHAPES, LLAMA_SHAPE], M_VALUES, RATIOS, (8, 4)
     else:
@@ -127,24 +129,30 @@ def sweep(args, device, dtype):
     cases = list(dict.fromkeys(cases))
     rows = []
     for i, (k, n, rank, bits, m) in enumerate(cases):
-        paths = ("fused", "split") if m <= 64 else ("split",)  # fused atomics scale with M
-        group = 16 if args.dry_run else 128
+        paths = ("decode", "split") if m <= 64 else ("split",)  # decode's phase-1 work scales with M
+        group = 32 if args.dry_run else 128
         row = bench_case(k, n, rank, bits, m, device, dtype, group, paths)
         rows.append(row)
         print(f"[{i + 1}/{len(cases)}] {k}x{n} r={rank} int{bits} M={m}: "
-              + "  ".join(f"{p}={row[f'{p}_us']:.1f}us" for p in (*paths, "auto", "cublas", "unfused"))
+              + "  ".join(f"{p}={row[f'{p}_us']:.1f}us" for p in (*paths, "auto", "cublas", "unfused")
+                          if f"{p}_us" in row)
               + f"  best={row['best_path']} x{row['speedup_vs_cublas']:.2f} vs cuBLAS"
-              + f"  max rel err {max(row[f'{p}_rel_err'] for p in (*paths, 'auto')):.1e}", flush=True)
+              + f"  max rel err {max(row[f'{p}_rel_err'] for p in (*paths, 'auto') if f'{p}_rel_err' in row):.1e}",
+              flush=True)
     return rows
 
 
-def autotune_timing(device) -> dict:
-    """GPT-2 XL layer shapes (rank ratio 0.25, int8) tuned cold in fast mode, then a warm start."""
+def autotune_timing(device, out_dir: Path) -> dict:
+    """GPT-2 XL layer shapes (rank ratio 0.25, int8) tuned cold in fast mode, then a warm start. The cold run's
+    winners go to tuned_winners.json (the format of kernels/tuned/<gpu-slug>.json, to be committed there)."""
     model = nn.Sequential(*[LowRankLinear(k, n, min(k, n) // 4, bits=8, device=device) for k, n in GPT2_XL_LAYERS])
     with tempfile.TemporaryDirectory() as cache_dir:
         start = time.perf_counter()
-        cold = pretune_model(model, "fast", tuner=Autotuner(mode="fast", cache_dir=cache_dir))
+        tuner = Autotuner(mode="fast", cache_dir=cache_dir)
+        cold = pretune_model(model, "fast", tuner=tuner)
         cold_s = time.perf_counter() - start
+        write_json(out_dir / "tuned_winners.json", {"gpu": tuner.gpu_name, "triton": tuner.triton_version,
+                                                     "entries": tuner.entries})
         start = time.perf_counter()
         warm = pretune_model(model, "fast", tuner=Autotuner(mode="fast", cache_dir=cache_dir))
         warm_s = time.perf_counter() - start
@@ -169,7 +177,7 @@ def plot(rows, out_dir: Path) -> list[Path]:
         rank = sorted({r["rank"] for r in sel}, key=lambda v: abs(v - min(k, n) // 4))[0]
         sel = sorted((r for r in sel if r["rank"] == rank), key=lambda r: r["m"])
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name in ("fused", "split", "auto", "cublas", "unfused"):
+        for name in ("decode", "split", "auto", "cublas", "unfused"):
             pts = [(r["m"], r[f"{name}_us"]) for r in sel if f"{name}_us" in r]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=name)
@@ -201,14 +209,14 @@ def main(argv=None) -> int:
     out_dir = results_dir(device_name() if device.type == "cuda" else "dry-run")
     print(f"device: {device_name()}  ->  {out_dir}", flush=True)
     if args.autotune or args.autotune_only:
-        write_json(out_dir / "autotune_timing.json", {"env": environment(), **autotune_timing(device)})
+        write_json(out_dir / "autotune_timing.json", {"env": environment(), **autotune_timing(device, out_dir)})
         if args.autotune_only:
             return 0
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"device-to-device copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
     rows = sweep(args, device, dtype)
     for row in rows:
-        row["best_pct_copy_bw"] = round(100 * max(row[f"{p}_gbs"] for p in ("fused", "split", "auto")
+        row["best_pct_copy_bw"] = round(100 * max(row[f"{p}_gbs"] for p in ("decode", "split", "auto")
                                                   if f"{p}_gbs" in row) / copy_gbs, 1)
     write_json(out_dir / "kernels.json", {"env": environment(), "copy_gbs": round(copy_gbs, 1), "rows": rows})
     write_csv(out_dir / "kernels.csv", rows)

@@ -4,28 +4,39 @@ candidate sets the autotuner searches (pruned by problem size and shared memory)
 Pure Python (no Triton import) so the autotuner and tests can reason about configs anywhere.
 
 Two execution paths (see kernels/lowrank_matmul.py):
-- "fused": one launch. Each program owns a block of rank components, computes its slice of the
-  rank-r intermediate on chip and scatters its contribution to y with fp32 atomics; the last
-  program to finish an output slice adds the bias and writes y. Wins at decode M, where the
-  job is to stream the factor bytes exactly once.
-- "split": two launches. shrink writes hidden[M, r] fp32, expand reads it back. Plain tiled
-  GEMMs on tensor cores, no atomics: wins at prefill M, where the work is compute-bound.
+- "decode": two launches for decode M. Phase 1 (grid: rank blocks x K splits) streams `down` once and
+  adds the rank-r intermediate into an fp32 workspace with atomics; phase 2 (grid: output column
+  blocks) streams `up_t` once against it and writes y. block_m == 1 runs on CUDA cores (one program
+  per activation row), block_m == 16 on tensor cores. Fields: block_r, block_k and split_k shape
+  phase 1; block_n and expand_block_r (rows per iteration) shape phase 2.
+- "split": two launches for prefill M. shrink writes hidden[M, r] fp32, expand reads it back. Plain
+  tiled GEMMs on tensor cores, no atomics.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
-# Launcher rule without a tuned entry: fused for M <= FUSED_MAX_M, two-launch above.
-# The fused path's atomic traffic grows with M (r_blocks * M * N fp32 adds) while the factor bytes
-# do not, so it only pays at decode sizes. Set from bench/kernel_bench.py measurements.
+# Launcher rule without a tuned entry: the decode path for M <= FUSED_MAX_M, the split path above.
+# PROVISIONAL: not yet backed by a GPU measurement (no GPU was lent while issue 9 was done). The
+# decode path's instruction work grows with M on CUDA cores and its phase 1 atomics grow with M,
+# while the split path tiles M by 16..128 rows; bench/kernel_bench.py times both at M = 1, 16, 64.
 FUSED_MAX_M = 16
+# Decode path on CUDA cores (block_m = 1) for M up to this; tensor cores above. PROVISIONAL as well.
+CUDA_CORE_MAX_M = 1
 
 # Hardware numbers used when no GPU can be queried (H100 SXM: 132 SMs, 227 KiB opt-in smem).
+# Committed autotune winners per GPU, beside the code (as vLLM and gemlite ship theirs): kernels/tuned/<gpu-slug>.json
+# = {"gpu": name, "triton": version, "entries": {autotune key: {"config": TileConfig fields, "ms": ...}}}.
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 DEFAULT_NUM_SMS = 132
 DEFAULT_SMEM_BYTES = 232448
+WAVE_CTAS = 2  # decode grids aim at this many CTAs per SM: one hides the other's load latency
 
 
 @dataclass(frozen=True)
@@ -49,13 +60,13 @@ class Problem:
 class TileConfig:
     """Block sizes for one launch plan. Fields unused by a path are ignored by it."""
 
-    path: str  # "fused" | "split"
+    path: str  # "decode" | "split"
     block_m: int
     block_n: int
     block_k: int
     block_r: int
-    split_k: int = 1  # fused: programs sharing one rank block along `in` (re-read up_t)
-    split_n: int = 1  # fused: programs sharing one rank block along `out` (re-read down)
+    split_k: int = 1  # decode: phase-1 programs sharing one rank block along `in`
+    split_n: int = 1  # unused (kept so cached entries keep one layout)
     # split path only: round hidden to the activation dtype right before the expand MMA
     # (fp16/bf16 tensor cores, same numerics as the unfused PyTorch baseline). Otherwise the
     # fp32 hidden meets the up factor in a tf32 MMA: for fp16 activations that is the same
@@ -63,19 +74,31 @@ class TileConfig:
     expand_lowp: bool = False
     num_warps: int = 4
     num_stages: int = 2
+    expand_block_r: int = 0  # decode: phase-2 rank rows per loop iteration (0: block_r)
+    shrink_warps: int = 0  # decode: phase-1 warps per CTA (0: num_warps)
 
     def __post_init__(self) -> None:
-        if self.path not in ("fused", "split"):
-            raise ValueError(f"TileConfig.path must be 'fused' or 'split', got {self.path!r}")
+        if self.path not in ("decode", "split"):
+            raise ValueError(f"TileConfig.path must be 'decode' or 'split', got {self.path!r}")
         for name in ("block_m", "block_n", "block_k", "block_r"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"TileConfig.{name} must be a power of two, got {value}")
+        if self.expand_block_r & (self.expand_block_r - 1) or self.expand_block_r < 0:
+            raise ValueError(f"TileConfig.expand_block_r must be 0 or a power of two, got {self.expand_block_r}")
 
     @property
     def uses_dot(self) -> bool:
-        """Fused path: tl.dot needs every tile dim >= 16; smaller M uses broadcast-and-sum."""
+        """tl.dot needs every tile dim >= 16; the decode path at block_m < 16 runs on CUDA cores."""
         return self.path == "split" or self.block_m >= 16
+
+    @property
+    def rows_per_expand_step(self) -> int:
+        return self.expand_block_r or self.block_r
+
+    @property
+    def phase1_warps(self) -> int:
+        return self.shrink_warps or self.num_warps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,40 +132,89 @@ def _int4_block(features: int, group_size: int, wanted: int) -> int:
     return block if group_size % block == 0 else wanted
 
 
-def _fused_splits(p: Problem, block_r: int, num_sms: int) -> tuple[int, int]:
-    """Splits that give about one wave of programs, on the larger factor's feature axis.
+def lanes(bits: int | None) -> int:
+    """Columns per 32-bit word on the CUDA-core decode path (float factors: one element per slot)."""
+    return {8: 4, 4: 8, None: 1}[bits]
 
-    Splitting `out` makes each of the split programs re-read its down rows (and vice versa),
-    so the redundant reads fall on the smaller factor and mostly hit L2.
+
+def decode_chunk(bits: int | None) -> int:
+    """Columns of one thread's chunk of a factor row on the CUDA-core decode path: 4 words, one 128-bit load."""
+    return 4 * lanes(bits)
+
+
+def decode_supported(p: Problem) -> bool:
+    """The decode kernels read 16-byte row chunks: every factor row must be a multiple of 16 bytes,
+    and int4 groups whole 32-column chunks. Other shapes take the split path."""
+    for features in (p.k, p.n):
+        if (features * p.factor_elem_bytes) % 16:
+            return False
+    return p.bits != 4 or p.group_size % 32 == 0
+
+
+def _realized_split(k: int, block_k: int, split_k: int) -> int:
+    """K splits the launcher really makes of `split_k` (each split a whole number of tiles)."""
+    k_per_split = _cdiv(_cdiv(k, split_k), block_k) * block_k
+    return _cdiv(k, k_per_split)
+
+
+def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_per_thread: int = 8) -> TileConfig:
+    """The CUDA-core decode plan (block_m = 1), sized from what bench/sass_report.py shows.
+
+    Phase 1: a thread holds 16-byte chunks of `rows_per_thread` rows; 8 threads along K make a 128-byte
+    (one cache line) row tile (4 in 1-warp CTAs). The x values a thread loads are shared by its rows, so their cost per
+    weight is 1 / rows_per_thread: keep 8 rows per thread and shrink the CTA (4, 2, 1 warps), then the
+    rows, until the grid has WAVE_CTAS CTAs per SM (two resident CTAs hide each other's load latency).
+    Phase 2: one thread per row and per 16-byte chunk of columns, so the grid is as wide as the columns
+    allow; each iteration loads up to 4 sub-tiles of rows (independent 128-bit loads in flight).
     """
+    chunk = decode_chunk(p.bits)
+    target = WAVE_CTAS * num_sms
+    choices = [(w, rows_per_thread) for w in (4, 2, 1)] + [(1, rt) for rt in (4, 2, 1) if rt < rows_per_thread]
+    for shrink_warps, rt in choices:
+        # threads along K: 8 (a 128-byte row tile); 4 in a 1-warp CTA, where 8 x 4 x values would be exactly one
+        # per thread and Triton would load them in that layout and move them through shared memory (BAR)
+        t_k = 8 if shrink_warps > 1 else 4
+        block_k = chunk * t_k
+        k_tiles = _cdiv(p.k, block_k)
+        block_r = 32 * shrink_warps // t_k * rt
+        if _cdiv(p.rank, block_r) * k_tiles >= target:
+            break
+    else:  # too small to fill the GPU anyway: keep x amortized over 4 rows per thread
+        shrink_warps, t_k = 1, 4
+        block_k = chunk * t_k
+        k_tiles = _cdiv(p.k, block_k)
+        block_r = 32 // t_k * min(4, rows_per_thread)
     r_blocks = _cdiv(p.rank, block_r)
-    split = max(1, min(num_sms // r_blocks, 32))
-    if p.n >= p.k:
-        return 1, max(1, min(split, _cdiv(p.n, 64)))
-    return max(1, min(split, _cdiv(p.k, 64))), 1
+    split_k = max(1, min(k_tiles, _cdiv(target, r_blocks)))
+    while split_k < k_tiles and r_blocks * _realized_split(p.k, block_k, split_k) < target:
+        split_k += 1
+    block_n = chunk
+    sub_r = 32 * num_warps
+    units = 4 if p.rank >= 4 * sub_r else 2 if p.rank >= 2 * sub_r else 1
+    return TileConfig("decode", 1, block_n, block_k, block_r, split_k, num_warps=num_warps,
+                      expand_block_r=sub_r * units, shrink_warps=shrink_warps)
 
 
 def default_config(
     p: Problem, num_sms: int = DEFAULT_NUM_SMS, interpret: bool = False, fused_max_m: int = FUSED_MAX_M
 ) -> TileConfig:
     """The no-benchmark heuristic (CI, the interpreter, and any untuned shape)."""
+    decode = p.m <= fused_max_m and decode_supported(p)
     if interpret:  # small tiles keep the numpy interpreter fast; >= 16 where tl.dot needs it
-        if p.m <= fused_max_m:
-            block_m = 16 if p.m > 4 else next_pow2(p.m)
-            return TileConfig("fused", block_m, 32, 32, 16, split_n=2 if p.n > 32 else 1)
+        if decode:
+            chunk = decode_chunk(p.bits)
+            if p.m <= CUDA_CORE_MAX_M:
+                return TileConfig("decode", 1, 2 * chunk, 2 * chunk, 16, split_k=2, expand_block_r=32)
+            return TileConfig("decode", 16, 32, 32, 16, split_k=2)
         return TileConfig("split", 16, 32, 32, 16)
-    if p.m <= fused_max_m:
-        # Byte budget: atomics add r_blocks * M * N * 4 bytes; keep them <= ~1/8 of the factor
-        # bytes r * (K + N) * b  =>  block_r >= 32 * M * N / ((K + N) * b).
-        need = 32 * p.m * p.n / ((p.k + p.n) * p.factor_elem_bytes)
-        block_r = min(max(16, next_pow2(int(need))), 128, max(16, next_pow2(p.rank)))
-        split_k, split_n = _fused_splits(p, block_r, num_sms)
-        block_m = next_pow2(p.m) if p.m <= 4 else 16
-        # broadcast path holds a [block_m, block_r, block] fp32 product: keep it ~8K elements
-        block = max(32, min(256, 8192 // (block_m * block_r))) if block_m < 16 else 64
-        block_k = _int4_block(p.k, p.group_size, block) if p.bits == 4 else block
-        block_n = _int4_block(p.n, p.group_size, block) if p.bits == 4 else block
-        return TileConfig("fused", block_m, block_n, block_k, block_r, split_k, split_n, num_warps=4)
+    if decode and p.m <= CUDA_CORE_MAX_M:
+        return decode_cuda_core_config(p, num_sms)
+    if decode:
+        block_k = _int4_block(p.k, p.group_size, 64) if p.bits == 4 else 64
+        block_n = _int4_block(p.n, p.group_size, 64) if p.bits == 4 else 64
+        block_r = 32
+        split_k = max(1, min(_cdiv(p.k, block_k), _cdiv(WAVE_CTAS * num_sms, _cdiv(p.rank, block_r))))
+        return TileConfig("decode", 16, block_n, block_k, block_r, split_k, expand_block_r=64, num_stages=3)
     large = p.m >= 256
     block_m = 128 if large else 64
     block_n = 128 if large else 64
@@ -158,9 +230,11 @@ def default_config(
 def smem_bytes(c: TileConfig, p: Problem) -> int:
     """Upper estimate of the pipelined shared-memory footprint of the biggest kernel in `c`."""
     wb = max(1.0, p.factor_elem_bytes)  # loaded factor tiles are widened before the dot
-    if c.path == "fused":
+    if c.path == "decode":
+        if not c.uses_dot:
+            return 0  # CUDA cores: registers only (the final reductions use a few KB)
         shrink = c.block_m * c.block_k * p.x_bytes + c.block_r * c.block_k * wb
-        expand = c.block_r * c.block_n * wb
+        expand = c.block_m * c.rows_per_expand_step * 4 + c.rows_per_expand_step * c.block_n * wb
         return int(c.num_stages * max(shrink, expand))
     shrink = c.block_m * c.block_k * p.x_bytes + c.block_r * c.block_k * wb
     expand = c.block_m * c.block_r * 4 + c.block_r * c.block_n * wb
@@ -176,12 +250,12 @@ def _fits(c: TileConfig, p: Problem, smem_limit: int) -> bool:
         return False
     if c.block_k > max(16, next_pow2(p.k)):
         return False
-    if c.uses_dot and min(c.block_m, c.block_n, c.block_k, c.block_r) < 16:
+    if c.uses_dot and min(c.block_m, c.block_n, c.block_k, c.block_r, c.rows_per_expand_step) < 16:
         return False
-    if c.path == "fused":
-        if not c.uses_dot and c.block_m * c.block_r * max(c.block_k, c.block_n) > 16384:
-            return False  # broadcast product would spill registers
-        if c.split_n > _cdiv(p.n, c.block_n) or c.split_k > _cdiv(p.k, c.block_k):
+    if c.path == "decode":
+        if not decode_supported(p) or c.split_k > _cdiv(p.k, c.block_k):
+            return False
+        if p.bits == 4 and c.uses_dot and (p.group_size % c.block_k or p.group_size % c.block_n):
             return False
     return smem_bytes(c, p) <= smem_limit
 
@@ -195,29 +269,30 @@ def candidate_configs(
 ) -> list[TileConfig]:
     """Deterministically ordered, deduplicated candidates for `mode` ("default", "fast", "max").
 
-    The default config is always first, so ties resolve to the heuristic.
+    The default config is always first, so ties resolve to the heuristic. Every path that can win
+    (decode on CUDA cores, decode on tensor cores, split) is among the "fast" candidates wherever it
+    applies; "max" widens the tile and split choices.
     """
     first = default_config(p, num_sms, fused_max_m=fused_max_m)
     if mode == "default":
         return [first]
     wide = mode == "max"
     out: list[TileConfig] = [first]
-    # fused only competes at decode-ish M (its atomics scale with M); 4x the threshold lets
-    # tuning move the crossover from data.
-    if p.m <= 4 * fused_max_m:
-        block_ms = [next_pow2(p.m)] if p.m <= 4 else [16]
-        if wide and p.m <= 4:
-            block_ms.append(16)
-        for block_m, block_r in itertools.product(block_ms, (16, 32, 64) if wide else (16, 32)):
-            for block in (64, 128, 256) if wide else (64, 128):
-                bk = _int4_block(p.k, p.group_size, block) if p.bits == 4 else block
-                bn = _int4_block(p.n, p.group_size, block) if p.bits == 4 else block
-                split_k, split_n = _fused_splits(p, block_r, num_sms)
-                splits = {(split_k, split_n), (max(1, split_k // 2), max(1, split_n // 2))}
+    # decode competes up to 4x the threshold so tuning can move the crossover from data
+    if p.m <= 4 * fused_max_m and decode_supported(p):
+        if p.m <= 4:  # CUDA cores: one program per activation row
+            for warps, rows, wider in itertools.product((4, 2, 8) if wide else (4, 2), (8, 4) if wide else (8,),
+                                                        (1, 2) if wide else (1,)):
+                c = decode_cuda_core_config(p, num_sms, warps, rows)
+                out.append(dataclasses.replace(c, block_n=c.block_n * wider))
                 if wide:
-                    splits.add((split_k * 2, split_n * 2))
-                for (sk, sn), warps in itertools.product(sorted(splits), (4, 8) if wide else (4,)):
-                    out.append(TileConfig("fused", block_m, bn, bk, block_r, sk, sn, num_warps=warps))
+                    out.append(dataclasses.replace(c, block_n=c.block_n * wider, split_k=max(1, c.split_k // 2)))
+        for block_r, block in itertools.product((32, 64) if wide else (32,), (32, 64, 128) if wide else (64,)):
+            bk = _int4_block(p.k, p.group_size, block) if p.bits == 4 else block
+            bn = _int4_block(p.n, p.group_size, block) if p.bits == 4 else block
+            split_k = max(1, min(_cdiv(p.k, bk), _cdiv(WAVE_CTAS * num_sms, _cdiv(p.rank, block_r))))
+            for sk in sorted({split_k, max(1, split_k // 2)}):
+                out.append(TileConfig("decode", 16, bn, bk, block_r, sk, expand_block_r=64, num_stages=3))
     tiles = [(64, 64, 64), (128, 128, 64)] + ([(64, 128, 32), (128, 64, 128), (128, 256, 64)] if wide else [])
     if p.m <= 32:  # decode-sized M: 16-row MMA tiles instead of mostly-masked 64-row ones
         tiles = [(16, 64, 64), (16, 128, 32)] + tiles
@@ -232,3 +307,25 @@ def candidate_configs(
         if c not in kept and (c is first or _fits(c, p, smem_limit)):
             kept.append(c)
     return kept
+
+
+def gpu_slug(name: str) -> str:
+    """File-name form of a GPU name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def tuned_winners(gpu_name: str, directory: Path | None = None) -> dict[str, TileConfig]:
+    """The committed winners for this GPU by autotune key; {} when there is no file (or it is unreadable).
+    An entry that is not a valid config of these kernels is skipped."""
+    try:
+        path = (directory or TUNED_DIR) / f"{gpu_slug(gpu_name)}.json"
+        entries = json.loads(path.read_text()).get("entries", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    winners = {}
+    for key, entry in entries.items() if isinstance(entries, dict) else ():
+        try:
+            winners[key] = TileConfig.from_dict(entry["config"])
+        except (ValueError, TypeError, KeyError):
+            continue
+    return winners

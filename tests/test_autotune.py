@@ -1,5 +1,6 @@
 """Autotune selection and cache logic, with an injected timer (no GPU benchmarking here)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -130,8 +131,45 @@ def test_ties_resolve_to_the_heuristic(tmp_path):
 def test_failing_candidates_lose_with_a_warning(tmp_path):
     problem = Problem(1, 768, 768, 96, 8, 0)
     with pytest.warns(RuntimeWarning, match="failed"):
-        best = make_tuner(tmp_path, timer=FakeTimer(fail_path="fused")).tune(problem, "float16")
+        best = make_tuner(tmp_path, timer=FakeTimer(fail_path="decode")).tune(problem, "float16")
     assert best.path == "split"
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_fast_candidates_hold_every_path_that_can_win(m):
+    """Decode on CUDA cores (M <= 4), decode on tensor cores and split are all timed in "fast" mode."""
+    kinds = {(c.path, c.uses_dot) for c in candidate_configs(Problem(m, 6400, 1600, 400, 8, 0), "fast")}
+    assert kinds == ({("decode", False)} if m <= 4 else set()) | {("decode", True), ("split", True)}
+
+
+def test_graph_capture_uses_a_cached_winner_and_never_benchmarks(tmp_path, monkeypatch):
+    winner = expected_winner(PROBLEM)
+    make_tuner(tmp_path, timer=FakeTimer()).tune(PROBLEM, "float16")
+    tuner = make_tuner(tmp_path, timer=lambda p, c: pytest.fail("benchmarked during capture"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tuner.config_for(PROBLEM, "float16") == winner != default_config(PROBLEM, tuner.num_sms)
+    other = Problem(1, 4096, 1024, 256, 8, 0)  # no winner: the heuristic
+    assert tuner.config_for(other, "float16") == default_config(other, tuner.num_sms)
+
+
+def test_committed_winners_are_used_when_the_user_cache_has_none(tmp_path, monkeypatch):
+    shipped = dataclasses.replace(default_config(PROBLEM), split_k=1, num_warps=2)
+    folder = tmp_path / "tuned"
+    folder.mkdir()
+    (folder / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3", "entries": {
+        problem_key(PROBLEM, "float16"): {"config": shipped.to_dict()},
+        "r1-n2-k3-int8-g0-float16-m1": {"config": {"path": "fused", "block_m": 1}},  # stale: skipped
+    }}))
+    monkeypatch.setattr("triton_lowrank.kernels.configs.TUNED_DIR", folder)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    tuner = make_tuner(tmp_path / "cache", timer=lambda p, c: pytest.fail("benchmarked"))
+    assert tuner.config_for(PROBLEM, "float16") == shipped
+    own = TileConfig("split", 16, 64, 64, 64)  # the user's own cache wins over the committed file
+    tuner.entries[problem_key(PROBLEM, "float16")] = {"config": own.to_dict(), "ms": 1.0, "mode": "fast"}
+    assert tuner.config_for(PROBLEM, "float16") == own
+    assert make_tuner(tmp_path / "cache", gpu_name="NVIDIA A100").shipped == {}  # no file: nothing
 
 
 def test_default_mode_never_benchmarks_or_writes(tmp_path):
@@ -216,7 +254,10 @@ def test_small_shared_memory_prunes_big_tiles():
 
 
 def test_default_config_paths_follow_m():
-    assert default_config(Problem(1, 6400, 1600, 400, 8, 0)).path == "fused"
+    assert default_config(Problem(1, 6400, 1600, 400, 8, 0)).path == "decode"
+    assert default_config(Problem(1, 6400, 1600, 400, 8, 0)).block_m == 1  # CUDA cores
+    assert default_config(Problem(16, 6400, 1600, 400, 8, 0)).block_m == 16  # tensor cores
+    assert default_config(Problem(1, 6402, 1600, 400, 8, 0)).path == "split"  # rows not 16-byte multiples
     assert default_config(Problem(4096, 6400, 1600, 400, 8, 0)).path == "split"
 
 

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from triton_lowrank.kernels import launch as kernel_launch  # noqa: E402
-from triton_lowrank.kernels.configs import TileConfig, default_config, next_pow2  # noqa: E402
+from triton_lowrank.kernels.configs import TileConfig, decode_chunk, default_config  # noqa: E402
 
 from triton_lowrank import ops  # noqa: E402
 from triton_lowrank.factors import LowRankFactors, random_factors, round_factors  # noqa: E402
@@ -68,56 +68,88 @@ def assert_close(y, x, f):
     torch.testing.assert_close(y.float(), reference(x, f).float(), atol=atol, rtol=rtol)
 
 
-def test_config(path, m, split_k=1, split_n=2, lowp=False) -> TileConfig:
-    """Small tiles (fast in the interpreter); block_m >= 16 switches the fused kernel to tl.dot."""
-    if path == "fused":
-        block_m = next_pow2(m) if m <= 4 else 16
-        return TileConfig("fused", block_m, 32, 32, 16, split_k=split_k, split_n=split_n)
+def test_config(path, m, bits=8, split_k=2, lowp=False) -> TileConfig:
+    """Small tiles (fast in the interpreter) that still run every loop and tail of the kernels:
+    "cuda-cores" is the decode path at block_m = 1 (one program per row of x), "tensor-cores" the decode path
+    at block_m = 16 (tl.dot), "split" the prefill path."""
+    if path == "cuda-cores":  # phase 1: 2-tile K splits; phase 2: 2 sub-tiles of 16 rows per iteration
+        chunk = decode_chunk(bits)
+        return TileConfig("decode", 1, 2 * chunk, 2 * chunk, 8, split_k=split_k, num_warps=1, expand_block_r=32)
+    if path == "tensor-cores":
+        return TileConfig("decode", 16, 32, 32, 16, split_k=split_k, expand_block_r=16)
     return TileConfig("split", 16, 32, 32, 16, expand_lowp=lowp)
 
 
 test_config.__test__ = False  # a helper, not a test
 
-# (M, K, N, rank): odd sizes, non-powers of two, r=1, M=1, M above one 16-row block, r > K, N
-SHAPES = [(1, 48, 80, 7), (3, 64, 96, 1), (37, 96, 40, 64), (2, 32, 48, 300)]
+# (M, K, N, rank): non-powers of two, r=1, M=1, M above one 16-row block, r > K, N; a last column block that is
+# partly past N; rank blocks with a tail. The decode path needs 16-byte factor rows (int4: K, N multiples of 32).
+SHAPES = [(1, 64, 96, 7), (3, 96, 160, 1), (37, 96, 64, 40), (2, 32, 64, 300)]
+ODD_SHAPES = [(1, 44, 80, 7), (5, 36, 20, 3)]  # rows that are not 16-byte multiples: the split path only
 
 
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["cuda-cores", "tensor-cores", "split"])
 @pytest.mark.parametrize("bits", [None, 8, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k,n,rank", SHAPES)
 def test_matches_reference(path, bits, dtype, m, k, n, rank):
-    group = 16 if k % 16 == 0 and n % 16 == 0 else 8  # 8 < BLOCK: exercises the per-element scale gather
+    m = min(m, 3) if path == "cuda-cores" else m  # one program per row of x: M > 1 is covered, 37 rows are slow
+    group = 32 if path != "split" or k % 64 else 16  # split: 16 < BLOCK exercises the per-element scale gather
     f = make_factors(k, n, rank, bits, group, dtype, bias=rank % 2 == 1, seed=m + rank)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
-    assert_close(run_poisoned(x, f, test_config(path, m)), x, f)
+    assert_close(run_poisoned(x, f, test_config(path, m, bits)), x, f)
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("m,k,n,rank", ODD_SHAPES)
+def test_odd_feature_counts_take_the_split_path(bits, m, k, n, rank):
+    group = 4 if bits == 4 else 0
+    f = make_factors(k, n, rank, bits, group, torch.float16, seed=rank)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
+    config = default_config(ops.problem_for(f, m, 2), interpret=DEVICE == "cpu")
+    assert config.path == "split"
+    assert_close(run_poisoned(x, f, config), x, f)
+    with pytest.raises(ValueError, match="16-byte factor rows"):
+        run_poisoned(x, f, test_config("cuda-cores", m, bits))
 
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
 @pytest.mark.parametrize("config", [
-    test_config("fused", 1, split_k=2, split_n=1),  # K split: two programs per rank block
-    test_config("fused", 20, split_k=2, split_n=2),  # tl.dot fused path with both splits
+    test_config("cuda-cores", 1, split_k=1),  # no K split: one program covers K (main loop and K tail)
+    test_config("tensor-cores", 20, split_k=1),
+    TileConfig("decode", 1, 128, 256, 32, split_k=1, expand_block_r=512, shrink_warps=2),  # tiles past the problem
     test_config("split", 20, lowp=True),  # expand MMA in the activation dtype
-], ids=["fused-splitk", "fused-dot-splits", "split-lowp"])
+], ids=["cuda-cores-no-split", "tensor-cores-no-split", "cuda-cores-big-tiles", "split-lowp"])
 def test_config_variants(bits, config):
-    m = config.block_m if config.block_m < 16 else 20
+    m = 20 if config.block_m >= 16 else 2
     f = make_factors(64, 96, 24, bits, 32, torch.float16, seed=3)
     x = torch.randn(m, 64, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
     assert_close(run_poisoned(x, f, config), x, f)
 
 
-@pytest.mark.parametrize("path", ["fused", "split"])
-def test_leading_dims_and_fp32(path):
-    f = make_factors(48, 32, 5, 8, 16, torch.float32, seed=4)
-    x = torch.randn(2, 3, 48, generator=torch.Generator().manual_seed(3)).to(DEVICE)  # [2, 3, K] fp32
-    y = run_poisoned(x, f, test_config(path, 6))
-    assert y.shape == (2, 3, 32)
+@pytest.mark.parametrize("path", ["cuda-cores", "tensor-cores", "split"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_leading_dims_and_fp32(path, bits):
+    """fp32 activations: IEEE dots, and exact int4 values on CUDA cores (the fp32 tolerance is 1e-4)."""
+    f = make_factors(64, 96, 40, bits, 32, torch.float32, seed=4)
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)  # [2, 3, K] fp32
+    y = run_poisoned(x, f, test_config(path, 6, bits))
+    assert y.shape == (2, 3, 96)
     assert_close(y, x, f)
+
+
+def test_misaligned_activation_rows_are_read_one_column_at_a_time():
+    """x rows starting 2 bytes past a 4-byte boundary (a column slice): no paired 32-bit loads of x."""
+    f = make_factors(64, 96, 24, 8, 32, torch.float16, seed=7)
+    wide = torch.randn(3, 65, generator=torch.Generator().manual_seed(7)).half().to(DEVICE)
+    x = wide[:, 1:]  # [3, 64], stride 65
+    assert x.data_ptr() % 4 == 2
+    assert_close(run_poisoned(x, f, test_config("cuda-cores", 3)), x, f)
 
 
 @pytest.mark.parametrize("m", [1, 24])
 def test_custom_op_with_layer(m):
-    """The registered op (default config, fused for m=1, two-launch for m=24) on a LowRankLinear."""
+    """The registered op (default config: decode for m=1, split for m=24) on a LowRankLinear."""
     gen = torch.Generator().manual_seed(5)
     stored = round_factors(torch.randn(48, 6, generator=gen), torch.randn(6, 32, generator=gen) / 6,
                            torch.randn(48, generator=gen), 4, 16, torch.float16)
@@ -128,11 +160,12 @@ def test_custom_op_with_layer(m):
     assert_close(y, x, layer.factors())
 
 
-def test_fused_workspace_left_zeroed():
-    """The last program of each output slice must re-zero the atomics workspace and tickets."""
+@pytest.mark.parametrize("path", ["cuda-cores", "tensor-cores"])
+def test_decode_workspace_left_zeroed(path):
+    """The last phase-2 program must re-zero the rank-r workspace and its ticket for the next call."""
     f = make_factors(64, 96, 40, 8, 32, torch.float16, seed=6)
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
-    config = test_config("fused", 2, split_n=3)
+    config = test_config(path, 2)
     first = run_poisoned(x, f, config)
     second = run_poisoned(x, f, config)  # would double-count if the workspace kept the first sums
     torch.testing.assert_close(first, second, atol=0, rtol=0)
@@ -140,12 +173,13 @@ def test_fused_workspace_left_zeroed():
 
 
 def test_default_configs_are_launchable():
-    """Heuristic configs (real GPU sizes) give correct results on small problems too."""
+    """Heuristic configs (interpreter and real GPU sizes) give correct results on small problems too."""
     for m in (1, 4, 9, 300):
-        f = make_factors(64, 48, 12, 8, 32, torch.float16, seed=m)
+        f = make_factors(64, 96, 12, 8, 32, torch.float16, seed=m)
         x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
-        config = default_config(ops.problem_for(f, m, x.element_size()), interpret=DEVICE == "cpu")
-        assert_close(run_poisoned(x, f, config), x, f)
+        problem = ops.problem_for(f, m, x.element_size())
+        for config in {default_config(problem, interpret=DEVICE == "cpu"), default_config(problem)}:
+            assert_close(run_poisoned(x, f, config), x, f)
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
@@ -196,32 +230,18 @@ def test_rejects_unknown_factor_container():
 
 
 COMPILE_SM90 = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton_lowrank.kernels import lowrank_matmul as k
+import sys
+sys.path.insert(0, "bench")
+import sass_report as sr
 
-def build(fn, types, consts, **opts):
-    sig = {**types, **{c: "constexpr" for c in consts}}
-    triton.compile(ASTSource(fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
-
-for bits, wdt, group in ((8, "*i8", 1), (4, "*u8", 32)):
-    for use_dot, bm in ((False, 1), (True, 16)):
-        build(k.fused_kernel, dict(x_ptr="*fp16", down_ptr=wdt, down_scale_ptr="*fp32", up_ptr=wdt,
-              up_scale_ptr="*fp32", bias_ptr="*fp16", y_ptr="*fp16", ws_ptr="*fp32", ticket_ptr="*i32",
-              **dict.fromkeys(["M", "N", "K", "R", "stride_xm", "stride_ym", "k_per_split", "n_per_split",
-                               "contributions"], "i32")),
-              dict(BITS=bits, GROUP_SIZE=group, HAS_BIAS=True, USE_WORKSPACE=True, USE_DOT=use_dot,
-                   DOT_PRECISION="tf32", DOT_UPCAST=False, SPLIT_K=1, SPLIT_N=2, BLOCK_M=bm, BLOCK_N=64,
-                   BLOCK_K=32, BLOCK_R=16), num_warps=4)
-    build(k.shrink_kernel, dict(x_ptr="*bf16", down_ptr=wdt, down_scale_ptr="*fp32", hidden_ptr="*fp32",
-          M="i32", K="i32", R="i32", stride_xm="i32"),
-          dict(BITS=bits, GROUP_SIZE=group, DOT_PRECISION="tf32", DOT_UPCAST=False, BLOCK_M=64, BLOCK_R=32,
-               BLOCK_K=32), num_warps=4, num_stages=3)
-    build(k.expand_kernel, dict(hidden_ptr="*fp32", up_ptr=wdt, up_scale_ptr="*fp32", bias_ptr="*bf16",
-          y_ptr="*bf16", M="i32", N="i32", R="i32", stride_ym="i32"),
-          dict(BITS=bits, GROUP_SIZE=group, HAS_BIAS=True, LOWP=True, DOT_PRECISION="tf32", DOT_UPCAST=False,
-               BLOCK_M=64, BLOCK_N=32, BLOCK_R=32), num_warps=4, num_stages=3)
+# every kernel and branch, specialized as the launcher launches them: decode on CUDA cores and tensor cores,
+# split; int8, int4 and float factors
+SPECS = (sr.spec(1, 1600, 6400, 8, 400), sr.spec(1, 4096, 11008, 4, 1024), sr.spec(1, 768, 3072, None),
+         sr.spec(16, 768, 3072, 4), sr.spec(16, 768, 3072, None), sr.spec(4096, 768, 3072, 8),
+         sr.spec(300, 768, 3072, 4))
+for s in SPECS:
+    for launch in sr.record_launches(s, sr.configs_for(s, False)[0]):
+        sr.compile_launch(launch)
 print("compiled")
 """
 
@@ -233,8 +253,9 @@ def test_kernels_compile_for_sm90():
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True,
-                            timeout=240)
+                            timeout=400, cwd=root)
     if result.returncode and "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("no ptxas for ahead-of-time compilation")
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -3,12 +3,16 @@
 Key: (rank, N, K, bits, group_size, activation dtype, M bucket) inside a section named by the
 GPU and the Triton version, so entries never leak across hardware or compiler versions.
 
+Selection: a winner in the user's cache, else a winner committed beside the kernels for this GPU
+(kernels/tuned/<gpu-slug>.json), else tune (in the tuner's mode), else the heuristic.
+
 Modes: "default" (the heuristic, no benchmarking: CI and the interpreter always use it),
 "fast" (a small candidate set), "max" (a wide search). The mode comes from, in order: an
 explicit argument (`tune(..., mode=)`, `pretune_model(mode=)`), the tuner's `mode`, and the
 environment variable TRITON_LOWRANK_AUTOTUNE (for scripts). At run time the custom op asks the
 process tuner `get_tuner()` for a config: a cached winner if there is one, else it tunes in the
-tuner's mode, except while a CUDA graph is being captured (never benchmark then: the heuristic).
+tuner's mode, except while a CUDA graph is being captured (never benchmark then: a cached or committed
+winner if there is one, else the heuristic).
 
 Cache file: $TRITON_LOWRANK_CACHE_DIR/autotune.json (default ~/.cache/triton_lowrank/), merged and
 written under an flock on autotune.json.lock (concurrent tuners lose no entry) and replaced atomically
@@ -38,13 +42,14 @@ from .kernels.configs import (
     candidate_configs,
     default_config,
     m_bucket,
+    tuned_winners,
 )
 from .ops import launch, use_config_selector
 
 TUNE_MODES = ("default", "fast", "max")
 ENV_MODE = "TRITON_LOWRANK_AUTOTUNE"
 ENV_CACHE_DIR = "TRITON_LOWRANK_CACHE_DIR"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the decode path of issue 9 replaced the fused one; older entries are re-tuned
 _DTYPE_NAMES = {2: "float16", 4: "float32"}  # when a caller gives no dtype
 
 Timer = Callable[[Problem, TileConfig], float]  # -> milliseconds
@@ -111,6 +116,7 @@ class Autotuner:
         self.smem_bytes = smem_bytes or getattr(props, "shared_memory_per_block_optin", 0) or DEFAULT_SMEM_BYTES
         self._cache_failed = False  # warned once already; the winners stay in memory from then on
         self.entries: dict[str, dict] = self._read_file()["sections"].get(self.section, {})
+        self.shipped: dict[str, TileConfig] = tuned_winners(self.gpu_name)  # kernels/tuned/<gpu>.json
 
     # ---- cache file -------------------------------------------------------------------
     @property
@@ -132,6 +138,8 @@ class Autotuner:
             return empty
         try:
             data = json.loads(text)
+            if isinstance(data, dict) and isinstance(data.get("version"), int) and data["version"] < CACHE_VERSION:
+                return empty  # written for older kernels: re-tune quietly
             if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
                 raise ValueError("unknown layout or version")
             if not isinstance(data.get("sections"), dict):
@@ -190,11 +198,14 @@ class Autotuner:
 
     # ---- selection --------------------------------------------------------------------
     def lookup(self, p: Problem, dtype: torch.dtype | str) -> TileConfig | None:
-        entry = self.entries.get(problem_key(p, dtype))
-        return TileConfig.from_dict(entry["config"]) if entry else None
+        """The user's cached winner, else the winner committed for this GPU, else None."""
+        key = problem_key(p, dtype)
+        entry = self.entries.get(key)
+        return TileConfig.from_dict(entry["config"]) if entry else self.shipped.get(key)
 
     def config_for(self, p: Problem, dtype: torch.dtype | str | None = None) -> TileConfig:
-        """The config the launcher uses: cached winner, else tune (in this tuner's mode), else heuristic."""
+        """The config the launcher uses: a cached or committed winner, else tune (in this tuner's mode; never while
+        a CUDA graph is being captured), else the heuristic."""
         dtype = dtype or _DTYPE_NAMES[p.x_bytes]
         cached = self.lookup(p, dtype)
         if cached is not None:

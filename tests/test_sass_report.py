@@ -1,0 +1,87 @@
+"""bench/sass_report.py: the SASS analysis on hand-written SASS (fast), and the issue-9 proxy targets on the
+real kernels compiled for sm_90 on this CPU (slow; skipped without Triton's ptxas/cuobjdump/nvdisasm)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import sass_report as sr  # noqa: E402
+
+# x_ptr at c[0x0][0x210] (parameter 0), the weights at 0x218 (parameter 1)
+OFFSETS = {0x210: 0, 0x214: 0, 0x218: 1, 0x21C: 1}
+ROLES = {0: "x", 1: "weight"}
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LDC.64 R2, c[0x0][0x218] ;
+        /*0020*/                   LDC.64 R4, c[0x0][0x210] ;
+.L_x_0:
+        /*0030*/                   LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0040*/                   LDG.E.U16 R12, desc[UR4][R4.64] ;
+        /*0050*/                   I2F R13, R8 ;
+        /*0060*/                   FFMA R20, R13, R12, R20 ;
+        /*0070*/                   IADD3 R2, P0, R2, 0x10, RZ ;
+        /*0080*/                   IADD3.X R3, RZ, R3, RZ, P0, !PT ;
+        /*0090*/                   SHFL.BFLY PT, R21, R20, 0x1, 0x1f ;
+        /*00a0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00b0*/               @P1 BRA `(.L_x_0) ;
+        /*00c0*/                   EXIT ;
+"""
+
+
+def test_hot_loop_counts_weight_loads_traced_to_the_weight_parameter():
+    info = sr.analyze_sass(SASS, OFFSETS, ROLES)
+    assert len(info["hot_loops"]) == 1
+    loop = info["hot_loops"][0]
+    assert loop["sass_instructions"] == 9 and loop["weight_bytes_per_thread"] == 16
+    assert loop["instructions_per_weight_byte"] == pytest.approx(9 / 16, abs=1e-3)
+    assert loop["narrowest_weight_load_bits"] == 128 and loop["weight_loads"] == {"LDG.E.128": 1}
+    assert loop["other_loads"] == 1  # the x load traces to parameter 0
+    assert (loop["i2f"], loop["shfl"], loop["bar"]) == (1, 1, 1)
+    assert not loop["prefetched"]  # the loaded value is used in the iteration that loads it
+
+
+def test_a_load_used_only_in_the_next_iteration_is_a_prefetch():
+    prefetching = SASS.replace("I2F R13, R8", "I2F R13, R30").replace(
+        "SHFL.BFLY PT, R21, R20, 0x1, 0x1f", "MOV R30, R8")  # copied on, consumed next time round
+    assert sr.analyze_sass(prefetching, OFFSETS, ROLES)["hot_loops"][0]["prefetched"]
+
+
+def test_loops_without_weight_loads_are_not_hot():
+    assert sr.analyze_sass(SASS.replace("c[0x0][0x218]", "c[0x0][0x210]"), OFFSETS, ROLES)["hot_loops"] == []
+
+
+def test_occupancy_limits():
+    assert sr.occupancy(regs=128, warps=4, shared=0) == 4  # registers: 65536 / (128 * 128)
+    assert sr.occupancy(regs=32, warps=4, shared=0) == 16  # warps: 64 / 4
+    assert sr.occupancy(regs=32, warps=1, shared=100_000) == 2  # shared memory
+
+
+@pytest.mark.slow
+def test_proxy_targets_hold_for_the_default_decode_configs(tmp_path):
+    """Issue 9's CPU proxies, on the three named M=1 problems compiled for sm_90 exactly as launched: 0 spills,
+    weight loads >= 64 bits, no I2F, <= 4.5 (int8) / 7 (int4) thread-instructions per weight byte in every
+    hot loop, and >= 2 resident CTAs per SM or a prefetch."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "proxy.json"
+    result = subprocess.run([sys.executable, "bench/sass_report.py", "--proxy", "--json", str(out)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode == 2 and "SKIP" in result.stdout:
+        pytest.skip(result.stdout.strip())
+    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("no ptxas for ahead-of-time compilation")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert {(r["problem"]["K"], r["problem"]["N"], r["problem"]["bits"]) for r in records} == {
+        (1600, 6400, 8), (4096, 11008, 8), (4096, 11008, 4)}
+    for r in records:
+        assert {"problem", "kernel", "config", "regs", "spills", "shared_bytes", "hot_loops", "estimate_us"} <= set(r)
+        assert r["hot_loops"], f"{r['kernel']}: no hot loop found"
+        for loop in r["hot_loops"]:
+            assert {"instructions_per_weight_byte", "narrowest_weight_load_bits", "i2f", "shfl", "bar"} <= set(loop)
+    assert "FAIL" not in result.stdout
