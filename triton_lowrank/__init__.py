@@ -16,8 +16,8 @@ if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "__init
         f"{__name__}.kernels", _CHECKOUT / "kernels" / "__init__.py",
         submodule_search_locations=[str(_CHECKOUT / "kernels")],
     )
-    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules[_spec.name])
+    kernels = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # as `import` binds a subpackage
+    _spec.loader.exec_module(kernels)
 
 from . import autotune  # noqa: F401  (installs the tuned-config selector into the launcher)
 from .checkpoint import load_compressed, save_compressed
