@@ -156,7 +156,7 @@ def test_whitened_correction_leaves_exactly_the_discarded_singular_values():
 
 
 @pytest.mark.parametrize("base_bits, base_group_size", [(4, 16), (3, 16), (2, 8)])
-@pytest.mark.parametrize("order", ["lqer", "svdquant", "alternating"])
+@pytest.mark.parametrize("order", ["auto", "refit", "lqer", "svdquant", "alternating"])
 def test_a_full_rank_unquantized_correction_reproduces_the_weight(base_bits, base_group_size, order):
     torch.manual_seed(9)
     weight = torch.randn(40, 32)
@@ -166,7 +166,7 @@ def test_a_full_rank_unquantized_correction_reproduces_the_weight(base_bits, bas
     assert hybrid.base_weight().sub(weight).abs().max() > 1e-2  # the base alone is quantized
 
 
-@pytest.mark.parametrize("order", ["lqer", "svdquant", "alternating"])
+@pytest.mark.parametrize("order", ["auto", "refit", "lqer", "svdquant", "alternating"])
 def test_quantized_hybrid_beats_its_base_alone_in_the_whitened_metric(order):
     torch.manual_seed(11)
     weight = torch.randn(64, 48)
@@ -224,3 +224,14 @@ def test_correction_ranks_go_where_they_remove_the_most_error_per_byte():
     assert ranks == [4, 2]
     with pytest.raises(ValueError, match="budget too small"):
         allocate_correction_ranks([flat, steep], [8.0, 1.0], [10, 10], 15)
+
+
+@pytest.mark.parametrize("bits, chosen", [(4, "lqer"), (8, "refit"), (None, "refit")])
+def test_auto_order_is_lqer_for_int4_factors_and_refit_otherwise(bits, chosen):
+    torch.manual_seed(14)
+    weight = torch.randn(32, 32)
+    gram = (lambda x: x.t() @ x)(correlated_inputs(256, 32, seed=15))
+    auto = fit_hybrid(weight, 4, 16, 4, bits, 16, gram).dense_weight()
+    for order in ("lqer", "refit"):
+        same = torch.equal(auto, fit_hybrid(weight, 4, 16, 4, bits, 16, gram, order=order).dense_weight())
+        assert same == (order == chosen)

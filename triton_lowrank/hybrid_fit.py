@@ -5,13 +5,27 @@ on the calibration Hessian H = XᵀX, or by round-to-nearest. The correction is 
 low-rank format's factors (down [r, in], up_t [r, out]; int8, int4 or unquantized).
 
 Fit order (ORDERS), all in the activation-whitened metric ‖(W - Ŵ)·L‖_F, H = L·Lᵀ, when calibrated:
-- "lqer" (default; LQER / QERA / EoRA): Q from W, then U·D = the truncated SVD of the base's error
-  E·L mapped back with L⁻¹, which is the optimal rank-r correction of that error on the
-  calibration activations; the factors are then quantized with error feedback (gptq.quantize_factors).
-- "svdquant": U·D from W first, quantized; then Q from the residual W - Û·D̂.
-- "alternating" (CALDERA-style): "lqer", then `rounds` times Q ← base(W - U·D), U·D ← lowrank(W - Q).
-Measured on the embedded GPT-2 and a sentence-embedding BERT in bench/results/hybrid/ (see
-bench/hybrid_quality.py); the defaults here are what measured best there.
+- "refit": U·D from W first (SVDQuant order), quantized; Q from the residual W - Û·D̂; then U·D
+  refitted to the base's error W - Q̂ (LQER order). GPTQ then fits a base with the correction's
+  structure already removed, and the final correction is the optimal one for the base as stored.
+- "lqer" (LQER / QERA / EoRA): Q from W, then U·D = the truncated SVD of the base's error E·L mapped
+  back with L⁻¹, the optimal rank-r correction of that error on the calibration activations.
+- "svdquant": U·D from W first, quantized; then Q from the residual W - Û·D̂, and nothing after.
+- "alternating" (CALDERA-style): Q from W, then `rounds` times U·D ← lowrank(W - Q), Q ← base(W - U·D),
+  then the correction of the last base's error.
+- "auto" (default): "refit" for int8 or unquantized factors, "lqer" for int4 factors.
+In every order the stored factors are quantized with error feedback (gptq.quantize_factors).
+
+Why the defaults (bench/hybrid_quality.py --ablation, GPTQ base, whitened rank-16 correction; GPT-2 KL
+vs dense, lower is better; BERT sentence-embedding cosine vs dense, higher is better):
+- int8 factors: "refit" beat "lqer" on GPT-2 int4 g128 (KL 0.00018 vs 0.00023) and int2 g64 (0.0022 vs
+  0.0046) and on BERT int2 g64 (cosine 0.759 vs 0.735); "lqer" was a hair ahead on BERT int4 g128
+  (0.9867 vs 0.9861). "svdquant" and "alternating" (2 rounds, 3x the fit time) were never clearly best.
+- int4 factors: "refit" makes the final correction carry W's large components, which int4 cannot hold:
+  GPT-2 int4 g128 + r16 KL 0.0059 ("refit") vs 0.00024 ("lqer"); BERT cosine 0.977 vs 0.986.
+- A GPTQ base beat an RTN base under every correction (BERT int4 g128: 0.986 vs 0.973; GPT-2 int4
+  g128 + r8, "lqer": KL 0.00027 vs 0.00067), and the whitened correction beat the plain SVD one
+  (BERT int2 g64: 0.759 vs 0.586).
 """
 
 from __future__ import annotations
@@ -41,7 +55,7 @@ from .quant import (
 )
 
 BASE_METHODS = ("gptq", "rtn")
-ORDERS = ("lqer", "svdquant", "alternating")
+ORDERS = ("auto", "refit", "lqer", "svdquant", "alternating")
 CORRECTION_METHODS = ("whitened", "svd")
 
 
@@ -216,7 +230,7 @@ def fit_hybrid(
     gram: torch.Tensor | None = None,  # [in, in] calibration XᵀX; None: RTN base, plain SVD correction
     base_method: str = "gptq",
     method: str = "whitened",
-    order: str = "lqer",
+    order: str = "auto",
     rounds: int = 2,
     error_feedback: bool = True,
     damping: float = 0.01,
@@ -249,16 +263,24 @@ def fit_hybrid(
     def deq(stored):
         return dequantize_base(*stored, base_bits, base_group_size)
 
-    if order == "svdquant":
-        factors = fit_correction(weight, rank, bits, group_size, chol, error_feedback)
+    def correction(target):
+        return fit_correction(target, rank, bits, group_size, chol, error_feedback)
+
+    if order == "auto":
+        order = "lqer" if bits == 4 else "refit"
+
+    if order in ("refit", "svdquant"):
+        factors = correction(weight)
         stored = base(weight - _correction_weight(factors, bits, group_size))
-    else:
-        stored = base(weight)
-        if order == "alternating":
-            for _ in range(rounds):
-                up, down = truncated_factors(weight - deq(stored), rank, chol)  # float correction
-                stored = base(weight - up @ down)
-        factors = fit_correction(weight - deq(stored), rank, bits, group_size, chol, error_feedback)
+        if order == "refit":
+            factors = correction(weight - deq(stored))
+        return HybridWeight(*stored, base_bits, base_group_size, *factors, bits, group_size)
+    stored = base(weight)
+    if order == "alternating":
+        for _ in range(rounds):
+            up, down = truncated_factors(weight - deq(stored), rank, chol)  # float correction
+            stored = base(weight - up @ down)
+    factors = correction(weight - deq(stored))
     return HybridWeight(*stored, base_bits, base_group_size, *factors, bits, group_size)
 
 
