@@ -23,7 +23,7 @@ LAYERS = [
     ("launcher and custom op", ["ops"]),
     ("autotuner", ["autotune"]),
     ("modules", ["formats", "layers", "pretune"]),
-    ("compression", ["config", "calibration", "factorize", "gptq", "sequential", "compress"]),
+    ("compression", ["config", "calibration", "factorize", "gptq", "sequential", "compress", "hybrid_fit"]),
     ("on-disk format and HF", ["checkpoint_format", "hf_quantizer", "checkpoint"]),
     ("tools", ["embedded", "loading", "eval_data", "metrics", "realmodel", "baselines", "sweeps", "generation_bench",
                "demo", "cli", ""]),  # "" is the package's __init__, which exports from every layer

@@ -31,10 +31,15 @@ def gptq(
     hessian: torch.Tensor,  # [cols, cols]
     quantize_column: Callable[[int, torch.Tensor], torch.Tensor],
     damping: float = 0.01,
+    group_size: int = 0,
+    start_group: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Dequantized [rows, cols] weight minimising ‖(W - Ŵ)·Xᵀ‖ column by column (GPTQ, blocked).
 
     quantize_column(j, column) returns the dequantized column j from its current values.
+    start_group(j, columns), when given, is called before column j whenever j % group_size == 0 with
+    the [rows, group_size] columns j.. as they stand then (every earlier error pushed in), so that
+    group-wise scales are chosen when a group starts, as in the GPTQ reference with `groupsize`.
     """
     w = weight.double().clone()
     rows, cols = w.shape
@@ -51,6 +56,8 @@ def gptq(
         block = w[:, start:stop].clone()  # [rows, B]
         errors = torch.empty_like(block)
         for i in range(stop - start):
+            if start_group is not None and (start + i) % group_size == 0:
+                start_group(start + i, _current_group(w, block, errors, hinv, start, i, group_size))
             column = block[:, i]
             q = quantize_column(start + i, column).double()
             out[:, start + i] = q
@@ -59,6 +66,14 @@ def gptq(
             errors[:, i] = error
         w[:, stop:] -= errors @ hinv[start:stop, stop:]  # the block's errors, pushed onto later columns
     return out.float()
+
+
+def _current_group(w, block, errors, hinv, start, i, group_size) -> torch.Tensor:
+    """Columns start+i .. start+i+group_size-1 with every error so far applied, also past the block."""
+    stop = start + block.shape[1]
+    ahead = w[:, stop : start + i + group_size]  # later blocks: the block's errors are still pending
+    ahead = ahead - errors[:, :i] @ hinv[start : start + i, stop : start + i + group_size]
+    return torch.cat((block[:, i : i + group_size], ahead), dim=1)  # [rows, group_size]
 
 
 def _up_column_quantizer(rank: int, out_features: int, bits: int, group_size: int, device):

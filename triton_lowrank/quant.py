@@ -8,6 +8,14 @@ of functions serves both. Layouts, which the Triton kernels read directly:
   the low nibble and 2j+1 in the high nibble; one float32 scale per group of
   `group_size` consecutive columns                                         -> scale [rows, cols // group_size]
 
+The base of a hybrid weight (hybrid_fit.py) may also be stored at 3 or 2 bits, asymmetrically:
+value = (q - zero) * scale with codes q in [0, 2^bits - 1], one float32 scale and one uint8 zero
+per group of `group_size` consecutive columns                             -> scale, zero [rows, cols // group_size]
+- bits=2: four codes per uint8 byte, column 4j+k in bits 2k..2k+1          -> storage [rows, cols // 4]
+- bits=3: two bit planes per row, each readable in >= 64-bit loads for tiles of >= 64 columns: the
+  low two bits packed as int2 (cols // 4 bytes), then the high bit, column 8j+k in bit k
+  (cols // 8 bytes)                                                        -> storage [rows, 3 * cols // 8]
+
 Scales are float32: an fp16 scale underflows for the small rank components that a
 singular-value split produces, and the scale bytes are counted in every size report.
 """
@@ -124,6 +132,8 @@ def matrix_bytes(rows: int, cols: int, bits: int | None, group_size: int, float_
         return rows * cols * float_bytes
     if bits == 8:
         return rows * cols + rows * 4
+    if bits in ZERO_POINT_BITS:  # codes, float32 scales and uint8 zeros
+        return rows * cols * bits // 8 + rows * (cols // group_size) * (4 + 1)
     return rows * cols // 2 + rows * (cols // group_size) * 4
 
 
@@ -139,3 +149,96 @@ def tensor_bytes(tensors) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+# ----------------------------------------------------------------------------- int3 / int2 (hybrid base)
+
+# Asymmetric with an integer zero point, chosen by measurement on the embedded GPT-2 (RTN, g64, KL vs
+# dense without / with a rank-16 whitened int8 correction): int2 zero point 0.0287 / 0.0070 at 2.625
+# bits per weight, against the symmetric grid {-1.5, -0.5, 0.5, 1.5}*s 0.0486 / 0.0101 at 2.5 and
+# 0.0381 / 0.0077 at 3.0 (g32), and {-2, -1, 0, 1}*s 0.226 / 0.036. int3 zero point 0.0052 / 0.0013
+# at 3.125 bits beat the half grid at 3.5 (0.0059 / 0.0018).
+ZERO_POINT_BITS = (3, 2)
+BASE_BITS = (4, 3, 2)  # bit widths of a hybrid base: int4 is the symmetric storage above
+
+
+def check_base_bits(bits: int, group_size: int, features: int, where: str) -> None:
+    """Raise a ValueError naming `where` if a base of `bits` cannot store `features` columns in groups."""
+    if bits not in BASE_BITS:
+        raise ValueError(f"{where}: base bits must be one of 4, 3 or 2, got {bits!r}")
+    if bits == 4:
+        check_bits(4, group_size, features, where)
+    elif group_size <= 0 or group_size % 8 or features % group_size:
+        raise ValueError(
+            f"{where}: int{bits} group_size must be a positive multiple of 8 dividing {features}, got {group_size}"
+        )
+
+
+def zero_point_params(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 scale, integer-valued float32 zero), each [...], of groups [..., g]: min..max onto 0..2^bits-1.
+
+    The range always contains 0 (as in the GPTQ reference), so the zero fits its uint8 in [0, 2^bits - 1].
+    """
+    top = 2**bits - 1
+    low = groups.float().amin(dim=-1).clamp(max=0)
+    high = groups.float().amax(dim=-1).clamp(min=0)
+    scale = ((high - low) / top).clamp_min(_TINY)
+    return scale, torch.round(-low / scale).clamp_(0, top)
+
+
+def round_to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (as floats) in [0, 2^bits - 1] nearest to values / scale + zero."""
+    return torch.round(values / scale + zero).clamp_(0, 2**bits - 1)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[rows, cols] codes in [0, 2^bits - 1] -> uint8 storage (layouts in the module docstring)."""
+    q = codes.to(torch.uint8)
+    if bits == 2:
+        return (q[:, 0::4] | (q[:, 1::4] << 2) | (q[:, 2::4] << 4) | (q[:, 3::4] << 6)).contiguous()
+    high = q >> 2
+    planes = [pack_codes(q & 3, 2)] + [sum(high[:, k::8] << k for k in range(8)).to(torch.uint8)]
+    return torch.cat(planes, dim=1)  # [rows, cols // 4 + cols // 8]
+
+
+def unpack_codes(storage: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_codes: uint8 storage -> [rows, cols] uint8 codes."""
+    if bits == 2:
+        return torch.stack([(storage >> (2 * k)) & 3 for k in range(4)], dim=-1).flatten(-2)
+    cols = storage.shape[1] * 8 // 3
+    low = unpack_codes(storage[:, : cols // 4], 2)
+    high = torch.stack([(storage[:, cols // 4 :] >> k) & 1 for k in range(8)], dim=-1).flatten(-2)
+    return low | (high << 2)
+
+
+def quantize_zero_point_with_params(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """Storage of a [rows, cols] matrix on the given [rows, G] scales and zeros (from RTN or GPTQ)."""
+    rows, cols = w.shape
+    groups = w.float().view(rows, cols // group_size, group_size)  # [rows, G, g]
+    return pack_codes(round_to_codes(groups, scale[:, :, None], zero[:, :, None], bits).view(rows, cols), bits)
+
+
+def quantize_zero_point(
+    w: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round a [rows, cols] matrix to nearest on an int3/int2 zero-point grid: (storage, scale, uint8 zero)."""
+    rows, cols = w.shape
+    check_base_bits(bits, group_size, cols, "quantize_zero_point")
+    if bits not in ZERO_POINT_BITS:
+        raise ValueError(f"quantize_zero_point: bits must be 3 or 2, got {bits!r}")
+    scale, zero = zero_point_params(w.view(rows, cols // group_size, group_size), bits)  # [rows, G] each
+    return quantize_zero_point_with_params(w, scale, zero, bits, group_size), scale, zero.to(torch.uint8)
+
+
+def dequantize_zero_point(
+    storage: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """Inverse of quantize_zero_point; returns float32 [rows, cols]."""
+    q = unpack_codes(storage, bits).float()  # [rows, cols]
+    rows, cols = q.shape
+    groups = q.view(rows, cols // group_size, group_size) - zero.float()[:, :, None]
+    return (groups * scale.float()[:, :, None]).view(rows, cols)
+
+

@@ -1,0 +1,342 @@
+"""Fit a hybrid weight W ≈ Q + U·D: a group-wise quantized base Q and a rank-r correction U·D.
+
+The base is int4 (quant.py's symmetric storage), int3 or int2 (zero-point storage), fitted by GPTQ
+on the calibration Hessian H = XᵀX, or by round-to-nearest. The correction is stored like the
+low-rank format's factors (down [r, in], up_t [r, out]; int8, int4 or unquantized).
+
+Fit order (ORDERS), all in the activation-whitened metric ‖(W - Ŵ)·L‖_F, H = L·Lᵀ, when calibrated:
+- "refit": U·D from W first (SVDQuant order), quantized; Q from the residual W - Û·D̂; then U·D
+  refitted to the base's error W - Q̂ (LQER order). GPTQ then fits a base with the correction's
+  structure already removed, and the final correction is the optimal one for the base as stored.
+- "lqer" (LQER / QERA / EoRA): Q from W, then U·D = the truncated SVD of the base's error E·L mapped
+  back with L⁻¹, the optimal rank-r correction of that error on the calibration activations.
+- "svdquant": U·D from W first, quantized; then Q from the residual W - Û·D̂, and nothing after.
+- "alternating" (CALDERA-style): Q from W, then `rounds` times U·D ← lowrank(W - Q), Q ← base(W - U·D),
+  then the correction of the last base's error.
+- "auto" (default): "refit" for int8 or unquantized factors, "lqer" for int4 factors.
+In every order the stored factors are quantized with error feedback (gptq.quantize_factors).
+
+Why the defaults (bench/hybrid_quality.py --ablation, GPTQ base, whitened rank-16 correction; GPT-2 KL
+vs dense, lower is better; BERT sentence-embedding cosine vs dense, higher is better):
+- int8 factors: "refit" beat "lqer" on GPT-2 int4 g128 (KL 0.00018 vs 0.00023) and int2 g64 (0.0022 vs
+  0.0046) and on BERT int2 g64 (cosine 0.759 vs 0.735); "lqer" was a hair ahead on BERT int4 g128
+  (0.9867 vs 0.9861). "svdquant" and "alternating" (2 rounds, 3x the fit time) were never clearly best.
+- int4 factors: "refit" makes the final correction carry W's large components, which int4 cannot hold:
+  GPT-2 int4 g128 + r16 KL 0.0059 ("refit") vs 0.00024 ("lqer"); BERT cosine 0.977 vs 0.986.
+- A GPTQ base beat an RTN base under every correction (BERT int4 g128: 0.986 vs 0.973; GPT-2 int4
+  g128 + r8, "lqer": KL 0.00027 vs 0.00067), and the whitened correction beat the plain SVD one
+  (BERT int2 g64: 0.759 vs 0.586).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .factorize import truncated_factors, whitening_cholesky
+from .gptq import gptq, quantize_factors
+from .quant import (
+    ZERO_POINT_BITS,
+    check_base_bits,
+    check_bits,
+    dequantize,
+    dequantize_zero_point,
+    matrix_bytes,
+    quantization_scale,
+    quantize,
+    quantize_with_scale,
+    quantize_zero_point,
+    quantize_zero_point_with_params,
+    round_to_codes,
+    round_to_levels,
+    zero_point_params,
+)
+
+BASE_METHODS = ("gptq", "rtn")
+ORDERS = ("auto", "refit", "lqer", "svdquant", "alternating")
+CORRECTION_METHODS = ("whitened", "svd")
+
+
+# ----------------------------------------------------------------------------- storage and bytes
+
+
+@dataclass
+class HybridWeight:
+    """The stored tensors of one hybrid weight [out, in] (no bias: a layer keeps its own)."""
+
+    base: torch.Tensor  # [out, in * base_bits / 8] uint8 codes
+    base_scale: torch.Tensor  # [out, in / base_group_size] float32
+    base_zero: torch.Tensor | None  # [out, in / base_group_size] uint8 for int3/int2; None for int4
+    base_bits: int
+    base_group_size: int
+    down: torch.Tensor  # [r, in], stored as LowRankLinear stores it
+    down_scale: torch.Tensor | None
+    up_t: torch.Tensor  # [r, out]
+    up_t_scale: torch.Tensor | None
+    bits: int | None  # of the correction's factors
+    group_size: int
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def base_weight(self) -> torch.Tensor:
+        return dequantize_base(self.base, self.base_scale, self.base_zero, self.base_bits, self.base_group_size)
+
+    def correction(self) -> torch.Tensor:
+        up_t = dequantize(self.up_t, self.up_t_scale, self.bits, self.group_size)  # [r, out]
+        down = dequantize(self.down, self.down_scale, self.bits, self.group_size)  # [r, in]
+        return up_t.t() @ down  # [out, in]
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.base_weight() + self.correction()  # [out, in] float32
+
+    def storage_bytes(self) -> int:
+        tensors = (self.base, self.base_scale, self.base_zero, self.down, self.down_scale, self.up_t, self.up_t_scale)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def dequantize_base(
+    storage: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int
+) -> torch.Tensor:
+    """float32 [out, in] of a stored base."""
+    if bits in ZERO_POINT_BITS:
+        return dequantize_zero_point(storage, scale, zero, bits, group_size)
+    return dequantize(storage, scale, bits, group_size)
+
+
+def base_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
+    """Bytes of a stored base: codes, float32 scales and (int3/int2) uint8 zeros."""
+    if bits in ZERO_POINT_BITS:
+        return matrix_bytes(out_features, in_features, bits, group_size)
+    return matrix_bytes(out_features, in_features, bits, group_size)
+
+
+def hybrid_bytes(
+    out_features: int,
+    in_features: int,
+    base_bits: int,
+    base_group_size: int,
+    rank: int,
+    bits: int | None,
+    group_size: int,
+    float_bytes: int = 2,
+) -> int:
+    """Predicted bytes of a hybrid weight from its shapes: base + both factors, every scale and zero.
+
+    `float_bytes` is the element size of unquantized factors (bits=None). Bias is not counted.
+    """
+    correction = matrix_bytes(rank, in_features, bits, group_size, float_bytes)
+    correction += matrix_bytes(rank, out_features, bits, group_size, float_bytes)
+    return base_bytes(out_features, in_features, base_bits, base_group_size) + correction
+
+
+# ----------------------------------------------------------------------------- the base
+
+
+def _group_params(columns: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale [rows], zero [rows] or None) of one group of columns [rows, g]."""
+    if bits in ZERO_POINT_BITS:
+        return zero_point_params(columns, bits)
+    return quantization_scale(columns, bits, columns.shape[1])[:, 0], None
+
+
+def _round_column(column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Dequantized nearest grid values of a column [rows] on per-row scale (and zero)."""
+    if zero is None:
+        return round_to_levels(column.float(), scale, bits) * scale
+    return (round_to_codes(column.float(), scale, zero, bits) - zero) * scale
+
+
+def fit_base(
+    weight: torch.Tensor,  # [out, in]
+    bits: int,
+    group_size: int,
+    hessian: torch.Tensor | None = None,  # [in, in] = XᵀX; None rounds to nearest
+    damping: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(storage, float32 scales, uint8 zeros or None) of the base: GPTQ when `hessian` is given, else RTN.
+
+    GPTQ chooses each group's scales (and zeros) when the group starts, from its columns with every
+    earlier column's rounding error already pushed in, as the GPTQ reference does with `groupsize`.
+    """
+    out_features, in_features = weight.shape
+    check_base_bits(bits, group_size, in_features, "fit_base")
+    if hessian is None:
+        if bits in ZERO_POINT_BITS:
+            return quantize_zero_point(weight, bits, group_size)
+        return (*quantize(weight, bits, group_size), None)
+    groups = in_features // group_size
+    scale = torch.empty(out_features, groups, dtype=torch.float32, device=weight.device)
+    zero = torch.empty_like(scale) if bits in ZERO_POINT_BITS else None
+
+    def start_group(j: int, columns: torch.Tensor) -> None:
+        group_scale, group_zero = _group_params(columns, bits)
+        scale[:, j // group_size] = group_scale
+        if zero is not None:
+            zero[:, j // group_size] = group_zero
+
+    def quantize_column(j: int, column: torch.Tensor) -> torch.Tensor:
+        g = j // group_size
+        return _round_column(column, scale[:, g], None if zero is None else zero[:, g], bits)
+
+    fitted = gptq(weight, hessian, quantize_column, damping, group_size, start_group)  # [out, in]
+    if zero is None:
+        return quantize_with_scale(fitted, scale, bits, group_size), scale, None
+    return quantize_zero_point_with_params(fitted, scale, zero, bits, group_size), scale, zero.to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- the correction
+
+
+def fit_correction(
+    target: torch.Tensor,  # [out, in]: what the correction should add (the base's error)
+    rank: int,
+    bits: int | None,
+    group_size: int,
+    chol: torch.Tensor | None = None,  # lower Cholesky factor of the Gram: the whitened metric
+    error_feedback: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(down, down_scale, up_t, up_t_scale) of the rank-r correction of `target`.
+
+    Unquantized (bits=None) it is the optimum of ‖(target - U·D)·L‖_F: the truncated SVD of
+    target·L mapped back with L⁻¹ (L = I without calibration), in float32.
+    """
+    up, down = truncated_factors(target, rank, chol)  # [out, r], [r, in]
+    if bits is None:
+        return down, None, up.t().contiguous(), None
+    if error_feedback:
+        f = quantize_factors(target, down, bits, group_size, chol)
+        return f.down, f.down_scale, f.up_t, f.up_t_scale
+    return (*quantize(down, bits, group_size), *quantize(up.t().contiguous(), bits, group_size))
+
+
+def _correction_weight(factors, bits: int | None, group_size: int) -> torch.Tensor:
+    down, down_scale, up_t, up_t_scale = factors
+    return dequantize(up_t, up_t_scale, bits, group_size).t() @ dequantize(down, down_scale, bits, group_size)
+
+
+# ----------------------------------------------------------------------------- the whole fit
+
+
+def fit_hybrid(
+    weight: torch.Tensor,  # [out, in]
+    base_bits: int,
+    base_group_size: int,
+    rank: int,
+    bits: int | None = 8,
+    group_size: int = 128,
+    gram: torch.Tensor | None = None,  # [in, in] calibration XᵀX; None: RTN base, plain SVD correction
+    base_method: str = "gptq",
+    method: str = "whitened",
+    order: str = "auto",
+    rounds: int = 2,
+    error_feedback: bool = True,
+    damping: float = 0.01,
+    max_whitening_damping: float = 1e-2,
+    name: str = "fit_hybrid",
+) -> HybridWeight:
+    """Fit the base and the rank-`rank` correction of one weight (see the module docstring).
+
+    base_method "gptq" and method "whitened" need `gram`; without it use "rtn" and "svd".
+    `rounds` counts the alternating refits of order "alternating" (ignored otherwise).
+    """
+    out_features, in_features = weight.shape
+    check_hybrid(out_features, in_features, base_bits, base_group_size, rank, bits, group_size, name)
+    for knob, value, choices in (
+        ("base_method", base_method, BASE_METHODS),
+        ("method", method, CORRECTION_METHODS),
+        ("order", order, ORDERS),
+    ):
+        if value not in choices:
+            raise ValueError(f"{name}: {knob} must be one of {', '.join(choices)}; got {value!r}")
+    if gram is None and (base_method == "gptq" or method == "whitened"):
+        raise ValueError(f"{name}: base_method 'gptq' and method 'whitened' need a calibration Gram matrix")
+    weight = weight.float()
+    hessian = gram if base_method == "gptq" else None
+    chol = whitening_cholesky(gram, max_whitening_damping, name) if method == "whitened" else None
+
+    def base(target):
+        return fit_base(target, base_bits, base_group_size, hessian, damping)
+
+    def deq(stored):
+        return dequantize_base(*stored, base_bits, base_group_size)
+
+    def correction(target):
+        return fit_correction(target, rank, bits, group_size, chol, error_feedback)
+
+    if order == "auto":
+        order = "lqer" if bits == 4 else "refit"
+
+    if order in ("refit", "svdquant"):
+        factors = correction(weight)
+        stored = base(weight - _correction_weight(factors, bits, group_size))
+        if order == "refit":
+            factors = correction(weight - deq(stored))
+        return HybridWeight(*stored, base_bits, base_group_size, *factors, bits, group_size)
+    stored = base(weight)
+    if order == "alternating":
+        for _ in range(rounds):
+            up, down = truncated_factors(weight - deq(stored), rank, chol)  # float correction
+            stored = base(weight - up @ down)
+    factors = correction(weight - deq(stored))
+    return HybridWeight(*stored, base_bits, base_group_size, *factors, bits, group_size)
+
+
+def check_hybrid(
+    out_features: int,
+    in_features: int,
+    base_bits: int,
+    base_group_size: int,
+    rank: int,
+    bits: int | None,
+    group_size: int,
+    name: str = "hybrid",
+) -> None:
+    """One clear ValueError naming `name` for a shape/knob combination the hybrid format cannot store."""
+    check_base_bits(base_bits, base_group_size, in_features, f"{name} (base, in_features)")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(out_features, in_features):
+        raise ValueError(f"{name}: rank must be an int in [1, min(in, out)] = [1, {min(out_features, in_features)}]")
+    check_bits(bits, group_size, in_features, f"{name} (correction, in_features)")
+    check_bits(bits, group_size, out_features, f"{name} (correction, out_features)")
+
+
+# ----------------------------------------------------------------------------- ranks across layers
+
+
+def allocate_correction_ranks(
+    spectra: list[torch.Tensor],  # per layer: singular values of the whitened base error E·L
+    normalizers: list[float],  # per layer: what a unit of squared error is relative to
+    bytes_per_rank: list[int],
+    budget_bytes: float,
+) -> list[int]:
+    """Ranks (>= 1) across layers for the bytes left after the bases: greedy squared error removed per byte.
+
+    Each layer's rank step k removes s_k² / normalizer of error (decreasing within a layer), so sorting
+    all steps by gain per byte and taking them while they fit is the greedy allocation; a step that does
+    not fit ends its layer's growth. Raises if rank 1 everywhere already exceeds the budget.
+    """
+    ranks = [1] * len(spectra)
+    used = float(sum(bytes_per_rank))
+    if used > budget_bytes:
+        raise ValueError(
+            f"budget too small: rank 1 in every layer already needs {used:.0f} bytes of correction, "
+            f"{budget_bytes:.0f} are left after the bases"
+        )
+    gains = [s.double() ** 2 / max(normalizers[i], 1e-300) / bytes_per_rank[i] for i, s in enumerate(spectra)]
+    # Largest gain first; on ties the lower rank step first, so every layer's steps come in order.
+    steps = sorted(
+        ((g[k].item(), i, k) for i, g in enumerate(gains) for k in range(1, len(g))),
+        key=lambda step: (-step[0], step[2]),
+    )
+    stopped = set()
+    for _, i, k in steps:
+        if i in stopped or k != ranks[i]:
+            continue
+        if used + bytes_per_rank[i] > budget_bytes:
+            stopped.add(i)
+            continue
+        used += bytes_per_rank[i]
+        ranks[i] += 1
+    return ranks
