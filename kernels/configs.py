@@ -161,15 +161,17 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
     """The CUDA-core decode plan (block_m = 1), sized from what bench/sass_report.py shows.
 
     Phase 1: a thread holds 16-byte chunks of `rows_per_thread` rows; 8 threads along K make a 128-byte
-    (one cache line) row tile (4 in 1-warp CTAs). The x values a thread loads are shared by its rows, so their cost per
-    weight is 1 / rows_per_thread: keep 8 rows per thread and shrink the CTA (4, 2, 1 warps), then the
-    rows, until the grid has WAVE_CTAS CTAs per SM (two resident CTAs hide each other's load latency).
+    (one cache line) row tile (4 in 1-warp CTAs). The x values a thread loads are shared by its rows, so their
+    cost per weight is 1 / rows_per_thread: keep 8 rows per thread and shrink the CTA (4, 2, 1 warps), then the
+    rows (not below 4), until the grid has WAVE_CTAS CTAs per SM (two resident CTAs hide each other's load
+    latency); a phase too small for that gets fewer CTAs.
     Phase 2: one thread per row and per 16-byte chunk of columns, so the grid is as wide as the columns
     allow; each iteration loads up to 4 sub-tiles of rows (independent 128-bit loads in flight).
     """
     chunk = decode_chunk(p.bits)
     target = WAVE_CTAS * num_sms
-    choices = [(w, rows_per_thread) for w in (4, 2, 1)] + [(1, rt) for rt in (4, 2, 1) if rt < rows_per_thread]
+    # never below 4 rows per thread: below that the x loads cost more than the grid gains (the report shows it)
+    choices = [(w, rows_per_thread) for w in (4, 2, 1)] + [(1, 4)] * (rows_per_thread > 4)
     for shrink_warps, rt in choices:
         # threads along K: 8 (a 128-byte row tile); 4 in a 1-warp CTA, where 8 x 4 x values would be exactly one
         # per thread and Triton would load them in that layout and move them through shared memory (BAR)
@@ -179,11 +181,6 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
         block_r = 32 * shrink_warps // t_k * rt
         if _cdiv(p.rank, block_r) * k_tiles >= target:
             break
-    else:  # too small to fill the GPU anyway: keep x amortized over 4 rows per thread
-        shrink_warps, t_k = 1, 4
-        block_k = chunk * t_k
-        k_tiles = _cdiv(p.k, block_k)
-        block_r = 32 // t_k * min(4, rows_per_thread)
     r_blocks = _cdiv(p.rank, block_r)
     split_k = max(1, min(k_tiles, _cdiv(target, r_blocks)))
     while split_k < k_tiles and r_blocks * _realized_split(p.k, block_k, split_k) < target:

@@ -9,11 +9,13 @@ per row and 32-column chunk for int4) instead of to every weight element.
 
 Dequantization (`int8_lane`, `int4_lane`: the building blocks every kernel here shares). Weights are
 read as int32 words: little-endian, so byte l of word i is int8 column 4i+l and nibble l is int4
-column 8i+l. A lane is turned into an exact fp32 value without I2F: mask it into the mantissa of a
-float whose exponent makes the lane's unit 1 (a "magic number", one LOP3), then subtract the
-float's offset (one exact FADD). The magic number 0x4B000000 (2^23) comes in as the run-time
-argument `magic`: written as a literal, ptxas re-materializes one of the two constants with a MOV
-before every LOP3 (bench/sass_report.py counted one extra instruction per weight element).
+column 8i+l. A lane becomes an fp32 value without I2F: masked into the mantissa of a float whose
+exponent makes the lane's unit 1 (a "magic number": one LOP3, after a shift shared by two lanes).
+That value is q plus a known offset; exact mode subtracts it (one FADD), RAW mode keeps it and the
+caller subtracts offset x Σ(multipliers) once per sum (the CUDA-core decode kernels: int4 costs
+1.5 instructions per value before its FMA, int8 2). The magic 0x4B000000 (2^23) comes in as the run-time
+argument `magic`: written as a literal, ptxas re-materializes one of the two constants of each LOP3
+with a MOV (bench/sass_report.py counted one extra instruction per weight element).
 
 Kernels:
 - decode_shrink_kernel + decode_expand_kernel: the decode path (M <= FUSED_MAX_M). Phase 1 reduces
@@ -22,11 +24,15 @@ Kernels:
   [M, r] fp32 with atomics. Phase 2 expands: one program per BLOCK_N output columns streams its
   slice of `up_t` once against all of hidden and writes y (bias added, no atomics). Every factor
   byte is read once, by many CTAs per SM. The last phase-2 program re-zeroes hidden (atomic ticket),
-  so the workspace is zero between calls without a memset (CUDA-graph safe).
-  BLOCK_M == 1 runs on CUDA cores: tiles are [rows, threads along K, 4 words] so each thread loads
-  16 contiguous bytes per row (LDG.128) and keeps per-(row, word) fp32 partial sums: no shuffles or
-  barriers in the loop; one cross-thread reduction at the end. BLOCK_M >= 16 pads M to 16 rows and
-  uses tl.dot (tensor cores).
+  so the workspace is zero between calls without a memset (CUDA-graph safe). On sm_90 phase 2 is a
+  programmatic dependent launch: it starts while phase 1 runs and waits (griddepcontrol) before
+  reading hidden.
+  BLOCK_M == 1 runs on CUDA cores, one program per row of x: tiles are [rows, threads, 4 words], so
+  each thread loads 16 contiguous bytes per row (LDG.128) and keeps fp32 partial sums per (row, word):
+  no shuffles or barriers in the hot loops, one cross-thread reduction at the end. In phase 1 the x
+  values a thread loads serve all its rows (8 where the grid allows); in phase 2 each thread owns one
+  row per sub-tile and per-lane accumulators, and loads several sub-tiles per iteration.
+  BLOCK_M >= 16 pads M to 16 rows and uses tl.dot (tensor cores).
 - shrink_kernel / expand_kernel: the two-launch prefill path. hidden[M, r] is fp32 in global memory;
   plain tiled GEMMs on tensor cores.
 """
@@ -91,10 +97,10 @@ def int4_lane(words, LANE: tl.constexpr, magic, RAW: tl.constexpr = False):
 
 @triton.jit
 def dequant_tile(ptr, rows, col0, col_hi, FEATURES, magic, BITS: tl.constexpr, BLOCK_C: tl.constexpr,
-                 MASKED: tl.constexpr):
+                 MASKED: tl.constexpr, OUT_DTYPE: tl.constexpr = tl.float32):
     """Stored values of factor rows `rows` [BR, 1], columns col0 .. col0 + BLOCK_C (masked at col_hi when
-    MASKED), as exact fp32 [BR, BLOCK_C], not scaled: the tl.dot tiles. int4 reads its packed bytes once,
-    contiguously, and interleaves the low and high nibbles."""
+    MASKED), as exact fp32 [BR, BLOCK_C] (int8 for fp16 OUT_DTYPE: exact fp16), not scaled: the tl.dot tiles.
+    int4 reads its packed bytes once, contiguously, and interleaves the low and high nibbles."""
     if BITS == 4:
         byte_cols = col0 // 2 + tl.arange(0, BLOCK_C // 2)
         mask = (byte_cols < col_hi // 2)[None, :] if MASKED else None  # col_hi is even
@@ -105,7 +111,13 @@ def dequant_tile(ptr, rows, col0, col_hi, FEATURES, magic, BITS: tl.constexpr, B
         cols = col0 + tl.arange(0, BLOCK_C)
         mask = (cols < col_hi)[None, :] if MASKED else None
         raw = tl.load(ptr + rows * FEATURES + cols[None, :], mask=mask, other=0)
-        values = int8_lane(raw.to(tl.int32), 0, magic) if BITS == 8 else raw.to(tl.float32)
+        if BITS == 8 and OUT_DTYPE == tl.float16:  # noqa: SIM300 (fp16: (b ^ 0x80) | 0x6400 is 1152 + b)
+            offset_binary = (raw.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400
+            values = offset_binary.to(tl.float16, bitcast=True) - 1152.0
+        elif BITS == 8:
+            values = int8_lane(raw.to(tl.int32), 0, magic)
+        else:
+            values = raw.to(tl.float32)
     return values
 
 
@@ -280,7 +292,7 @@ def decode_shrink_kernel(
             k_ok = k_offs < k_hi
             x = tl.load(x_ptr + m_offs[:, None] * stride_xm + k_offs[None, :],
                         mask=(m_offs[:, None] < M) & k_ok[None, :], other=0.0)  # [BM, BK]
-            w = dequant_tile(down_ptr, rows[:, None], k0, k_hi, K, magic, BITS, BLOCK_K, True)  # [BR, BK]
+            w = dequant_tile(down_ptr, rows[:, None], k0, k_hi, K, magic, BITS, BLOCK_K, True, x.dtype)  # [BR, BK]
             partial = _dot(x, tl.trans(w.to(x.dtype)), DOT_PRECISION, DOT_UPCAST)  # [BM, BR]
             if TILE_SCALE:  # BLOCK_K divides the group size (configs arrange it)
                 partial = partial * tl.load(down_scale_ptr + rows * (K // GROUP_SIZE) + k0 // GROUP_SIZE)[None, :]
@@ -459,7 +471,7 @@ def shrink_kernel(
         k_ok = k_offs < K
         x = tl.load(x_ptr + m_offs[:, None] * stride_xm + k_offs[None, :],
                     mask=(m_offs[:, None] < M) & k_ok[None, :], other=0.0)  # [BM, BK]
-        w = dequant_tile(down_ptr, rows[:, None], k0, K, K, magic, BITS, BLOCK_K, True)  # [BR, BK]
+        w = dequant_tile(down_ptr, rows[:, None], k0, K, K, magic, BITS, BLOCK_K, True, x.dtype)  # [BR, BK]
         if BITS == 4 and not TILE_SCALE:
             w = w * tl.load(down_scale_ptr + rows[:, None] * (K // GROUP_SIZE) + k_offs[None, :] // GROUP_SIZE,
                             mask=k_ok[None, :], other=0.0)
