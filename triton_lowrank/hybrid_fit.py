@@ -36,12 +36,12 @@ import torch
 
 from .factorize import truncated_factors, whitening_cholesky
 from .gptq import gptq, quantize_factors
+from .hybrid_storage import dequantize_base
 from .quant import (
     ZERO_POINT_BITS,
     check_base_bits,
     check_bits,
     dequantize,
-    dequantize_zero_point,
     matrix_bytes,
     quantization_scale,
     quantize,
@@ -95,15 +95,6 @@ class HybridWeight:
     def storage_bytes(self) -> int:
         tensors = (self.base, self.base_scale, self.base_zero, self.down, self.down_scale, self.up_t, self.up_t_scale)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def dequantize_base(
-    storage: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int
-) -> torch.Tensor:
-    """float32 [out, in] of a stored base."""
-    if bits in ZERO_POINT_BITS:
-        return dequantize_zero_point(storage, scale, zero, bits, group_size)
-    return dequantize(storage, scale, bits, group_size)
 
 
 def base_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
