@@ -2,8 +2,21 @@
 
 import pytest
 import torch
+from conftest import make_tiny_gpt2, tiny_tokenizer
+from transformers import AutoModelForCausalLM
 
-from triton_lowrank import HybridLinear, HybridWeights, hybrid_matmul, hybrid_reference
+from triton_lowrank import (
+    HybridLinear,
+    HybridWeights,
+    LowRankConfig,
+    compress_model,
+    dense_weight,
+    hybrid_matmul,
+    hybrid_reference,
+    load_compressed,
+    save_compressed,
+)
+from triton_lowrank.cli import main
 from triton_lowrank.factors import round_factors
 from triton_lowrank.formats import FORMATS
 from triton_lowrank.hybrid_storage import dequantize_base
@@ -101,3 +114,94 @@ def test_module_rejects_a_bad_base():
     with pytest.raises(ValueError, match="base_bits must be one of"):
         HybridLinear.check_spec({"base_bits": 8, "base_group_size": 16, "rank": 8, "group_size": 16, "bits": 8,
                                  "in_features": 64, "out_features": 48}, "layer")
+
+
+# ----------------------------------------------------------------------------- compression, save/load, CLI
+
+# A tiny model's calibration: fewer tokens than features is expected here, and warned about elsewhere.
+pytestmark = pytest.mark.filterwarnings("ignore:calibration saw fewer tokens")
+CALIBRATION = [torch.randint(1, 128, (4, 32), generator=torch.Generator().manual_seed(1))]
+IDS = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+@pytest.mark.parametrize("base_method,method", [("gptq", "whitened"), ("rtn", "svd")])
+def test_compress_model_with_base_bits_makes_hybrid_layers(base_method, method):
+    model = make_tiny_gpt2()
+    dense = {n: dense_weight(m).detach().clone() for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    config = LowRankConfig(rank=8, bits=8, method=method, base_bits=4, base_group_size=16, base_method=base_method)
+    report = compress_model(model, config, CALIBRATION if base_method == "gptq" else None, progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, HybridLinear)}
+    assert set(layers) == set(dense) and len(layers) == 8
+    assert not any(type(m).__name__ == "Conv1D" for m in model.modules())  # the dense weights are gone
+    for name, layer in layers.items():
+        assert layer.rank == 8 and layer.base_bits == 4 and layer.base.dtype == torch.uint8
+        error = (layer.dequantized_weight() - dense[name]).norm() / dense[name].norm()
+        assert error < 0.2, (name, error)  # int4 g16 + a rank-8 correction: close to the dense weight
+    assert all(0 < row.rel_error < 0.2 and row.bytes_after < row.bytes_before for row in report.layers)
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_the_correction_removes_error_the_base_leaves():
+    """Same int2 base, rank 1 vs rank 32: the larger correction must fit the dense weight better."""
+    errors = []
+    for rank in (1, 32):
+        model = make_tiny_gpt2()
+        weight = dense_weight(model.transformer.h[0].mlp.c_fc).detach().clone()
+        config = LowRankConfig(rank=rank, bits=None, base_bits=2, base_group_size=16, base_method="rtn")
+        compress_model(model, config, progress=False)
+        errors.append((model.transformer.h[0].mlp.c_fc.dequantized_weight() - weight).norm().item())
+    assert errors[1] < 0.8 * errors[0]
+
+
+def test_save_and_load_through_both_loaders_give_identical_logits(tmp_path):
+    model = make_tiny_gpt2()
+    config = LowRankConfig(rank=4, bits=4, group_size=16, method="whitened", base_bits=3, base_group_size=16)
+    compress_model(model, config, CALIBRATION, progress=False)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    folder = save_compressed(model, tmp_path / "hybrid")
+    for loaded in (load_compressed(folder), AutoModelForCausalLM.from_pretrained(folder)):
+        layer = loaded.transformer.h[1].attn.c_proj
+        assert isinstance(layer, HybridLinear) and layer.base_zero is not None
+        assert layer.base_scale.dtype == torch.float32
+        with torch.no_grad():
+            assert torch.equal(loaded(IDS).logits, expected)
+
+
+@pytest.mark.parametrize("knobs,message", [
+    (dict(rank=4, base_bits=5), "base_bits must be None, 4, 3 or 2"),
+    (dict(rank=4, base_bits=4, base_method="awq"), "base_method must be 'gptq' or 'rtn'"),
+    (dict(budget=0.5, base_bits=4), "set the correction's rank by rank or rank_ratio"),
+    (dict(rank=4, base_bits=4, base_group_size=0), "base_group_size must be >= 1"),
+])
+def test_bad_hybrid_configs_are_refused(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        LowRankConfig(**knobs)
+    with pytest.raises(TypeError, match="base_bits must be an integer"):
+        LowRankConfig(rank=4, base_bits="4")
+
+
+def test_bad_hybrid_combinations_fail_before_any_work():
+    model = make_tiny_gpt2()
+    with pytest.raises(ValueError, match="base_method='gptq' needs calibration"):
+        compress_model(model, LowRankConfig(rank=4, base_bits=4, base_group_size=16), progress=False)
+    with pytest.raises(ValueError, match=r"\(base, in_features\).*does not divide the factor width 64"):
+        compress_model(model, LowRankConfig(rank=4, base_bits=4, base_group_size=48, base_method="rtn"),
+                       progress=False)
+    assert not any(isinstance(m, HybridLinear) for m in model.modules())
+
+
+def test_cli_compress_with_base_bits(tmp_path, capsys):
+    source = tmp_path / "tiny"
+    tokenizer = tiny_tokenizer()
+    make_tiny_gpt2(vocab_size=len(tokenizer)).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    argv = ["compress", source, tmp_path / "out", "--base-bits", "4", "--base-group-size", "16", "--rank", "4",
+            "--bits", "8", "--calib-samples", "2", "--seq-len", "16"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    loaded = load_compressed(tmp_path / "out")
+    layers = [m for m in loaded.modules() if isinstance(m, HybridLinear)]
+    assert len(layers) == 8 and all(m.rank == 4 and m.base_group_size == 16 for m in layers)
+    code = main([str(a) for a in ["compress", source, tmp_path / "out2", "--base-bits", "4"]])
+    assert code == 1 and "--base-bits needs the correction's rank" in capsys.readouterr().err
