@@ -33,7 +33,6 @@ from .formats import DENSE_KINDS, FLOAT_DTYPES, compressed_layers, dense_weight,
 from .gptq import quantize_factors
 from .hybrid_fit import fit_hybrid
 from .hybrid_layers import HybridLinear
-from .hybrid_storage import HybridWeights
 from .layers import LowRankLinear
 from .quant import check_base_bits, check_bits, storage_group_size, tensor_bytes
 from .reference import dequantized_factors
@@ -255,11 +254,7 @@ def _compress_hybrid_layer(model, name, module, rank, gram, config: LowRankConfi
     fit = fit_hybrid(weight, config.base_bits, config.base_group_size, rank, config.bits, config.group_size, gram,
                      config.base_method, config.method, error_feedback=config.error_feedback,
                      max_whitening_damping=config.damping, name=name)
-    correction = LowRankFactors(fit.down, fit.down_scale, fit.up_t, fit.up_t_scale, None, fit.bits,
-                                storage_group_size(fit.bits, fit.group_size))
-    bias = None if module.bias is None else module.bias.detach()
-    stored = HybridWeights(fit.base, fit.base_scale, fit.base_zero, fit.base_bits, fit.base_group_size, correction,
-                           bias)
+    stored = fit._replace(bias=None if module.bias is None else module.bias.detach())
     new = HybridLinear.from_weights(stored, module.weight.dtype, name, type(module).__name__)
     return _replace_layer(model, name, module, new, relative_error_of(weight, new.dequantized_weight()), calib_tokens,
                           head)

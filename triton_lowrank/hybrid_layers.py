@@ -11,7 +11,7 @@ import torch
 
 from .factors import LowRankFactors
 from .formats import FLOAT_DTYPES, CompressedLinear, register_format
-from .hybrid_storage import HybridWeights, dequantize_base
+from .hybrid_storage import HybridWeights
 from .layers import STORAGE_DTYPES
 from .ops import hybrid_matmul
 from .quant import (
@@ -24,7 +24,6 @@ from .quant import (
     storage_group_size,
     storage_shapes,
 )
-from .reference import dequantized_factors
 
 SPEC_INTS = ("base_bits", "base_group_size", "rank", "group_size")
 
@@ -129,9 +128,7 @@ class HybridLinear(CompressedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The [out, in] float32 weight Q̂ + U·D."""
-        down, up_t = dequantized_factors(self.weights().correction)  # [r, in], [r, out]
-        base = dequantize_base(self.base, self.base_scale, self.base_zero, self.base_bits, self.base_group_size)
-        return base + up_t.t() @ down
+        return self.weights().dense_weight()
 
     def kernel_problems(self, m: int, x_bytes: int) -> list:
         return []  # no hybrid kernel yet: the op computes the reference, nothing to pre-tune

@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 
 from .factors import LowRankFactors
-from .quant import ZERO_POINT_BITS, dequantize, dequantize_zero_point
-from .reference import lowrank_reference
+from .quant import ZERO_POINT_BITS, dequantize, dequantize_zero_point, tensor_bytes
+from .reference import dequantized_factors, lowrank_reference
 
 
 def dequantize_base(
@@ -52,6 +52,20 @@ class HybridWeights(NamedTuple):
     def base_weight(self) -> torch.Tensor:
         """float32 [out, in] of the base Q̂."""
         return dequantize_base(self.base, self.base_scale, self.base_zero, self.base_bits, self.base_group_size)
+
+    def correction_weight(self) -> torch.Tensor:
+        """float32 [out, in] of the correction U·D."""
+        down, up_t = dequantized_factors(self.correction)  # [r, in], [r, out]
+        return up_t.t() @ down
+
+    def dense_weight(self) -> torch.Tensor:
+        """float32 [out, in] of Q̂ + U·D (no bias)."""
+        return self.base_weight() + self.correction_weight()
+
+    def storage_bytes(self) -> int:
+        """Bytes of the base (codes, scales, zeros) and the correction's factors and scales; bias excluded."""
+        c = self.correction
+        return tensor_bytes([self.base, self.base_scale, self.base_zero, c.down, c.down_scale, c.up_t, c.up_t_scale])
 
 
 def hybrid_reference(x: torch.Tensor, w: HybridWeights) -> torch.Tensor:
