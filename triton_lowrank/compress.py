@@ -122,7 +122,7 @@ def select_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Modul
             chosen[name] = module
     if not chosen:
         if compressed_layers(model):
-            raise ValueError("compress_model: the model is already compressed (it holds LowRankLinear layers)")
+            raise ValueError("compress_model: the model is already compressed (it holds compressed layers)")
         raise ValueError("compress_model: no layer matched the include/exclude patterns")
     return chosen
 
@@ -332,7 +332,8 @@ def _compress_sequential(model, layers, config: LowRankConfig, calibration, prog
 def compress_model(
     model: nn.Module, config: LowRankConfig, calibration: Iterable | None = None, progress: bool | None = None
 ) -> CompressionReport:
-    """Replace every selected nn.Linear / Conv1D of `model` by a LowRankLinear, in place.
+    """Replace every selected nn.Linear / Conv1D of `model` by a LowRankLinear (with config.base_bits: a
+    HybridLinear, quantized base plus low-rank correction), in place.
 
     progress: tqdm bars for calibration and the layers; None (default) shows them for model-level
     work (more than one layer) and keeps a single-layer call quiet.
