@@ -41,11 +41,11 @@ from triton_lowrank.formats import dense_weight
 from triton_lowrank.hybrid_fit import (
     allocate_correction_ranks,
     base_bytes,
-    dequantize_base,
     fit_base,
     fit_hybrid,
     hybrid_bytes,
 )
+from triton_lowrank.hybrid_storage import dequantize_base
 from triton_lowrank.metrics import compare_logits, model_logits
 from triton_lowrank.quant import dequantize, matrix_bytes, quantize
 

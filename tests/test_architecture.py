@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "triton_lowrank"
 
 LAYERS = [
-    ("storage and reference math", ["quant", "factors", "reference"]),
+    ("storage and reference math", ["quant", "factors", "reference", "hybrid_storage"]),
     ("kernels", ["kernels", "kernels.configs", "kernels.lowrank_matmul", "kernels.launch"]),
     ("launcher and custom op", ["ops"]),
     ("autotuner", ["autotune"]),
-    ("modules", ["formats", "layers", "pretune"]),
+    ("modules", ["formats", "layers", "hybrid_layers", "pretune"]),
     ("compression", ["config", "calibration", "factorize", "gptq", "sequential", "compress", "hybrid_fit"]),
     ("on-disk format and HF", ["checkpoint_format", "hf_quantizer", "checkpoint"]),
     ("tools", ["embedded", "loading", "eval_data", "metrics", "realmodel", "baselines", "sweeps", "generation_bench",

@@ -7,14 +7,13 @@ from triton_lowrank import gptq as gptq_module
 from triton_lowrank.factorize import truncated_factors
 from triton_lowrank.gptq import gptq
 from triton_lowrank.hybrid_fit import (
-    HybridWeight,
     allocate_correction_ranks,
-    dequantize_base,
     fit_base,
     fit_correction,
     fit_hybrid,
     hybrid_bytes,
 )
+from triton_lowrank.hybrid_storage import HybridWeights, dequantize_base
 from triton_lowrank.quant import (
     check_base_bits,
     dequantize_zero_point,
@@ -187,8 +186,8 @@ def test_byte_accounting_matches_the_stored_tensors(base_bits, base_group_size, 
     torch.manual_seed(13)
     weight = torch.randn(192, 128)  # [out, in]
     hybrid = fit_hybrid(weight, base_bits, base_group_size, rank, bits, group_size, base_method="rtn", method="svd")
-    assert isinstance(hybrid, HybridWeight) and hybrid.rank == rank
-    float_bytes = hybrid.down.element_size()
+    assert isinstance(hybrid, HybridWeights) and hybrid.rank == rank
+    float_bytes = hybrid.correction.down.element_size()
     predicted = hybrid_bytes(192, 128, base_bits, base_group_size, rank, bits, group_size, float_bytes)
     assert hybrid.storage_bytes() == predicted
     codes = 192 * 128 * base_bits // 8

@@ -28,14 +28,18 @@ from .embedded import embedded_model_path
 from .factors import LowRankFactors
 from .formats import CompressedLinear, dense_weight, register_format
 from .hf_quantizer import TritonLowRankConfig, mark_compressed  # registers with transformers
+from .hybrid_layers import HybridLinear
+from .hybrid_storage import HybridWeights, hybrid_reference
 from .layers import LowRankLinear
-from .ops import lowrank_matmul
+from .ops import hybrid_matmul, lowrank_matmul
 from .reference import lowrank_reference
 
 __all__ = [
     "CheckpointError",
     "CompressedLinear",
     "CompressionReport",
+    "HybridLinear",
+    "HybridWeights",
     "LayerReport",
     "LowRankConfig",
     "LowRankFactors",
@@ -45,6 +49,8 @@ __all__ = [
     "dense_weight",
     "embedded_model_path",
     "load_compressed",
+    "hybrid_matmul",
+    "hybrid_reference",
     "lowrank_matmul",
     "lowrank_reference",
     "mark_compressed",

@@ -144,8 +144,11 @@ def prompt_ids(model, tokenizer, prompt: str, new_tokens: int, source: str):
 
 def rank_config(args) -> LowRankConfig:
     knobs = {k: getattr(args, k) for k in ("rank", "rank_ratio", "energy", "budget") if getattr(args, k) is not None}
+    base = {k: getattr(args, k) for k in ("base_bits", "base_group_size", "base_method") if hasattr(args, k)}
+    if base.get("base_bits") is not None and not knobs:
+        raise ValueError("--base-bits needs the correction's rank: --rank or --rank-ratio")
     return LowRankConfig(
-        **(knobs or {"budget": 0.5}), bits=BITS[args.bits], group_size=args.group_size, method=args.method
+        **(knobs or {"budget": 0.5}), bits=BITS[args.bits], group_size=args.group_size, method=args.method, **base
     )
 
 
@@ -171,7 +174,7 @@ def compress_and_save(args, source: str, config: LowRankConfig, calib_text: str 
     model, tokenizer = load(source)
     validate_layers(model, config)  # bad ranks/bits/weights fail before calibration sampling
     calibration = None
-    if config.method == "whitened":
+    if config.method == "whitened" or (config.base_bits is not None and config.base_method == "gptq"):
         calibration = calibration_batches(model, tokenizer, calib_text, args.calib_samples, args.seq_len)
     fp16_bytes = dense_bytes(model, config)
     stored_dtype = checkpoint_dtype(source)
@@ -268,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--rank", type=at_least(1), help="the same rank in every layer")
     knobs.add_argument("--energy", type=float, help="fraction of squared singular values kept per layer")
     add_format_args(p)
+    hybrid = p.add_argument_group("hybrid format W = Q + U·D (a quantized base plus the low-rank correction above)")
+    hybrid.add_argument("--base-bits", type=int, choices=(4, 3, 2), help="store a base at 4, 3 or 2 bits")
+    hybrid.add_argument("--base-group-size", type=at_least(1), default=128, help="base group width (default 128)")
+    hybrid.add_argument("--base-method", choices=("gptq", "rtn"), default="gptq", help="base fit (default gptq)")
     p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: sampled from the model)")
     p.add_argument("--calib-samples", type=at_least(1), default=16, help="calibration windows (default 16)")
     p.add_argument("--seq-len", type=at_least(2), help="calibration window length (default: the model's context)")

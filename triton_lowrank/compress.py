@@ -1,4 +1,5 @@
-"""compress_model: replace a model's linear layers by LowRankLinear in place, and report it.
+"""compress_model: replace a model's linear layers by LowRankLinear (or, with base_bits, HybridLinear) in place,
+and report it.
 
 This is also the one place where quantization is decided (`store_factors`): modules only store.
 Nothing here knows about saving: layers above subscribe with `after_compression` (the transformers
@@ -30,8 +31,10 @@ from .factorize import (
 from .factors import LowRankFactors, lowrank_bytes, round_factors
 from .formats import DENSE_KINDS, FLOAT_DTYPES, compressed_layers, dense_weight, untie_head
 from .gptq import quantize_factors
+from .hybrid_fit import fit_hybrid
+from .hybrid_layers import HybridLinear
 from .layers import LowRankLinear
-from .quant import check_bits, storage_group_size, tensor_bytes
+from .quant import check_base_bits, check_bits, storage_group_size, tensor_bytes
 from .reference import dequantized_factors
 from .sequential import calibrate_blockwise, find_blocks
 
@@ -119,7 +122,7 @@ def select_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Modul
             chosen[name] = module
     if not chosen:
         if compressed_layers(model):
-            raise ValueError("compress_model: the model is already compressed (it holds LowRankLinear layers)")
+            raise ValueError("compress_model: the model is already compressed (it holds compressed layers)")
         raise ValueError("compress_model: no layer matched the include/exclude patterns")
     return chosen
 
@@ -149,6 +152,8 @@ def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
     group_size = storage_group_size(config.bits, config.group_size)
     check_bits(config.bits, group_size, in_features, f"{name} (in_features)")
     check_bits(config.bits, group_size, out_features, f"{name} (out_features)")
+    if config.base_bits is not None:
+        check_base_bits(config.base_bits, config.base_group_size, in_features, f"{name} (base, in_features)")
 
 
 def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool, spectra=None) -> list[int]:
@@ -185,8 +190,13 @@ def relative_error(weight: torch.Tensor, stored: LowRankFactors) -> float:
     """‖W - Ŵ‖_F / ‖W‖_F in float64 on the dequantized factors: a float32 norm overflows for an outlier
     weight (1e30 then reports 0 or nan); inf or nan when the stored result is."""
     down, up_t = dequantized_factors(stored)  # [r, in], [r, out]
+    return relative_error_of(weight, up_t.double().t() @ down.double())
+
+
+def relative_error_of(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """‖W - Ŵ‖_F / ‖W‖_F in float64 of a dense approximation Ŵ [out, in]."""
     w = weight.detach().double()  # [out, in]
-    error = torch.linalg.matrix_norm(w - up_t.double().t() @ down.double())
+    error = torch.linalg.matrix_norm(w - approx.double())
     norm = torch.linalg.matrix_norm(w)
     if norm == 0:  # an all-zero weight: any error is infinitely large next to it
         return 0.0 if error == 0 else (error * math.inf).item()
@@ -235,18 +245,36 @@ def _compress_layer(model, name, module, rank, chol, config: LowRankConfig, cali
     up, down = truncated_factors(weight, rank, chol)
     stored = store_factors(weight, up, down, module.bias, config, chol, module.weight.dtype)
     new = LowRankLinear.from_factors(stored, module.weight.dtype, name, type(module).__name__)
+    return _replace_layer(model, name, module, new, relative_error(weight, new.factors()), calib_tokens, head)
+
+
+def _compress_hybrid_layer(model, name, module, rank, gram, config: LowRankConfig, calib_tokens, head) -> LayerReport:
+    """Replace one layer by its HybridLinear (base fitted by hybrid_fit.fit_hybrid) in `model`; its report row."""
+    weight = dense_weight(module)  # [out, in]
+    fit = fit_hybrid(weight, config.base_bits, config.base_group_size, rank, config.bits, config.group_size, gram,
+                     config.base_method, config.method, error_feedback=config.error_feedback,
+                     max_whitening_damping=config.damping, name=name)
+    stored = fit._replace(bias=None if module.bias is None else module.bias.detach())
+    new = HybridLinear.from_weights(stored, module.weight.dtype, name, type(module).__name__)
+    return _replace_layer(model, name, module, new, relative_error_of(weight, new.dequantized_weight()), calib_tokens,
+                          head)
+
+
+def _replace_layer(model, name, module, new, rel_error: float, calib_tokens, head) -> LayerReport:
+    """Put `new` where `module` was; the report row (bytes the dense layer owned alone vs the new storage)."""
     owned = [] if _tied_to_other_module(model, module) else [module.weight]
     owned += [] if module.bias is None else [module.bias]
+    out_features, in_features = dense_weight(module).shape
     row = LayerReport(
         name=name,
         kind=type(module).__name__,
-        in_features=weight.shape[1],
-        out_features=weight.shape[0],
-        rank=rank,
-        bits=config.bits,
+        in_features=in_features,
+        out_features=out_features,
+        rank=new.rank,
+        bits=new.bits,
         bytes_before=tensor_bytes(owned),
         bytes_after=tensor_bytes([*new.buffers(), *new.parameters()]),
-        rel_error=relative_error(weight, new.factors()),
+        rel_error=rel_error,
         calib_tokens=calib_tokens,
     )
     if module is head:
@@ -254,6 +282,25 @@ def _compress_layer(model, name, module, rank, chol, config: LowRankConfig, cali
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
     return row
+
+
+def _compress_hybrid(model, layers, config: LowRankConfig, calibration, progress: bool, head) -> list[LayerReport]:
+    """Every layer as a HybridLinear. Calibrated (GPTQ base or whitened correction): all Gram matrices from one
+    pass over the dense model (collect_grams, shrunk as config.shrinkage says), not block by block."""
+    grams: dict[str, torch.Tensor | None] = {name: None for name in layers}
+    tokens: dict[str, int] = {}
+    if calibration is not None:
+        stats = collect_grams(model, layers, calibration, progress)
+        for name in layers:
+            tokens[name] = stats[name].tokens
+            grams[name] = shrunk_gram(stats.pop(name), config.shrinkage)[0]
+    ranks = _choose_ranks(layers, {}, config, progress)
+    return [
+        _compress_hybrid_layer(model, name, module, rank, grams.pop(name), config, tokens.get(name), head)
+        for (name, module), rank in tqdm(
+            list(zip(layers.items(), ranks, strict=True)), desc="compressing", unit="layer", disable=not progress
+        )
+    ]
 
 
 def _compress_sequential(model, layers, config: LowRankConfig, calibration, progress: bool, head) -> list[LayerReport]:
@@ -285,7 +332,8 @@ def _compress_sequential(model, layers, config: LowRankConfig, calibration, prog
 def compress_model(
     model: nn.Module, config: LowRankConfig, calibration: Iterable | None = None, progress: bool | None = None
 ) -> CompressionReport:
-    """Replace every selected nn.Linear / Conv1D of `model` by a LowRankLinear, in place.
+    """Replace every selected nn.Linear / Conv1D of `model` by a LowRankLinear (with config.base_bits: a
+    HybridLinear, quantized base plus low-rank correction), in place.
 
     progress: tqdm bars for calibration and the layers; None (default) shows them for model-level
     work (more than one layer) and keeps a single-layer call quiet.
@@ -296,15 +344,21 @@ def compress_model(
     layers = validate_layers(model, config)
     progress = len(layers) > 1 if progress is None else progress
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if config.method == "whitened":
-        if calibration is None:
-            raise ValueError("method='whitened' needs calibration batches (input ids or kwargs dicts)")
-        if isinstance(calibration, (torch.Tensor, dict)):
-            raise TypeError(
-                f"calibration is one {type(calibration).__name__}; pass a list of batches "
-                "([batch, seq] input-id tensors or kwargs dicts), e.g. [input_ids]"
-            )
-    if config.method == "whitened" and config.sequential and find_blocks(model, layers) is not None:
+    if config.base_bits is not None and config.base_method == "gptq" and calibration is None:
+        raise ValueError("base_method='gptq' needs calibration batches (input ids or kwargs dicts); "
+                         "or use base_method='rtn'")
+    if config.method == "whitened" and calibration is None:
+        raise ValueError("method='whitened' needs calibration batches (input ids or kwargs dicts)")
+    uses_calibration = config.method == "whitened" or config.base_bits is not None
+    if uses_calibration and isinstance(calibration, (torch.Tensor, dict)):
+        raise TypeError(
+            f"calibration is one {type(calibration).__name__}; pass a list of batches "
+            "([batch, seq] input-id tensors or kwargs dicts), e.g. [input_ids]"
+        )
+    if config.base_bits is not None:
+        needs_grams = config.base_method == "gptq" or config.method == "whitened"
+        rows = _compress_hybrid(model, layers, config, calibration if needs_grams else None, progress, head)
+    elif config.method == "whitened" and config.sequential and find_blocks(model, layers) is not None:
         rows = _compress_sequential(model, layers, config, calibration, progress, head)
     else:
         chols: dict[str, torch.Tensor | None] = {}

@@ -6,9 +6,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-from .quant import SUPPORTED_BITS
+from .quant import BASE_BITS, SUPPORTED_BITS
 
 RANK_KNOBS = ("rank", "rank_ratio", "energy", "budget")
+BASE_METHODS = ("gptq", "rtn")
 
 
 @dataclass
@@ -37,6 +38,13 @@ class LowRankConfig:
                 False calibrates every layer on the dense model in one pass (all Grams at once).
     error_feedback: quantize the factors GPTQ-style (each rounding error pushed onto what is not yet
                 quantized, up refitted to the stored down); False rounds each factor to nearest.
+    base_bits:  None (default) stores each layer as low-rank factors alone. 4, 3 or 2 stores the hybrid
+                format W ≈ Q + U·D (HybridLinear): a group-wise quantized base Q plus a low-rank correction
+                U·D, whose rank comes from `rank` or `rank_ratio` and whose factors follow bits/group_size/
+                method ("whitened": the correction is optimal on the calibration activations).
+    base_group_size: the base's group width along in_features (must divide it; int3/int2: a multiple of 8).
+    base_method: "gptq" fits the base on the calibration Gram matrix (needs calibration); "rtn" rounds to
+                nearest (no calibration unless the correction is whitened).
     """
 
     VERSION: ClassVar[int] = 1  # bumped when a field's meaning changes; recorded in checkpoints
@@ -54,6 +62,9 @@ class LowRankConfig:
     error_feedback: bool = True
     shrinkage: float | str = "auto"
     sequential: bool = True
+    base_bits: int | None = None
+    base_group_size: int = 128
+    base_method: str = "gptq"
 
     def __post_init__(self) -> None:
         chosen = [k for k in RANK_KNOBS if getattr(self, k) is not None]
@@ -72,6 +83,10 @@ class LowRankConfig:
                 raise TypeError(f"LowRankConfig: {knob} must be True or False, got {getattr(self, knob)!r}")
         if not isinstance(self.method, str):
             raise TypeError(f"LowRankConfig: method must be a string, got {self.method!r}")
+        _check_int("base_bits", self.base_bits, optional=True)
+        _check_int("base_group_size", self.base_group_size)
+        if not isinstance(self.base_method, str):
+            raise TypeError(f"LowRankConfig: base_method must be a string, got {self.base_method!r}")
 
         if self.rank is not None and self.rank <= 0:
             raise ValueError(f"LowRankConfig: rank must be >= 1, got {self.rank}")
@@ -92,6 +107,7 @@ class LowRankConfig:
             raise ValueError(f"LowRankConfig: group_size must be >= 0, got {self.group_size}")
         if self.method not in ("svd", "whitened"):
             raise ValueError(f"LowRankConfig: method must be 'svd' or 'whitened', got {self.method!r}")
+        self._check_base()
         is_number = isinstance(self.shrinkage, (int, float)) and not isinstance(self.shrinkage, bool)
         if self.shrinkage != "auto" and not (is_number and 0 <= self.shrinkage <= 1):
             raise ValueError(f"LowRankConfig: shrinkage must be 'auto' or a number in [0, 1], got {self.shrinkage!r}")
@@ -99,6 +115,18 @@ class LowRankConfig:
             raise TypeError("LowRankConfig: include and exclude are sequences of patterns, not one string")
         self.include = None if self.include is None else _patterns("include", self.include)
         self.exclude = _patterns("exclude", self.exclude)
+
+    def _check_base(self) -> None:
+        if self.base_bits not in (None, *BASE_BITS):
+            raise ValueError(f"LowRankConfig: base_bits must be None, 4, 3 or 2, got {self.base_bits!r}")
+        if self.base_group_size <= 0:
+            raise ValueError(f"LowRankConfig: base_group_size must be >= 1, got {self.base_group_size}")
+        if self.base_method not in BASE_METHODS:
+            raise ValueError(f"LowRankConfig: base_method must be 'gptq' or 'rtn', got {self.base_method!r}")
+        if self.base_bits is not None and (self.energy is not None or self.budget is not None):
+            # Energy and budget would rank the correction on the base's error, known only after fitting bases.
+            raise ValueError("LowRankConfig: with base_bits, set the correction's rank by rank or rank_ratio "
+                             "(energy and budget are not supported for the hybrid format yet)")
 
     def to_dict(self) -> dict:
         return {"version": self.VERSION, **asdict(self)}

@@ -30,18 +30,17 @@ vs dense, lower is better; BERT sentence-embedding cosine vs dense, higher is be
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .factorize import truncated_factors, whitening_cholesky
+from .factors import LowRankFactors
 from .gptq import gptq, quantize_factors
+from .hybrid_storage import HybridWeights, dequantize_base
 from .quant import (
     ZERO_POINT_BITS,
     check_base_bits,
     check_bits,
     dequantize,
-    dequantize_zero_point,
     matrix_bytes,
     quantization_scale,
     quantize,
@@ -50,6 +49,7 @@ from .quant import (
     quantize_zero_point_with_params,
     round_to_codes,
     round_to_levels,
+    storage_group_size,
     zero_point_params,
 )
 
@@ -59,51 +59,6 @@ CORRECTION_METHODS = ("whitened", "svd")
 
 
 # ----------------------------------------------------------------------------- storage and bytes
-
-
-@dataclass
-class HybridWeight:
-    """The stored tensors of one hybrid weight [out, in] (no bias: a layer keeps its own)."""
-
-    base: torch.Tensor  # [out, in * base_bits / 8] uint8 codes
-    base_scale: torch.Tensor  # [out, in / base_group_size] float32
-    base_zero: torch.Tensor | None  # [out, in / base_group_size] uint8 for int3/int2; None for int4
-    base_bits: int
-    base_group_size: int
-    down: torch.Tensor  # [r, in], stored as LowRankLinear stores it
-    down_scale: torch.Tensor | None
-    up_t: torch.Tensor  # [r, out]
-    up_t_scale: torch.Tensor | None
-    bits: int | None  # of the correction's factors
-    group_size: int
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    def base_weight(self) -> torch.Tensor:
-        return dequantize_base(self.base, self.base_scale, self.base_zero, self.base_bits, self.base_group_size)
-
-    def correction(self) -> torch.Tensor:
-        up_t = dequantize(self.up_t, self.up_t_scale, self.bits, self.group_size)  # [r, out]
-        down = dequantize(self.down, self.down_scale, self.bits, self.group_size)  # [r, in]
-        return up_t.t() @ down  # [out, in]
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.base_weight() + self.correction()  # [out, in] float32
-
-    def storage_bytes(self) -> int:
-        tensors = (self.base, self.base_scale, self.base_zero, self.down, self.down_scale, self.up_t, self.up_t_scale)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def dequantize_base(
-    storage: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int
-) -> torch.Tensor:
-    """float32 [out, in] of a stored base."""
-    if bits in ZERO_POINT_BITS:
-        return dequantize_zero_point(storage, scale, zero, bits, group_size)
-    return dequantize(storage, scale, bits, group_size)
 
 
 def base_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
@@ -236,8 +191,8 @@ def fit_hybrid(
     damping: float = 0.01,
     max_whitening_damping: float = 1e-2,
     name: str = "fit_hybrid",
-) -> HybridWeight:
-    """Fit the base and the rank-`rank` correction of one weight (see the module docstring).
+) -> HybridWeights:
+    """Fit the base and the rank-`rank` correction of one weight (see the module docstring); bias None.
 
     base_method "gptq" and method "whitened" need `gram`; without it use "rtn" and "svd".
     `rounds` counts the alternating refits of order "alternating" (ignored otherwise).
@@ -266,6 +221,10 @@ def fit_hybrid(
     def correction(target):
         return fit_correction(target, rank, bits, group_size, chol, error_feedback)
 
+    def stored_weights(stored, factors) -> HybridWeights:
+        correction = LowRankFactors(*factors, None, bits, storage_group_size(bits, group_size))
+        return HybridWeights(*stored, base_bits, base_group_size, correction, None)
+
     if order == "auto":
         order = "lqer" if bits == 4 else "refit"
 
@@ -274,14 +233,14 @@ def fit_hybrid(
         stored = base(weight - _correction_weight(factors, bits, group_size))
         if order == "refit":
             factors = correction(weight - deq(stored))
-        return HybridWeight(*stored, base_bits, base_group_size, *factors, bits, group_size)
+        return stored_weights(stored, factors)
     stored = base(weight)
     if order == "alternating":
         for _ in range(rounds):
             up, down = truncated_factors(weight - deq(stored), rank, chol)  # float correction
             stored = base(weight - up @ down)
     factors = correction(weight - deq(stored))
-    return HybridWeight(*stored, base_bits, base_group_size, *factors, bits, group_size)
+    return stored_weights(stored, factors)
 
 
 def check_hybrid(

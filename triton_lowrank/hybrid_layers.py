@@ -1,0 +1,150 @@
+"""HybridLinear: a linear layer stored as a quantized base plus a low-rank correction, W ≈ Q + U·D.
+
+Storage is hybrid_storage.HybridWeights as buffers (the base's codes, scales and int3/int2 zero points;
+the correction's factors laid out as LowRankLinear lays them out); the forward is the custom op
+hybrid_matmul. Fitting lives in compression (hybrid_fit.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .factors import LowRankFactors
+from .formats import FLOAT_DTYPES, CompressedLinear, register_format
+from .hybrid_storage import HybridWeights
+from .layers import STORAGE_DTYPES
+from .ops import hybrid_matmul
+from .quant import (
+    BASE_BITS,
+    SUPPORTED_BITS,
+    ZERO_POINT_BITS,
+    bits_label,
+    check_base_bits,
+    check_bits,
+    storage_group_size,
+    storage_shapes,
+)
+
+SPEC_INTS = ("base_bits", "base_group_size", "rank", "group_size")
+
+
+@register_format
+class HybridLinear(CompressedLinear):
+    """y = x · (Q̂ + up · down)ᵀ + b from a quantized base and quantized (or float) factors."""
+
+    FORMAT = "hybrid"
+    FP32_BUFFERS = ("base_scale", "down_scale", "up_t_scale")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        base_bits: int,
+        base_group_size: int,
+        rank: int,
+        bits: int | None = 8,
+        group_size: int = 128,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        name: str = "HybridLinear",
+        replaces: str = "Linear",
+    ) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(
+                f"{name}: rank must be in [1, min(in, out)] = [1, {min(in_features, out_features)}], got {rank}"
+            )
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {dtype}")
+        check_base_bits(base_bits, base_group_size, in_features, f"{name} (base, in_features)")
+        group_size = storage_group_size(bits, group_size)
+        check_bits(bits, group_size, in_features, f"{name} (correction, in_features)")
+        check_bits(bits, group_size, out_features, f"{name} (correction, out_features)")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.base_bits, self.base_group_size, self.bits, self.group_size = base_bits, base_group_size, bits, group_size
+        self.replaces = replaces
+        groups = (out_features, in_features // base_group_size)
+        self.register_buffer("base", torch.empty(out_features, in_features * base_bits // 8, dtype=torch.uint8,
+                                                 device=device))  # [out, in * base_bits / 8] codes
+        self.register_buffer("base_scale", torch.empty(groups, dtype=torch.float32, device=device))
+        zero = torch.empty(groups, dtype=torch.uint8, device=device) if base_bits in ZERO_POINT_BITS else None
+        self.register_buffer("base_zero", zero)
+        storage_dtype = STORAGE_DTYPES.get(bits, dtype)
+        for factor, features in (("down", in_features), ("up_t", out_features)):
+            data_shape, scale_shape = storage_shapes(rank, features, bits, group_size)
+            self.register_buffer(factor, torch.empty(data_shape, dtype=storage_dtype, device=device))
+            scale = None if scale_shape is None else torch.empty(scale_shape, dtype=torch.float32, device=device)
+            self.register_buffer(f"{factor}_scale", scale)
+        self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
+
+    @classmethod
+    def from_weights(
+        cls, w: HybridWeights, dtype: torch.dtype, name: str = "HybridLinear", replaces: str = "Linear"
+    ) -> HybridLinear:
+        """A layer holding `w` (already stored); float factors and bias take `dtype`."""
+        c = w.correction
+        layer = cls(c.in_features, c.out_features, w.base_bits, w.base_group_size, c.rank, c.bits, c.group_size,
+                    w.bias is not None, dtype, c.down.device, name, replaces)
+        with torch.no_grad():
+            for buffer, value in (("base", w.base), ("base_scale", w.base_scale), ("base_zero", w.base_zero),
+                                  *((b, getattr(c, b)) for b in ("down", "down_scale", "up_t", "up_t_scale")),
+                                  ("bias", w.bias)):
+                if value is not None:
+                    getattr(layer, buffer).copy_(value)
+        return layer
+
+    def weights(self) -> HybridWeights:
+        correction = LowRankFactors(self.down, self.down_scale, self.up_t, self.up_t_scale, None, self.bits,
+                                    self.group_size)
+        return HybridWeights(self.base, self.base_scale, self.base_zero, self.base_bits, self.base_group_size,
+                             correction, self.bias)
+
+    # ---- the format contract (formats.py) ------------------------------------------------
+    def spec(self) -> dict:
+        return {**self.common_spec(), "base_bits": self.base_bits, "base_group_size": self.base_group_size,
+                "rank": self.rank, "bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype: torch.dtype, device: torch.device | str = "meta") -> HybridLinear:
+        return cls(spec["in_features"], spec["out_features"], spec["base_bits"], spec["base_group_size"],
+                   spec["rank"], spec["bits"], spec["group_size"], spec["bias"], dtype, device, replaces=spec["kind"])
+
+    @classmethod
+    def check_spec(cls, spec: dict, where: str) -> None:
+        for field in SPEC_INTS:
+            if not isinstance(spec.get(field), int) or isinstance(spec.get(field), bool):
+                raise ValueError(f"{where}.{field} is missing or not an integer: {spec.get(field)!r}")
+        if spec["base_bits"] not in BASE_BITS:
+            raise ValueError(f"{where}.base_bits must be one of 4, 3 or 2, got {spec['base_bits']!r}")
+        if spec.get("bits", "missing") not in SUPPORTED_BITS:
+            raise ValueError(f"{where}.bits must be one of None, 8 or 4, got {spec.get('bits', 'nothing')!r}")
+        if not 1 <= spec["rank"] <= min(spec["in_features"], spec["out_features"]):
+            raise ValueError(f"{where}.rank {spec['rank']} is outside [1, min(in, out)]")
+        check_base_bits(spec["base_bits"], spec["base_group_size"], spec["in_features"], f"{where} (base)")
+        group_size = storage_group_size(spec["bits"], spec["group_size"])
+        check_bits(spec["bits"], group_size, spec["in_features"], f"{where} (in_features)")
+        check_bits(spec["bits"], group_size, spec["out_features"], f"{where} (out_features)")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The [out, in] float32 weight Q̂ + U·D."""
+        return self.weights().dense_weight()
+
+    def kernel_problems(self, m: int, x_bytes: int) -> list:
+        return []  # no hybrid kernel yet: the op computes the reference, nothing to pre-tune
+
+    # ---- nn.Module -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"HybridLinear: input dtype must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"HybridLinear: input has {x.shape[-1]} features, layer expects {self.in_features}")
+        return hybrid_matmul(x, self.weights())
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, base_bits={self.base_bits}, "
+            f"base_group_size={self.base_group_size}, rank={self.rank}, bits={bits_label(self.bits)}{group}, "
+            f"bias={self.bias is not None}"
+        )
