@@ -252,6 +252,8 @@ def _fits(c: TileConfig, p: Problem, smem_limit: int) -> bool:
     if c.path == "decode":
         if not decode_supported(p) or c.split_k > _cdiv(p.k, c.block_k):
             return False
+        if not c.uses_dot and (c.block_k % decode_chunk(p.bits) or c.block_n % decode_chunk(p.bits)):
+            return False  # CUDA cores: whole 16-byte chunks per thread
         if p.bits == 4 and c.uses_dot and (p.group_size % c.block_k or p.group_size % c.block_n):
             return False
     return smem_bytes(c, p) <= smem_limit

@@ -59,6 +59,10 @@ def launch(x2d: torch.Tensor, f, config, out: torch.Tensor) -> torch.Tensor:
         if not decode_supported(Problem(M, N, K, R, f.bits, group, x2d.element_size())):
             raise ValueError(f"launch: the decode path needs 16-byte factor rows and int4 groups of 32k columns; "
                              f"in={K} out={N} bits={f.bits} group_size={f.group_size}: use the split path")
+        chunk = decode_chunk(f.bits)
+        if not c.uses_dot and (c.block_k % chunk or c.block_n % chunk):
+            raise ValueError(f"launch: decode block_k and block_n must be multiples of {chunk} columns for "
+                             f"bits={f.bits}, got {c.block_k} and {c.block_n}")
         k_per_split = triton.cdiv(triton.cdiv(K, c.split_k), c.block_k) * c.block_k
         split_k, m_blocks = triton.cdiv(K, k_per_split), triton.cdiv(M, c.block_m)
         buf = workspace(x2d.device, M * R + m_blocks)

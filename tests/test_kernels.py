@@ -138,6 +138,13 @@ def test_leading_dims_and_fp32(path, bits):
     assert_close(y, x, f)
 
 
+def test_decode_tiles_smaller_than_a_thread_chunk_are_refused():
+    f = make_factors(64, 96, 8, 8, 32, torch.float16)
+    x = torch.ones(1, 64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="multiples of 16 columns"):
+        lowrank_matmul(x, f, config=TileConfig("decode", 1, 8, 8, 16))
+
+
 def test_misaligned_activation_rows_are_read_one_column_at_a_time():
     """x rows starting 2 bytes past a 4-byte boundary (a column slice): no paired 32-bit loads of x."""
     f = make_factors(64, 96, 24, 8, 32, torch.float16, seed=7)
