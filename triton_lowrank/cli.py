@@ -98,22 +98,30 @@ def rank_config(args) -> LowRankConfig:
 
 def cmd_compress(args) -> None:
     from .checkpoint import save_compressed
-    from .compress import compress_model, validate_layers
+    from .compress import compress_model, recommended_calib_tokens, validate_layers
     from .demo import checkpoint_dtype
-    from .evaluate import calibration_batches, dense_bytes, lowrank_bytes
+    from .evaluate import calibration_batches, context_length, dense_bytes, lowrank_bytes
 
     out = Path(args.out)
     # save_compressed checks this too, but only after minutes of work: fail before loading anything.
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output folder {out} already exists; pass --overwrite to replace it")
     config = rank_config(args)
+    for flag in ("calib_tokens", "calib_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, got {getattr(args, flag)}")
     model, tokenizer = load(args.model)
-    validate_layers(model, config)  # bad ranks/bits fail before calibration sampling
+    layers = validate_layers(model, config)  # bad ranks/bits fail before calibration sampling
     calibration = None
     if config.method == "whitened":
-        calibration = calibration_batches(
-            model, tokenizer, read_text(args.calib_text), args.calib_samples, args.seq_len
-        )
+        recommended = recommended_calib_tokens(layers)
+        seq_len = args.seq_len or context_length(model)
+        tokens = args.calib_tokens or recommended
+        if tokens < recommended:
+            print(f"{PROG}: warning: --calib-tokens {tokens:,} is below the {recommended:,} recommended (8x the widest "
+                  "layer's input features); whitening falls back toward plain SVD", file=sys.stderr)
+        samples = args.calib_samples or -(-tokens // seq_len)
+        calibration = calibration_batches(model, tokenizer, read_text(args.calib_text), samples, seq_len)
     fp16_bytes = dense_bytes(model, config)
     stored_dtype = checkpoint_dtype(resolve_model(args.model))
     saved_as_source = stored_dtype in (torch.float16, torch.bfloat16)
@@ -211,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--energy", type=float, help="fraction of squared singular values kept per layer")
     add_format_args(p)
     p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: sampled from the model)")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
+    p.add_argument("--calib-tokens", type=int, help="calibration tokens (default: 8x the widest layer's inputs)")
+    p.add_argument("--calib-samples", type=int, help="calibration windows (default: enough for --calib-tokens)")
     p.add_argument("--seq-len", type=int, help="calibration window length (default: the model's context)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_compress)
