@@ -26,11 +26,11 @@ from transformers.utils import logging as hf_logging
 
 from .baselines import compress_copy, compressed_bytes, dense_bytes
 from .checkpoint import check_output_folder, output_lock, recover_interrupted_save, save_compressed
-from .compress import compress_model, validate_layers
+from .compress import compress_model, recommended_calib_tokens, validate_layers
 from .config import LowRankConfig
 from .demo import greedy, run_demo
 from .embedded import embedded_model_path
-from .eval_data import calibration_batches
+from .eval_data import calibration_batches, context_length
 from .generation_bench import GENERATION_MODES, measure_generation, weight_bytes
 from .loading import MissingTokenizer, checkpoint_dtype, load_model, load_tokenizer, max_context, runtime
 from .metrics import evaluate
@@ -172,10 +172,17 @@ def cmd_compress(args) -> None:
 
 def compress_and_save(args, source: str, config: LowRankConfig, calib_text: str | None, out: Path) -> None:
     model, tokenizer = load(source)
-    validate_layers(model, config)  # bad ranks/bits/weights fail before calibration sampling
+    layers = validate_layers(model, config)  # bad ranks/bits/weights fail before calibration sampling
     calibration = None
     if config.method == "whitened" or (config.base_bits is not None and config.base_method == "gptq"):
-        calibration = calibration_batches(model, tokenizer, calib_text, args.calib_samples, args.seq_len)
+        recommended = recommended_calib_tokens(layers)
+        seq_len = args.seq_len or context_length(model)
+        tokens = args.calib_tokens or recommended
+        if tokens < recommended:
+            print(f"{PROG}: warning: --calib-tokens {tokens:,} is below the {recommended:,} recommended (8x the widest "
+                  "layer's input features); whitening falls back toward plain SVD", file=sys.stderr)
+        samples = args.calib_samples or -(-tokens // seq_len)
+        calibration = calibration_batches(model, tokenizer, calib_text, samples, seq_len)
     fp16_bytes = dense_bytes(model, config)
     stored_dtype = checkpoint_dtype(source)
     saved_as_source = stored_dtype in (torch.float16, torch.bfloat16)
@@ -276,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     hybrid.add_argument("--base-group-size", type=at_least(1), default=128, help="base group width (default 128)")
     hybrid.add_argument("--base-method", choices=("gptq", "rtn"), default="gptq", help="base fit (default gptq)")
     p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: sampled from the model)")
-    p.add_argument("--calib-samples", type=at_least(1), default=16, help="calibration windows (default 16)")
+    p.add_argument("--calib-tokens", type=at_least(1), help="calibration tokens (default: 8x the widest inputs)")
+    p.add_argument("--calib-samples", type=at_least(1), help="calibration windows (default: enough for the tokens)")
     p.add_argument("--seq-len", type=at_least(2), help="calibration window length (default: the model's context)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_compress)

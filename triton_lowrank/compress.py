@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import GramStats, collect_grams
+from .calibration import TOKENS_PER_FEATURE, GramStats, collect_grams
 from .config import LowRankConfig
 from .factorize import (
     allocate_budget,
@@ -133,6 +133,11 @@ def validate_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Mod
     for name, module in layers.items():
         _validate(name, module, config)
     return layers
+
+
+def recommended_calib_tokens(layers: dict[str, nn.Module]) -> int:
+    """Calibration tokens for whitening to be well estimated: TOKENS_PER_FEATURE x the widest layer's inputs."""
+    return TOKENS_PER_FEATURE * max(dense_weight(m).shape[1] for m in layers.values())
 
 
 def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
