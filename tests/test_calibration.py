@@ -15,6 +15,7 @@ from triton_lowrank import LowRankConfig, compress_model
 from triton_lowrank.calibration import GramStats, collect_grams
 from triton_lowrank.compress import select_layers
 from triton_lowrank.factorize import shrinkage_strength, shrunk_gram, whitening_cholesky
+from triton_lowrank.formats import dense_weight
 from triton_lowrank.sequential import calibrate_blockwise, find_blocks
 
 
@@ -94,7 +95,7 @@ def test_shrinkage_one_is_plain_svd_and_zero_is_the_raw_gram():
         holder = nn.Sequential(OrderedDict(layer=nn.Linear(24, 32)))
         config = LowRankConfig(rank=6, bits=None, method=method, shrinkage=shrinkage)
         compress_model(holder, config, [{"input": x}] if method == "whitened" else None, progress=False)
-        return holder.layer.dense_weight()
+        return dense_weight(holder.layer)
 
     torch.testing.assert_close(compressed("whitened", 1.0), compressed("svd", 0.0), rtol=1e-4, atol=1e-5)
 
@@ -120,7 +121,7 @@ def test_few_tokens_whitening_degrades_to_plain_svd(decay):
         holder = nn.Sequential(OrderedDict(layer=layer))
         config = LowRankConfig(rank=rank, bits=None, method=method, shrinkage=shrinkage)
         compress_model(holder, config, [{"input": calib}] if method == "whitened" else None, progress=False)
-        return ((holder.layer.dense_weight() - weight) @ held_out.t()).norm().item()
+        return ((dense_weight(holder.layer) - weight) @ held_out.t()).norm().item()
 
     plain = held_out_error("svd")
     with pytest.warns(UserWarning, match="16 tokens for 64 features"):
