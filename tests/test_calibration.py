@@ -137,12 +137,12 @@ def test_cholesky_damping_is_bounded_and_refuses_nan():
     gram = torch.diag(torch.tensor([1.0] * 7 + [-5.0]))  # indefinite: no damping up to 1e-2 (x mean 0.25) helps
     with pytest.raises(ValueError, match="not positive definite even with damping 0.01"):
         whitening_cholesky(gram, 1e-2, "layer")
-    with pytest.raises(ValueError, match="damping must be a finite number"):
+    with pytest.raises(ValueError, match="damping must be > 0 and finite"):
         whitening_cholesky(torch.eye(8), math.nan, "layer")
     singular = torch.ones(8, 8)  # rank 1: needs damping, gets it
     chol = whitening_cholesky(singular, 1e-2, "layer")
     assert torch.isfinite(chol).all()
-    with pytest.raises(ValueError, match="damping must be a finite number"):
+    with pytest.raises(ValueError, match="damping must be > 0 and finite"):
         LowRankConfig(rank=4, damping=math.nan)
     with pytest.raises(ValueError, match="shrinkage must be 'auto' or a number in"):
         LowRankConfig(rank=4, shrinkage=1.5)
@@ -227,7 +227,7 @@ def test_sequential_budget_matches_one_pass_ranks_on_a_dense_measure_pass():
 
 def test_cli_calib_tokens_warns_below_the_recommendation_and_rejects_zero(model_dir, tmp_path, capsys):  # noqa: F811
     code, _, err = run(["compress", model_dir, tmp_path / "bad", "--rank", 4, "--calib-tokens", 0], capsys)
-    assert code != 0 and "--calib-tokens must be a positive number" in err
+    assert code != 0 and "argument --calib-tokens: must be at least 1, got 0" in err
     code, out, err = run(["compress", model_dir, tmp_path / "out", "--rank", 4, "--calib-tokens", 128], capsys)
     assert code == 0, err
     assert "below the 2,048 recommended" in err  # 8 x the 256 inputs of mlp.c_proj
