@@ -110,11 +110,16 @@ def rank_for_energy(s: torch.Tensor, energy: float) -> int:
     return min(int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype)).item()) + 1, len(s))
 
 
-def allocate_budget(spectra: list[torch.Tensor], bytes_per_rank: list[int], budget_bytes: float) -> list[int]:
+def allocate_budget(
+    spectra: list[torch.Tensor],
+    bytes_per_rank: list[int],
+    budget_bytes: float,
+    normalizers: list[float] | None = None,  # per layer: what a unit of squared error is relative to (Σs²)
+) -> list[int]:
     """Ranks across layers: greedily add the rank step with the largest relative error drop per byte.
 
-    Each layer starts at rank 1. Gains s_j² / Σs² fall monotonically within a layer, so a heap of
-    each layer's next step yields the steps in the global order of gain per byte. A step that does
+    Each layer starts at rank 1. Gains s_j² / Σs² (or / the layer's normalizer) fall monotonically within
+    a layer, so a heap of each layer's next step yields the steps in the global order of gain per byte. A step that does
     not fit removes that layer; the final total is within one rank step of every growable layer.
     """
     ranks = [1] * len(spectra)
@@ -125,7 +130,9 @@ def allocate_budget(spectra: list[torch.Tensor], bytes_per_rank: list[int], budg
             f"the budget allows {budget_bytes:.0f}"
         )
     # An all-zero layer gains nothing from any rank step (its normaliser is clamped to avoid 0/0).
-    power = [s.double() ** 2 / (s.double() ** 2).sum().clamp_min(torch.finfo(torch.float64).tiny) for s in spectra]
+    tiny = torch.finfo(torch.float64).tiny
+    totals = [(s.double() ** 2).sum().item() for s in spectra] if normalizers is None else normalizers
+    power = [s.double() ** 2 / max(total, tiny) for s, total in zip(spectra, totals, strict=True)]
     heap = [(-power[i][1].item() / bytes_per_rank[i], i) for i in range(len(spectra)) if len(spectra[i]) > 1]
     heapq.heapify(heap)
     while heap:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .factorize import truncated_factors, whitening_cholesky
+from .factorize import allocate_budget, truncated_factors, whitening_cholesky
 from .factors import LowRankFactors
 from .gptq import gptq, quantize_factors
 from .hybrid_storage import HybridWeights, dequantize_base
@@ -272,30 +272,7 @@ def allocate_correction_ranks(
 ) -> list[int]:
     """Ranks (>= 1) across layers for the bytes left after the bases: greedy squared error removed per byte.
 
-    Each layer's rank step k removes s_k² / normalizer of error (decreasing within a layer), so sorting
-    all steps by gain per byte and taking them while they fit is the greedy allocation; a step that does
-    not fit ends its layer's growth. Raises if rank 1 everywhere already exceeds the budget.
+    Each layer's rank step k removes s_k² / normalizer of error: factorize.allocate_budget's greedy
+    allocation with these normalizers. Raises if rank 1 everywhere already exceeds the budget.
     """
-    ranks = [1] * len(spectra)
-    used = float(sum(bytes_per_rank))
-    if used > budget_bytes:
-        raise ValueError(
-            f"budget too small: rank 1 in every layer already needs {used:.0f} bytes of correction, "
-            f"{budget_bytes:.0f} are left after the bases"
-        )
-    gains = [s.double() ** 2 / max(normalizers[i], 1e-300) / bytes_per_rank[i] for i, s in enumerate(spectra)]
-    # Largest gain first; on ties the lower rank step first, so every layer's steps come in order.
-    steps = sorted(
-        ((g[k].item(), i, k) for i, g in enumerate(gains) for k in range(1, len(g))),
-        key=lambda step: (-step[0], step[2]),
-    )
-    stopped = set()
-    for _, i, k in steps:
-        if i in stopped or k != ranks[i]:
-            continue
-        if used + bytes_per_rank[i] > budget_bytes:
-            stopped.add(i)
-            continue
-        used += bytes_per_rank[i]
-        ranks[i] += 1
-    return ranks
+    return allocate_budget(spectra, bytes_per_rank, budget_bytes, normalizers)
