@@ -12,7 +12,7 @@ import torch
 from .factors import LowRankFactors
 from .formats import FLOAT_DTYPES, CompressedLinear, register_format
 from .hybrid_storage import HybridWeights
-from .layers import STORAGE_DTYPES
+from .layers import register_factor_buffers
 from .ops import hybrid_matmul
 from .quant import (
     BASE_BITS,
@@ -22,7 +22,6 @@ from .quant import (
     check_base_bits,
     check_bits,
     storage_group_size,
-    storage_shapes,
 )
 
 SPEC_INTS = ("base_bits", "base_group_size", "rank", "group_size")
@@ -51,16 +50,9 @@ class HybridLinear(CompressedLinear):
         replaces: str = "Linear",
     ) -> None:
         super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(
-                f"{name}: rank must be in [1, min(in, out)] = [1, {min(in_features, out_features)}], got {rank}"
-            )
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {dtype}")
         check_base_bits(base_bits, base_group_size, in_features, f"{name} (base, in_features)")
-        group_size = storage_group_size(bits, group_size)
-        check_bits(bits, group_size, in_features, f"{name} (correction, in_features)")
-        check_bits(bits, group_size, out_features, f"{name} (correction, out_features)")
+        group_size = register_factor_buffers(self, in_features, out_features, rank, bits, group_size, dtype, device,
+                                             f"{name} correction")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.base_bits, self.base_group_size, self.bits, self.group_size = base_bits, base_group_size, bits, group_size
         self.replaces = replaces
@@ -70,12 +62,6 @@ class HybridLinear(CompressedLinear):
         self.register_buffer("base_scale", torch.empty(groups, dtype=torch.float32, device=device))
         zero = torch.empty(groups, dtype=torch.uint8, device=device) if base_bits in ZERO_POINT_BITS else None
         self.register_buffer("base_zero", zero)
-        storage_dtype = STORAGE_DTYPES.get(bits, dtype)
-        for factor, features in (("down", in_features), ("up_t", out_features)):
-            data_shape, scale_shape = storage_shapes(rank, features, bits, group_size)
-            self.register_buffer(factor, torch.empty(data_shape, dtype=storage_dtype, device=device))
-            scale = None if scale_shape is None else torch.empty(scale_shape, dtype=torch.float32, device=device)
-            self.register_buffer(f"{factor}_scale", scale)
         self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
 
     @classmethod

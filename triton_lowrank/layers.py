@@ -19,6 +19,38 @@ from .reference import dequantized_factors
 STORAGE_DTYPES = {8: torch.int8, 4: torch.uint8}
 
 
+def register_factor_buffers(
+    module: torch.nn.Module,
+    in_features: int,
+    out_features: int,
+    rank: int,
+    bits: int | None,
+    group_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+    name: str,
+) -> int:
+    """Check a rank-r factor pair's shape, dtype and bits, and register its empty storage on `module`:
+    down [r, in] and up_t [r, out] with their float32 scales (factors.py layout). Returns the group size
+    the storage really uses. Shared by every format that stores low-rank factors."""
+    if not 1 <= rank <= min(in_features, out_features):
+        raise ValueError(
+            f"{name}: rank must be in [1, min(in, out)] = [1, {min(in_features, out_features)}], got {rank}"
+        )
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    group_size = storage_group_size(bits, group_size)
+    check_bits(bits, group_size, in_features, f"{name} (in_features)")
+    check_bits(bits, group_size, out_features, f"{name} (out_features)")
+    storage_dtype = STORAGE_DTYPES.get(bits, dtype)
+    for factor, features in (("down", in_features), ("up_t", out_features)):
+        data_shape, scale_shape = storage_shapes(rank, features, bits, group_size)
+        module.register_buffer(factor, torch.empty(data_shape, dtype=storage_dtype, device=device))
+        scale = None if scale_shape is None else torch.empty(scale_shape, dtype=torch.float32, device=device)
+        module.register_buffer(f"{factor}_scale", scale)
+    return group_size
+
+
 @register_format
 class LowRankLinear(CompressedLinear):
     """y = x · (up · down)ᵀ + b, computed from quantized factors without a dense weight."""
@@ -40,24 +72,11 @@ class LowRankLinear(CompressedLinear):
         replaces: str = "Linear",
     ) -> None:
         super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(
-                f"{name}: rank must be in [1, min(in, out)] = [1, {min(in_features, out_features)}], got {rank}"
-            )
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {dtype}")
-        group_size = storage_group_size(bits, group_size)
-        check_bits(bits, group_size, in_features, f"{name} (in_features)")
-        check_bits(bits, group_size, out_features, f"{name} (out_features)")
+        group_size = register_factor_buffers(self, in_features, out_features, rank, bits, group_size, dtype, device,
+                                             name)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.bits, self.group_size = bits, group_size
         self.replaces = replaces  # the dense layer type this stands in for ("Linear" or "Conv1D")
-        storage_dtype = STORAGE_DTYPES.get(bits, dtype)
-        for factor, features in (("down", in_features), ("up_t", out_features)):
-            data_shape, scale_shape = storage_shapes(rank, features, bits, group_size)
-            self.register_buffer(factor, torch.empty(data_shape, dtype=storage_dtype, device=device))
-            scale = None if scale_shape is None else torch.empty(scale_shape, dtype=torch.float32, device=device)
-            self.register_buffer(f"{factor}_scale", scale)
         self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
 
     @classmethod
