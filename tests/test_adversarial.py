@@ -20,12 +20,12 @@ import torch
 from conftest import make_tiny_gpt2, tiny_tokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_cli import run
 from torch import nn
 from triton_lowrank.kernels.configs import Problem
 
 from triton_lowrank import LowRankConfig, compress_model, load_compressed, save_compressed
 from triton_lowrank.autotune import Autotuner, problem_key
-from triton_lowrank.cli import main
 from triton_lowrank.factorize import whitening_cholesky
 
 # --------------------------------------------------------------------------------------------- folders
@@ -57,15 +57,6 @@ def folders(tmp_path_factory):
 def paths(folders, tmp_path):
     """The shared folders, plus a fresh `out` and a damaged copy of the checkpoint per test."""
     return {**folders, "out": tmp_path / "out", "tmp": tmp_path}
-
-
-def run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse errors exit from inside parse_args
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err) -> str:
