@@ -207,6 +207,7 @@ def _compress_layer(model, name, module, rank, chol, config: LowRankConfig, cali
 def _compress_sequential(model, layers, config: LowRankConfig, calibration, progress: bool) -> list[LayerReport]:
     """Whitened compression block by block (sequential.py). A budget or energy target needs every layer's
     spectrum first: a measuring pass over the dense blocks computes them, one block's Grams at a time."""
+    calibration = list(calibration)  # run twice: a generator would be empty the second time
     spectra: dict[str, torch.Tensor] = {}
     if config.budget is not None or config.energy is not None:
 
