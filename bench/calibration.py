@@ -98,7 +98,8 @@ def real() -> None:
         "",
         f"Machine: {machine()}. Calibration: ~500 real tokens = {realmodel.real_tokens(calibrations['500'])} "
         f"(padded single sentences, {sum(b['input_ids'].numel() for b in calibrations['500'])} positions); ~20k = "
-        f"{realmodel.real_tokens(calibrations['20k'])} (rows of two sentences). Widest layer: 1536 inputs.",
+        f"{realmodel.real_tokens(calibrations['20k'])} (padded single sentences, none repeated). "
+        "Widest layer: 1536 inputs.",
         "",
         "| method | bits | budget | calibration | sequential | bytes / fp16 | cosine |",
         "|---|---|---|---|---|---|---|",

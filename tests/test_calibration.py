@@ -218,7 +218,9 @@ def test_sequential_budget_matches_one_pass_ranks_on_a_dense_measure_pass():
         model = make_tiny_gpt2(n_layer=2)
         config = LowRankConfig(budget=0.4, bits=8, method="whitened", sequential=sequential)
         with pytest.warns(UserWarning, match="fewer tokens than"):
-            ranks.append(compress_model(model, config, [ids], progress=False).ranks())
+            report = compress_model(model, config, (batch for batch in [ids]), progress=False)  # a generator
+        ranks.append(report.ranks())
+        assert {row.calib_tokens for row in report.layers} == {512}  # both passes saw the batch
     assert ranks[0] == ranks[1]  # the ranks come from the dense model's spectra either way
 
 

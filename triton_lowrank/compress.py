@@ -311,6 +311,7 @@ def _compress_hybrid(model, layers, config: LowRankConfig, calibration, progress
 def _compress_sequential(model, layers, config: LowRankConfig, calibration, progress: bool, head) -> list[LayerReport]:
     """Whitened compression block by block (sequential.py). A budget or energy target needs every layer's
     spectrum first: a measuring pass over the dense blocks computes them, one block's Grams at a time."""
+    calibration = list(calibration)  # run twice: a generator would be empty the second time
     spectra: dict[str, torch.Tensor] = {}
     if config.budget is not None or config.energy is not None:
 
