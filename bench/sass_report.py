@@ -84,19 +84,35 @@ class Spec:
     rank: int
     bits: int | None
     group_size: int = 0  # storage group size: 0 unless int4
+    base_bits: int | None = None  # the hybrid format: a base of these bits plus the rank-r correction
+    base_group_size: int = 0
 
     def label(self) -> str:
         bits = "fp16" if self.bits is None else f"int{self.bits}" + (f" g{self.group_size}" if self.bits == 4 else "")
-        return f"{self.k}->{self.n} r={self.rank} {bits} M={self.m}"
+        base = f"int{self.base_bits} g{self.base_group_size} + " if self.base_bits else ""
+        return f"{self.k}->{self.n} {base}r={self.rank} {bits} M={self.m}"
+
+    def problem(self) -> dict:
+        return {"M": self.m, "N": self.n, "K": self.k, "R": self.rank, "bits": self.bits, "group_size": self.group_size,
+                "base_bits": self.base_bits, "base_group_size": self.base_group_size}
 
 
 def spec(m: int, k: int, n: int, bits: int | None, rank: int | None = None) -> Spec:
     return Spec(m, k, n, rank or bench_rank(k, n), bits, INT4_GROUP if bits == 4 else 0)
 
 
-# The proxy targets of issue 9: default M=1 configs, checked by tests/test_sass_report.py.
-PROXY_PROBLEMS = [spec(1, 1600, 6400, 8, 400), spec(1, 4096, 11008, 8, 1024), spec(1, 4096, 11008, 4, 1024)]
+def hybrid_spec(m: int, k: int, n: int, base_bits: int, rank: int = 32, bits: int | None = 8) -> Spec:
+    """The hybrid format of issue 10: a base in groups of 128 plus a rank-`rank` correction (int4 factors: g128)."""
+    return Spec(m, k, n, rank, bits, INT4_GROUP if bits == 4 else 0, base_bits, 128)
+
+
+# The proxy targets of issues 9 and 10: default M=1 configs, checked by tests/test_sass_report.py. The hybrid's
+# hot loops are held to the limit of what they stream: the base's bits, or the correction's.
+PROXY_PROBLEMS = [spec(1, 1600, 6400, 8, 400), spec(1, 4096, 11008, 8, 1024), spec(1, 4096, 11008, 4, 1024),
+                  hybrid_spec(1, 4096, 11008, 4)]
 IPB_LIMIT = {8: 4.5, 4: 7.0}
+HYBRID_PROBLEMS = [hybrid_spec(m, *LLAMA, base_bits) for base_bits in (4, 3, 2) for m in (1, 16)] + [
+    hybrid_spec(4096, *LLAMA, 4), hybrid_spec(1, 768, 3072, 4), hybrid_spec(1, 1600, 6400, 4)]
 
 
 def default_problems(shapes) -> list[Spec]:
@@ -129,11 +145,13 @@ def record_launches(s: Spec, config) -> list[Launch]:
     """Run kernels/launch.py on meta tensors with every kernel replaced by a recorder."""
     import torch
     from triton.runtime.jit import JITFunction
+    from triton_lowrank.kernels import hybrid_matmul as hybrid
     from triton_lowrank.kernels import launch as launch_mod
     from triton_lowrank.kernels import lowrank_matmul as kern
 
     from triton_lowrank.factors import LowRankFactors
-    from triton_lowrank.quant import storage_shapes
+    from triton_lowrank.hybrid_storage import HybridWeights
+    from triton_lowrank.quant import ZERO_POINT_BITS, storage_shapes
 
     meta = torch.device("meta")
     storage_dtype = {None: torch.float16, 8: torch.int8, 4: torch.uint8}[s.bits]
@@ -149,6 +167,14 @@ def record_launches(s: Spec, config) -> list[Launch]:
     out = torch.empty(s.m, s.n, dtype=torch.float16, device=meta)
     roles = {id(f.down): "weight", id(f.up_t): "weight", id(f.down_scale): "scale", id(f.up_t_scale): "scale",
              id(f.bias): "bias", id(x): "x", id(out): "out"}
+    weights = None
+    if s.base_bits is not None:  # the hybrid layer: f is its correction (the bias is the layer's)
+        groups = s.k // s.base_group_size
+        zero = torch.empty(s.n, groups, dtype=torch.uint8, device=meta) if s.base_bits in ZERO_POINT_BITS else None
+        weights = HybridWeights(torch.empty(s.n, s.k * s.base_bits // 8, dtype=torch.uint8, device=meta),
+                                torch.empty(s.n, groups, dtype=torch.float32, device=meta), zero, s.base_bits,
+                                s.base_group_size, f._replace(bias=None), f.bias)
+        roles.update({id(weights.base): "weight", id(weights.base_scale): "scale", id(zero): "scale"})
 
     launches: list[Launch] = []
 
@@ -163,17 +189,21 @@ def record_launches(s: Spec, config) -> list[Launch]:
                 launches.append(Launch(self.fn, tuple(grid), args, kwargs, tensor_roles))
             return run
 
-    originals = {name: obj for name, obj in vars(kern).items() if isinstance(obj, JITFunction)}
+    originals = {(module, name): obj for module in (kern, hybrid) for name, obj in vars(module).items()
+                 if isinstance(obj, JITFunction)}
     pdl = getattr(launch_mod, "pdl_supported", None)
     try:
-        for name, obj in originals.items():
-            setattr(kern, name, Recorder(obj))
+        for (module, name), obj in originals.items():
+            setattr(module, name, Recorder(obj))
         if pdl is not None:  # what the launcher decides on an sm_90 device
             launch_mod.pdl_supported = lambda x2d: True
-        launch_mod.launch(x, f, config, out)
+        if weights is None:
+            launch_mod.launch(x, f, config, out)
+        else:
+            launch_mod.launch_hybrid(x, weights, config, out)
     finally:
-        for name, obj in originals.items():
-            setattr(kern, name, obj)
+        for (module, name), obj in originals.items():
+            setattr(module, name, obj)
         if pdl is not None:
             launch_mod.pdl_supported = pdl
     return launches
@@ -457,10 +487,10 @@ def rereads(name: str, pname: str, launch: Launch) -> int:
     kw, grid = launch.kwargs, launch.grid
     if name == "fused_kernel":
         return kw["SPLIT_N"] if pname.startswith("down") else kw["SPLIT_K"]
-    if name in ("shrink_kernel", "expand_kernel"):
-        return grid[0]  # every M block streams the whole factor
-    if name.startswith("decode_"):
-        return grid[-1]  # every M block streams its factor once
+    if name in ("shrink_kernel", "expand_kernel", "hybrid_tile_kernel"):
+        return grid[0]  # every M block streams the whole factor (the base)
+    if name.startswith("decode_") or name == "hybrid_gemv_kernel":
+        return grid[-1]  # every M block streams its factor (the base) once
     return 1
 
 
@@ -543,7 +573,7 @@ def report_problem(s: Spec, config, workdir: str) -> list[dict]:
     records = []
     for launch in record_launches(s, config):
         rec = analyze_launch(s, launch, workdir)
-        rec["problem"] = {"M": s.m, "N": s.n, "K": s.k, "R": s.rank, "bits": s.bits, "group_size": s.group_size}
+        rec["problem"] = s.problem()
         rec["config"] = asdict(config)
         records.append(rec)
     total = round(sum(r["estimate_us"] for r in records), 2)
@@ -555,7 +585,7 @@ def report_problem(s: Spec, config, workdir: str) -> list[dict]:
 def configs_for(s: Spec, everything: bool) -> list:
     from triton_lowrank.kernels.configs import Problem, candidate_configs, default_config
 
-    p = Problem(s.m, s.n, s.k, s.rank, s.bits, s.group_size, 2)
+    p = Problem(s.m, s.n, s.k, s.rank, s.bits, s.group_size, 2, s.base_bits, s.base_group_size)
     return candidate_configs(p, "max") if everything else [default_config(p)]
 
 
@@ -568,8 +598,7 @@ def _work(job) -> list[dict]:
             rec["default_config"] = index == 0  # candidate_configs puts the heuristic (the tuner's default) first
         return records
     except Exception as err:  # noqa: BLE001 - a config the compiler rejects is reported, not fatal
-        problem = {"M": s.m, "N": s.n, "K": s.k, "R": s.rank, "bits": s.bits, "group_size": s.group_size}
-        return [{"problem": problem, "config": str(config), "error": f"{type(err).__name__}: {err}"}]
+        return [{"problem": s.problem(), "config": str(config), "error": f"{type(err).__name__}: {err}"}]
 
 
 # ---- measurements --------------------------------------------------------------------------------
@@ -607,21 +636,25 @@ def proxy_checks(records: list[dict]) -> list[tuple[str, str, bool]]:
     """Issue 9's CPU proxy targets, for the default M=1 configs of the three named problems."""
     checks = []
     for s in PROXY_PROBLEMS:
-        recs = [r for r in records if "error" not in r and r.get("default_config", True) and r["problem"] == {
-            "M": s.m, "N": s.n, "K": s.k, "R": s.rank, "bits": s.bits, "group_size": s.group_size}]
+        recs = [r for r in records if "error" not in r and r.get("default_config", True)
+                and r["problem"] == s.problem()]
         name = s.label()
         if not recs:
             checks.append((name, "not compiled", False))
             continue
         loops = [lp for r in recs for lp in r["hot_loops"]]
-        limit = IPB_LIMIT[s.bits]
+        def limit(loop: dict, s: Spec = s) -> float:
+            return IPB_LIMIT[s.base_bits if "base_ptr" in loop["weight_tensors"] else s.bits]
+
         checks.append((f"{name}: 0 spills", str(sum(r["spills"] for r in recs)), all(r["spills"] == 0 for r in recs)))
         narrow = min((lp["narrowest_weight_load_bits"] for lp in loops), default=0)
         checks.append((f"{name}: weight loads >= 64 bits", f"{narrow} bits", bool(loops) and narrow >= 64))
         i2f = sum(lp["i2f"] for lp in loops)
         checks.append((f"{name}: no I2F in hot loops", str(i2f), i2f == 0))
-        ipb = max((lp["instructions_per_weight_byte"] for lp in loops), default=float("inf"))
-        checks.append((f"{name}: insts/weight byte <= {limit}", f"{ipb:.2f}", ipb <= limit))
+        worst = max(loops, key=lambda lp: lp["instructions_per_weight_byte"] / limit(lp), default=None)
+        ipb = worst["instructions_per_weight_byte"] if worst else float("inf")
+        bound = limit(worst) if worst else 0.0
+        checks.append((f"{name}: insts/weight byte <= {bound}", f"{ipb:.2f}", ipb <= bound))
         latency = [r["resident_ctas_per_sm"] >= 2 or all(lp["prefetched"] for lp in r["hot_loops"])
                    for r in recs if r["hot_loops"]]
         detail = ", ".join(f"{r['kernel']}: {r['resident_ctas_per_sm']} CTA/SM"
@@ -633,23 +666,24 @@ def proxy_checks(records: list[dict]) -> list[tuple[str, str, bool]]:
 
 # ---- output ------------------------------------------------------------------------------------------
 def print_table(records: list[dict]) -> None:
-    head = (f"{'problem':<32} {'path':<7} {'kernel':<22} {'grid':>6} {'regs':>4} {'spill':>5} {'smem':>6} "
+    head = (f"{'problem':<46} {'path':<7} {'kernel':<22} {'grid':>6} {'regs':>4} {'spill':>5} {'smem':>6} "
             f"{'CTA/SM':>6} | {'loop insts':>10} {'B/thr':>6} {'inst/B':>6} {'loads':<22} {'I2F':>4} {'SHFL':>4} "
             f"{'BAR':>4} {'pf':>2} | {'est us':>7} {'plan est':>8} {'measured':>9}")
     print(head)
     print("-" * len(head))
     for r in records:
         p = r["problem"]
-        label = Spec(p["M"], p["K"], p["N"], p["R"], p["bits"], p["group_size"]).label()
+        label = Spec(p["M"], p["K"], p["N"], p["R"], p["bits"], p["group_size"], p.get("base_bits"),
+                     p.get("base_group_size", 0)).label()
         if "error" in r:
-            print(f"{label:<32} ERROR {r['error'][:150]}")
+            print(f"{label:<46} ERROR {r['error'][:150]}")
             continue
         c = r["config"]
         loops = r["hot_loops"] or [None]
         for i, lp in enumerate(loops):
-            left = " " * 98
+            left = " " * 112
             if i == 0:
-                left = (f"{label:<32} {c['path']:<7} {r['kernel']:<22} {r['programs']:>6} {r['regs']:>4} "
+                left = (f"{label:<46} {c['path']:<7} {r['kernel']:<22} {r['programs']:>6} {r['regs']:>4} "
                         f"{r['spills']:>5} {r['shared_bytes']:>6} {r['ctas_per_sm']:>2}/{r['resident_ctas_per_sm']:<3}")
             if lp:
                 loads = ",".join(f"{n}x{op.replace('LDG.E.', '').replace('LDG.E', '32')}"
@@ -670,12 +704,37 @@ def print_table(records: list[dict]) -> None:
           "measured = bench/results/<gpu>/kernels.json for the same path, where present.")
 
 
+def print_hybrid_estimates(records: list[dict]) -> None:
+    """Issue 10's speed targets, as far as a CPU can speak to them: each hybrid plan's ESTIMATE beside the time the
+    same bytes take at HBM_TBS for the base alone (the floor of the kernel without its correction) and for fp16
+    weights (cuBLAS F.linear's floor at decode M)."""
+    plans = {}
+    for r in records:
+        p = r["problem"]
+        if "error" not in r and p.get("base_bits"):
+            plans[json.dumps(p, sort_keys=True)] = (p, r["problem_estimate_us"])
+    if not plans:
+        return
+    print("\nHybrid plans (ESTIMATES; floors = bytes / HBM_TBS):")
+    print(f"  {'problem':<46} {'plan est us':>11} {'base floor':>10} {'fp16 floor':>10} {'est/base':>8} "
+          f"{'est/fp16':>8}")
+    for p, est in plans.values():
+        base = p["N"] * p["K"] * p["base_bits"] / 8 + p["N"] * p["K"] // p["base_group_size"] * 4
+        fp16 = 2 * p["N"] * p["K"]
+        base_us, fp16_us = base / (HBM_TBS * 1e6), fp16 / (HBM_TBS * 1e6)
+        label = Spec(p["M"], p["K"], p["N"], p["R"], p["bits"], p["group_size"], p["base_bits"],
+                     p["base_group_size"]).label()
+        print(f"  {label:<46} {est:>11.2f} {base_us:>10.2f} {fp16_us:>10.2f} {est / base_us:>8.2f} "
+              f"{est / fp16_us:>8.2f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="every 'max' candidate config, not just the default")
     parser.add_argument("--shapes", choices=("default", "all"), default="default",
                         help="default: GPT-2 small c_fc, XL c_fc and c_proj, 4096->11008; all: every GPT-2 layer")
-    parser.add_argument("--proxy", action="store_true", help="only the three proxy problems; exit 1 if a target fails")
+    parser.add_argument("--proxy", action="store_true", help="only the proxy problems; exit 1 if a target fails")
+    parser.add_argument("--hybrid", action="store_true", help="only the hybrid problems (with --all: to pick configs)")
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
@@ -688,9 +747,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns unless it is set; 1 is the default
     if args.proxy:
         problems = PROXY_PROBLEMS
+    elif args.hybrid:
+        problems = [s for s in HYBRID_PROBLEMS if s.m == 1 or not args.all]
     else:
         problems = default_problems(DEFAULT_SHAPES if args.shapes == "default" else [*GPT2_SMALL, *GPT2_XL, LLAMA])
-        problems += [s for s in PROXY_PROBLEMS if s not in problems]
+        problems += [s for s in PROXY_PROBLEMS + HYBRID_PROBLEMS if s not in problems]
     with tempfile.TemporaryDirectory(prefix="sass-report-") as workdir:
         jobs = [(s, i, args.all, workdir) for s in problems for i in range(len(configs_for(s, args.all)))]
         if args.jobs > 1:
@@ -701,8 +762,9 @@ def main(argv=None) -> int:
     records = [rec for recs in results for rec in recs]
     attach_measurements(records, load_measurements())
     print_table(records)
+    print_hybrid_estimates(records)
     checks = proxy_checks(records)
-    print("\nProxy targets (issue 9; default M=1 configs):")
+    print("\nProxy targets (issues 9 and 10; default M=1 configs):")
     for name, value, ok in checks:
         print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {value}")
     if args.json:

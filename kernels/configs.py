@@ -41,7 +41,8 @@ WAVE_CTAS = 2  # decode grids aim at this many CTAs per SM: one hides the other'
 
 @dataclass(frozen=True)
 class Problem:
-    """One low-rank matmul shape: x [m, k] -> y [m, n] through rank `rank`."""
+    """One low-rank matmul shape: x [m, k] -> y [m, n] through rank `rank`; with base_bits, the hybrid format's
+    (a base of base_bits in groups of base_group_size columns, and the rank-`rank` correction)."""
 
     m: int
     n: int
@@ -50,6 +51,8 @@ class Problem:
     bits: int | None
     group_size: int
     x_bytes: int = 2  # bytes per activation element (fp16/bf16: 2, fp32: 4)
+    base_bits: int | None = None  # None: the pure low-rank format
+    base_group_size: int = 0
 
     @property
     def factor_elem_bytes(self) -> float:
@@ -196,6 +199,8 @@ def default_config(
     p: Problem, num_sms: int = DEFAULT_NUM_SMS, interpret: bool = False, fused_max_m: int = FUSED_MAX_M
 ) -> TileConfig:
     """The no-benchmark heuristic (CI, the interpreter, and any untuned shape)."""
+    if p.base_bits is not None:
+        return hybrid_default_config(p, num_sms, interpret, fused_max_m)
     decode = p.m <= fused_max_m and decode_supported(p)
     if interpret:  # small tiles keep the numpy interpreter fast; >= 16 where tl.dot needs it
         if decode:
@@ -222,6 +227,87 @@ def default_config(
         "split", block_m, block_n, block_k, block_r, expand_lowp=large,
         num_warps=8 if large else 4, num_stages=3,
     )
+
+
+# ---- the hybrid format (kernels/hybrid_matmul.py): phase 1 as above, then one base-plus-correction kernel ----
+# Paths as for low rank: "decode" (phase 1 decode_shrink_kernel into the workspace; block_m 1: hybrid_gemv_kernel,
+# block_m 16: hybrid_tile_kernel) and "split" (shrink_kernel, then hybrid_tile_kernel). Fields: block_r, block_k and
+# split_k (and shrink_warps) shape phase 1; block_n, block_k, num_warps the base; expand_block_r the epilogue's rows.
+
+
+def hybrid_gemv_supported(p: Problem) -> bool:
+    """The CUDA-core hybrid kernel: one activation row, an int4 base of whole 16-byte (32-column) chunks and groups,
+    and a phase 1 that takes the decode path."""
+    return p.m <= CUDA_CORE_MAX_M and p.base_bits == 4 and p.k % 32 == 0 and p.base_group_size % 32 == 0 \
+        and hybrid_decode_supported(p)
+
+
+def hybrid_decode_supported(p: Problem) -> bool:
+    """Phase 1 on the decode path: `down` rows of whole 16-byte chunks, int4 groups of whole 32-column chunks."""
+    return (p.k * p.factor_elem_bytes) % 16 == 0 and (p.bits != 4 or p.group_size % 32 == 0)
+
+
+def _tile_block(p: Problem, wanted: int) -> int:
+    """A K tile dividing every group it meets where possible (one scale per row per tile): the int4 correction's
+    (required on the decode path) and the base's."""
+    block = _int4_block(p.k, p.group_size, wanted) if p.bits == 4 else wanted
+    while block > 16 and p.base_group_size % block:
+        block //= 2
+    return block
+
+
+def hybrid_default_config(
+    p: Problem, num_sms: int = DEFAULT_NUM_SMS, interpret: bool = False, fused_max_m: int = FUSED_MAX_M
+) -> TileConfig:
+    """The no-benchmark heuristic for a hybrid problem (p.base_bits set)."""
+    decode = p.m <= fused_max_m and hybrid_decode_supported(p)
+    if interpret:  # small tiles, every loop and tail still run
+        if decode and hybrid_gemv_supported(p):
+            return TileConfig("decode", 1, 16, 64, 16, split_k=2, num_warps=1, expand_block_r=16)
+        return TileConfig("decode" if decode else "split", 16, 32, _tile_block(p, 32), 16, split_k=2)
+    if decode and hybrid_gemv_supported(p):
+        # Base rows per CTA: 8 threads along K (a 128-byte row tile), rows per thread from 8 down to 2 and CTAs
+        # from 4 warps down to 1 until the grid has WAVE_CTAS CTAs per SM (the base has no K split).
+        for warps, rows_per_thread in ((4, 8), (4, 4), (2, 4), (2, 2), (1, 2)):
+            block_n = 32 * warps // 8 * rows_per_thread
+            if _cdiv(p.n, block_n) >= WAVE_CTAS * num_sms:
+                break
+        phase1 = decode_cuda_core_config(p, num_sms)
+        return TileConfig("decode", 1, block_n, 256, phase1.block_r, phase1.split_k, num_warps=warps,
+                          expand_block_r=32, shrink_warps=phase1.phase1_warps)
+    block_k = _tile_block(p, 64)
+    if decode:
+        split_k = max(1, min(_cdiv(p.k, block_k), _cdiv(WAVE_CTAS * num_sms, _cdiv(p.rank, 32))))
+        return TileConfig("decode", 16, 64, block_k, 32, split_k, expand_block_r=32, num_stages=3)
+    large = p.m >= 256
+    return TileConfig("split", 128 if large else 64, 128 if large else 64, block_k, 32,
+                      num_warps=8 if large else 4, num_stages=3)
+
+
+def hybrid_candidate_configs(p: Problem, first: TileConfig, wide: bool, num_sms: int, smem_limit: int) -> list:
+    """The hybrid's search: base rows per CTA and warps on CUDA cores (M = 1), output tiles on tensor cores."""
+    out = [first]
+    if p.m <= 4 * FUSED_MAX_M and hybrid_decode_supported(p):
+        if hybrid_gemv_supported(p):
+            phase1 = decode_cuda_core_config(p, num_sms)
+            for warps, block_n in itertools.product((4, 2, 1) if wide else (4, 2), (16, 32, 64, 128)):
+                out.append(TileConfig("decode", 1, block_n, 256, phase1.block_r, phase1.split_k, num_warps=warps,
+                                      expand_block_r=32, shrink_warps=phase1.phase1_warps))
+        for block_n, wanted_k in itertools.product((32, 64, 128), (64, 128) if wide else (64,)):
+            block_k = _tile_block(p, wanted_k)
+            split_k = max(1, min(_cdiv(p.k, block_k), _cdiv(WAVE_CTAS * num_sms, _cdiv(p.rank, 32))))
+            out.append(TileConfig("decode", 16, block_n, block_k, 32, split_k, expand_block_r=32, num_stages=3))
+    tiles = [(64, 64), (128, 128)] + ([(64, 128), (128, 64)] if wide else [])
+    if p.m <= 32:
+        tiles = [(16, 64), (16, 128)] + tiles
+    for (bm, bn), stages in itertools.product(tiles, (3, 4) if wide else (3,)):
+        out.append(TileConfig("split", bm, bn, _tile_block(p, 64), 32, num_warps=8 if bm * bn >= 128 * 128 else 4,
+                              num_stages=stages))
+    kept: list[TileConfig] = []
+    for c in out:
+        if c not in kept and (c is first or smem_bytes(c, p) <= smem_limit):
+            kept.append(c)
+    return kept
 
 
 def smem_bytes(c: TileConfig, p: Problem) -> int:
@@ -275,6 +361,8 @@ def candidate_configs(
     first = default_config(p, num_sms, fused_max_m=fused_max_m)
     if mode == "default":
         return [first]
+    if p.base_bits is not None:
+        return hybrid_candidate_configs(p, first, mode == "max", num_sms, smem_limit)
     wide = mode == "max"
     out: list[TileConfig] = [first]
     # decode competes up to 4x the threshold so tuning can move the crossover from data

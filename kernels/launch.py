@@ -1,8 +1,9 @@
 """Launch plan of the low-rank kernels: grid, workspace and constexprs for one TileConfig.
 
-`launch(x2d, factors, config, out)` runs the kernels of `config` on already-checked inputs
-(triton_lowrank.ops validates and allocates; the autotuner times this function directly).
-`factors` is a triton_lowrank.factors.LowRankFactors (read by attribute only).
+`launch(x2d, factors, config, out)` runs the low-rank kernels of `config` on already-checked inputs, and
+`launch_hybrid(x2d, weights, config, out)` the hybrid format's (triton_lowrank.ops validates and allocates; the
+autotuner times these functions directly). `factors` is a triton_lowrank.factors.LowRankFactors, `weights` a
+triton_lowrank.hybrid_storage.HybridWeights (both read by attribute only).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 
+from . import hybrid_matmul as hybrid
 from . import lowrank_matmul as kern
-from .configs import Problem, decode_chunk, decode_supported
+from .configs import Problem, decode_chunk, decode_supported, hybrid_decode_supported, hybrid_gemv_supported
 
 FLOAT_FACTORS = 0  # the BITS constexpr of unquantized factors (the kernels' spelling of bits=None)
 # 2^23 as fp32 bits: the dequantization magic number, passed at run time (see kernels/lowrank_matmul.py)
@@ -40,20 +42,73 @@ def pdl_supported(x2d: torch.Tensor) -> bool:
     return x2d.is_cuda and torch.cuda.get_device_capability(x2d.device)[0] >= 9
 
 
+def _pointers(f):
+    """(BITS constexpr, GROUP_SIZE constexpr, down_scale, up_t_scale): absent scales as a never-read stand-in."""
+    bits = f.bits or FLOAT_FACTORS
+    dummy = f.down  # stands in for absent pointers; never dereferenced (constexpr-guarded)
+    return (bits, f.group_size if bits == 4 else 1, f.down_scale if f.down_scale is not None else dummy,
+            f.up_t_scale if f.up_t_scale is not None else dummy)
+
+
+def _dot_flags(x2d: torch.Tensor) -> tuple[str, bool]:
+    """(DOT_PRECISION, DOT_UPCAST): IEEE fp32 dots for fp32 activations; the interpreter's bf16 tl.dot is broken."""
+    return "ieee" if x2d.dtype == torch.float32 else "tf32", x2d.device.type == "cpu" and x2d.dtype == torch.bfloat16
+
+
+def decode_phase1(x2d: torch.Tensor, f, c) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Launch decode_shrink_kernel: hidden[M, R] (fp32, in the zeroed workspace) += x2d · downᵀ.
+
+    Returns (hidden, tickets, M blocks); the phase-2 kernel must re-zero both (release_hidden)."""
+    M, K = x2d.shape
+    R = f.rank
+    bits, group, down_scale, _ = _pointers(f)
+    precision, dot_upcast = _dot_flags(x2d)
+    k_per_split = triton.cdiv(triton.cdiv(K, c.split_k), c.block_k) * c.block_k
+    split_k, m_blocks = triton.cdiv(K, k_per_split), triton.cdiv(M, c.block_m)
+    buf = workspace(x2d.device, M * R + m_blocks)
+    hidden, tickets = buf[: M * R], buf[M * R : M * R + m_blocks].view(torch.int32)
+    # CUDA cores: fp32 activations get exact int4 values (see int4_lane); 16-bit x rows that start 4-byte
+    # aligned are read two columns per load
+    kern.decode_shrink_kernel[(triton.cdiv(R, c.block_r), split_k, m_blocks)](
+        x2d, f.down, down_scale, hidden, M, K, R, x2d.stride(0), k_per_split, MAGIC,
+        BITS=bits, GROUP_SIZE=group, USE_DOT=c.uses_dot, DOT_PRECISION=precision, DOT_UPCAST=dot_upcast,
+        BLOCK_M=c.block_m, BLOCK_R=c.block_r, BLOCK_K=c.block_k, X_PAIRS=x_pairs(x2d),
+        PRECISE=x2d.dtype == torch.float32, USE_PDL=pdl_supported(x2d), num_warps=c.phase1_warps,
+        num_stages=c.num_stages,
+    )
+    return hidden, tickets, m_blocks
+
+
+def split_phase1(x2d: torch.Tensor, f, c) -> torch.Tensor:
+    """Launch shrink_kernel: the fp32 rank-r intermediate hidden[M, R] = x2d · downᵀ (prefill M)."""
+    M, K = x2d.shape
+    R = f.rank
+    bits, group, down_scale, _ = _pointers(f)
+    precision, dot_upcast = _dot_flags(x2d)
+    hidden = torch.empty(M, R, dtype=torch.float32, device=x2d.device)
+    kern.shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, c.block_r))](
+        x2d, f.down, down_scale, hidden, M, K, R, x2d.stride(0), MAGIC,
+        BITS=bits, GROUP_SIZE=group, DOT_PRECISION=precision, DOT_UPCAST=dot_upcast,
+        BLOCK_M=c.block_m, BLOCK_R=c.block_r, BLOCK_K=c.block_k,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    return hidden
+
+
+def x_pairs(x2d: torch.Tensor) -> bool:
+    """16-bit activation rows that start 4-byte aligned: the CUDA-core kernels read two columns per load."""
+    return x2d.element_size() == 2 and x2d.data_ptr() % 4 == 0 and x2d.stride(0) % 2 == 0
+
+
 def launch(x2d: torch.Tensor, f, config, out: torch.Tensor) -> torch.Tensor:
     """Run the kernels of `config` on x2d [M, K] (unit stride on K) into out [M, N]."""
     M, K = x2d.shape
     N, R = f.out_features, f.rank
     if M == 0:
         return out
-    bits = f.bits or FLOAT_FACTORS
-    group = f.group_size if bits == 4 else 1
-    dummy = f.down  # stands in for absent pointers; never dereferenced (constexpr-guarded)
-    down_scale = f.down_scale if f.down_scale is not None else dummy
-    up_scale = f.up_t_scale if f.up_t_scale is not None else dummy
-    bias = f.bias if f.bias is not None else dummy
-    precision = "ieee" if x2d.dtype == torch.float32 else "tf32"
-    dot_upcast = x2d.device.type == "cpu" and x2d.dtype == torch.bfloat16  # interpreter bf16 tl.dot is broken
+    bits, group, down_scale, up_scale = _pointers(f)
+    bias = f.bias if f.bias is not None else f.down
+    precision, dot_upcast = _dot_flags(x2d)
     c = config
     if c.path == "decode":
         if not decode_supported(Problem(M, N, K, R, f.bits, group, x2d.element_size())):
@@ -63,21 +118,8 @@ def launch(x2d: torch.Tensor, f, config, out: torch.Tensor) -> torch.Tensor:
         if not c.uses_dot and (c.block_k % chunk or c.block_n % chunk):
             raise ValueError(f"launch: decode block_k and block_n must be multiples of {chunk} columns for "
                              f"bits={f.bits}, got {c.block_k} and {c.block_n}")
-        k_per_split = triton.cdiv(triton.cdiv(K, c.split_k), c.block_k) * c.block_k
-        split_k, m_blocks = triton.cdiv(K, k_per_split), triton.cdiv(M, c.block_m)
-        buf = workspace(x2d.device, M * R + m_blocks)
-        hidden, tickets = buf[: M * R], buf[M * R : M * R + m_blocks].view(torch.int32)
-        # CUDA cores: fp32 activations get exact int4 values (see int4_lane); 16-bit x rows that start 4-byte
-        # aligned are read two columns per load
-        precise = x2d.dtype == torch.float32
-        x_pairs = x2d.element_size() == 2 and x2d.data_ptr() % 4 == 0 and x2d.stride(0) % 2 == 0
-        pdl = pdl_supported(x2d)
-        kern.decode_shrink_kernel[(triton.cdiv(R, c.block_r), split_k, m_blocks)](
-            x2d, f.down, down_scale, hidden, M, K, R, x2d.stride(0), k_per_split, MAGIC,
-            BITS=bits, GROUP_SIZE=group, USE_DOT=c.uses_dot, DOT_PRECISION=precision, DOT_UPCAST=dot_upcast,
-            BLOCK_M=c.block_m, BLOCK_R=c.block_r, BLOCK_K=c.block_k, X_PAIRS=x_pairs, PRECISE=precise,
-            USE_PDL=pdl, num_warps=c.phase1_warps, num_stages=c.num_stages,
-        )
+        hidden, tickets, m_blocks = decode_phase1(x2d, f, c)
+        precise, pdl = x2d.dtype == torch.float32, pdl_supported(x2d)  # see decode_phase1
         block_r = c.rows_per_expand_step
         # CUDA cores: a sub-tile gives each thread one row of its chunk across block_n
         sub_r = min(block_r, max(1, 32 * c.num_warps * decode_chunk(f.bits) // c.block_n))
@@ -89,17 +131,61 @@ def launch(x2d: torch.Tensor, f, config, out: torch.Tensor) -> torch.Tensor:
             USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
         )
         return out
-    hidden = torch.empty(M, R, dtype=torch.float32, device=x2d.device)  # the fp32 rank-r intermediate
-    kern.shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, c.block_r))](
-        x2d, f.down, down_scale, hidden, M, K, R, x2d.stride(0), MAGIC,
-        BITS=bits, GROUP_SIZE=group, DOT_PRECISION=precision, DOT_UPCAST=dot_upcast,
-        BLOCK_M=c.block_m, BLOCK_R=c.block_r, BLOCK_K=c.block_k,
-        num_warps=c.num_warps, num_stages=c.num_stages,
-    )
+    hidden = split_phase1(x2d, f, c)
     kern.expand_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
         hidden, f.up_t, up_scale, bias, out, M, N, R, out.stride(0), MAGIC,
         BITS=bits, GROUP_SIZE=group, HAS_BIAS=f.bias is not None, LOWP=c.expand_lowp,
         DOT_PRECISION=precision, DOT_UPCAST=dot_upcast, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=c.block_r,
         num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    return out
+
+
+def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tensor:
+    """Run the hybrid kernels of `config` on x2d [M, K] into out [M, N]; `w` is a HybridWeights (read by attribute).
+
+    Phase 1 (hidden = x · Dᵀ) is the low-rank one; phase 2 is hybrid_gemv_kernel (decode at block_m 1) or
+    hybrid_tile_kernel, a programmatic dependent launch on sm_90 for the decode path.
+    """
+    M, K = x2d.shape
+    f = w.correction
+    N, R = f.out_features, f.rank
+    if M == 0:
+        return out
+    c = config
+    bits, group, _, up_scale = _pointers(f)
+    bias = w.bias if w.bias is not None else w.base_scale  # never read without HAS_BIAS
+    precision, dot_upcast = _dot_flags(x2d)
+    problem = Problem(M, N, K, R, f.bits, group, x2d.element_size(), w.base_bits, w.base_group_size)
+    decode = c.path == "decode"
+    if decode and not hybrid_decode_supported(problem):
+        raise ValueError(f"launch_hybrid: the decode path needs 16-byte `down` rows and int4 groups of 32k columns; "
+                         f"in={K} bits={f.bits} group_size={f.group_size}: use the split path")
+    if decode and not c.uses_dot and not (hybrid_gemv_supported(problem) and c.block_k % 32 == 0):
+        raise ValueError(f"launch_hybrid: block_m 1 needs M=1, an int4 base with in and base_group_size multiples of "
+                         f"32 and block_k a multiple of 32; got M={M} base_bits={w.base_bits} in={K} "
+                         f"base_group_size={w.base_group_size} block_k={c.block_k}")
+    if decode:
+        hidden, tickets, _ = decode_phase1(x2d, f, c)
+    else:
+        hidden = split_phase1(x2d, f, c)
+        tickets = hidden  # unused without RELEASE_HIDDEN
+    pdl = decode and pdl_supported(x2d)
+    if decode and not c.uses_dot:
+        hybrid.hybrid_gemv_kernel[(triton.cdiv(N, c.block_n), M)](
+            x2d, w.base, w.base_scale, hidden, f.up_t, up_scale, bias, out, tickets, N, K, R, x2d.stride(0),
+            out.stride(0), MAGIC, BASE_GROUP=w.base_group_size, BITS=bits, GROUP_SIZE=group,
+            HAS_BIAS=w.bias is not None, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_R=c.rows_per_expand_step,
+            X_PAIRS=x_pairs(x2d), PRECISE=x2d.dtype == torch.float32, USE_PDL=pdl,
+            num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
+        )
+        return out
+    zero = w.base_zero if w.base_zero is not None else w.base_scale  # never read for an int4 base
+    hybrid.hybrid_tile_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
+        x2d, w.base, w.base_scale, zero, hidden, f.up_t, up_scale, bias, out, tickets, M, N, K, R, x2d.stride(0),
+        out.stride(0), MAGIC, BASE_BITS=w.base_bits, BASE_GROUP=w.base_group_size, BITS=bits, GROUP_SIZE=group,
+        HAS_BIAS=w.bias is not None, DOT_PRECISION=precision, DOT_UPCAST=dot_upcast, BLOCK_M=c.block_m,
+        BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_R=max(16, c.rows_per_expand_step), RELEASE_HIDDEN=decode,
+        USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
     )
     return out

@@ -438,10 +438,16 @@ def decode_expand_kernel(
             _store_lane(y_ptr, stride_ym, acc6, even, bias_ptr, cols, 6, LANES, m0, N, HAS_BIAS)
             _store_lane(y_ptr, stride_ym, acc7, odd, bias_ptr, cols, 7, LANES, m0, N, HAS_BIAS)
 
-    # Every program has read all of hidden for this M block: the last one to finish zeroes it for the next call.
+    release_hidden(hidden_ptr, ticket_ptr, pid_m, tl.num_programs(0), m0, M, R, BLOCK_M, BLOCK_R)
+
+
+@triton.jit
+def release_hidden(hidden_ptr, ticket_ptr, pid_m, programs, m0, M, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Every one of `programs` reading hidden rows m0 .. m0 + BLOCK_M calls this after its last read of them; the
+    last to arrive zeroes those rows and its ticket, so the decode workspace is zero for the next call."""
     tl.debug_barrier()  # this program's loads of hidden precede its ticket (acq_rel orders them)
     ticket = tl.atomic_add(ticket_ptr + pid_m, 1, sem="acq_rel")
-    if ticket == tl.num_programs(0) - 1:
+    if ticket == programs - 1:
         for r0 in range(0, R, BLOCK_R):
             r_offs = r0 + tl.arange(0, BLOCK_R)
             for m in tl.static_range(BLOCK_M):

@@ -14,7 +14,8 @@ import torch
 # would take minutes, so only tests marked `kernels` run the kernels on the CPU; the others run the PyTorch
 # reference, through the launcher's one switch (ops.uses_kernels reads TRITON_INTERPRET on every call,
 # Triton itself read it at import, above).
-import triton_lowrank.kernels.lowrank_matmul  # noqa: E402, F401  (decorated while the interpreter is on)
+import triton_lowrank.kernels.hybrid_matmul  # noqa: E402, F401  (decorated while the interpreter is on)
+import triton_lowrank.kernels.lowrank_matmul  # noqa: E402, F401
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 

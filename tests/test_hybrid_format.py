@@ -103,7 +103,8 @@ def test_module_forward_is_the_reference(base_bits, bits):
     assert {n: (b.shape, b.dtype) for n, b in skeleton.named_buffers()} == {
         n: (b.shape, b.dtype) for n, b in layer.named_buffers()}
     assert layer.to(torch.bfloat16).base_scale.dtype == torch.float32
-    assert layer.kernel_problems(4, 2) == []
+    (problem,) = layer.kernel_problems(4, 2)  # what pretune_model tunes: the base is part of the key
+    assert (problem.m, problem.k, problem.n, problem.rank, problem.base_bits) == (4, 64, 48, 8, base_bits)
 
 
 def test_module_rejects_a_bad_base():

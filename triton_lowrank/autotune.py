@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .factors import random_factors
+from .hybrid_storage import random_hybrid_weights
 from .kernels.configs import (
     DEFAULT_NUM_SMS,
     DEFAULT_SMEM_BYTES,
@@ -44,7 +45,7 @@ from .kernels.configs import (
     m_bucket,
     tuned_winners,
 )
-from .ops import launch, use_config_selector
+from .ops import launch, launch_hybrid, use_config_selector
 
 TUNE_MODES = ("default", "fast", "max")
 ENV_MODE = "TRITON_LOWRANK_AUTOTUNE"
@@ -72,11 +73,13 @@ def default_cache_dir() -> Path:
 
 
 def problem_key(p: Problem, dtype: torch.dtype | str) -> str:
-    """Cache key within a (GPU, Triton) section; group size only matters for int4."""
+    """Cache key within a (GPU, Triton) section; group size only matters for int4. A hybrid problem's key starts with
+    its base's bits and group size."""
     group = p.group_size if p.bits == 4 else 0
     bits = "fp" if p.bits is None else f"int{p.bits}"
     dtype = str(dtype).replace("torch.", "")
-    return f"r{p.rank}-n{p.n}-k{p.k}-{bits}-g{group}-{dtype}-m{m_bucket(p.m)}"
+    base = "" if p.base_bits is None else f"base-int{p.base_bits}-g{p.base_group_size}-"
+    return f"{base}r{p.rank}-n{p.n}-k{p.k}-{bits}-g{group}-{dtype}-m{m_bucket(p.m)}"
 
 
 def _triton_version() -> str:
@@ -260,8 +263,12 @@ def _make_gpu_timer(dtype: torch.dtype | str) -> Timer:
 
     def timer(p: Problem, config: TileConfig) -> float:
         x = torch.randn(p.m, p.k, device="cuda", dtype=torch_dtype, generator=torch.Generator("cuda").manual_seed(0))
-        f = random_factors(p.k, p.n, p.rank, p.bits, p.group_size, torch_dtype, device="cuda")
         out = torch.empty(p.m, p.n, device="cuda", dtype=torch_dtype)
+        if p.base_bits is not None:
+            w = random_hybrid_weights(p.k, p.n, p.rank, p.base_bits, p.base_group_size, p.bits, p.group_size,
+                                      torch_dtype, device="cuda")
+            return triton.testing.do_bench(lambda: launch_hybrid(x, w, config, out), return_mode="median")
+        f = random_factors(p.k, p.n, p.rank, p.bits, p.group_size, torch_dtype, device="cuda")
         return triton.testing.do_bench(lambda: launch(x, f, config, out), return_mode="median")
 
     return timer

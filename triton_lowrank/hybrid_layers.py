@@ -13,7 +13,7 @@ from .factors import LowRankFactors
 from .formats import FLOAT_DTYPES, CompressedLinear, register_format
 from .hybrid_storage import HybridWeights
 from .layers import register_factor_buffers
-from .ops import hybrid_matmul
+from .ops import hybrid_matmul, hybrid_problem_for
 from .quant import (
     BASE_BITS,
     SUPPORTED_BITS,
@@ -117,7 +117,7 @@ class HybridLinear(CompressedLinear):
         return self.weights().dense_weight()
 
     def kernel_problems(self, m: int, x_bytes: int) -> list:
-        return []  # no hybrid kernel yet: the op computes the reference, nothing to pre-tune
+        return [hybrid_problem_for(self.weights(), m, x_bytes)]
 
     # ---- nn.Module -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]

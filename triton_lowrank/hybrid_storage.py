@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from .factors import LowRankFactors
-from .quant import ZERO_POINT_BITS, dequantize, dequantize_zero_point, tensor_bytes
+from .factors import LowRankFactors, random_factors
+from .quant import ZERO_POINT_BITS, dequantize, dequantize_zero_point, quantize, quantize_zero_point, tensor_bytes
 from .reference import dequantized_factors, lowrank_reference
 
 
@@ -66,6 +66,33 @@ class HybridWeights(NamedTuple):
         """Bytes of the base (codes, scales, zeros) and the correction's factors and scales; bias excluded."""
         c = self.correction
         return tensor_bytes([self.base, self.base_scale, self.base_zero, c.down, c.down_scale, c.up_t, c.up_t_scale])
+
+
+def random_hybrid_weights(
+    in_features: int,
+    out_features: int,
+    rank: int,
+    base_bits: int,
+    base_group_size: int = 128,
+    bits: int | None = 8,
+    group_size: int = 128,
+    dtype: torch.dtype = torch.float16,
+    bias: bool = True,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> HybridWeights:
+    """Seeded random hybrid storage with y = O(1) for x ~ N(0, 1): a round-to-nearest base of a random [out, in]
+    matrix and random_factors as the correction (same scale). Generated on the CPU, then moved."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=gen) / in_features**0.5  # [out, in]
+    if base_bits in ZERO_POINT_BITS:
+        base, scale, zero = quantize_zero_point(w, base_bits, base_group_size)
+    else:
+        (base, scale), zero = quantize(w, base_bits, base_group_size), None
+    correction = random_factors(in_features, out_features, rank, bits, group_size, dtype, False, seed + 1, device)
+    b = torch.randn(out_features, generator=gen).to(dtype).to(device) if bias else None  # [out]
+    return HybridWeights(base.to(device), scale.to(device), None if zero is None else zero.to(device), base_bits,
+                         base_group_size, correction, b)
 
 
 def hybrid_reference(x: torch.Tensor, w: HybridWeights) -> torch.Tensor:

@@ -27,9 +27,9 @@ from .quant import BASE_BITS, SUPPORTED_BITS, ZERO_POINT_BITS, storage_group_siz
 from .reference import lowrank_reference
 
 try:
-    from .kernels.launch import launch
+    from .kernels.launch import launch, launch_hybrid
 except ImportError:  # no Triton on this platform (it is a Linux x86-64 dependency): the reference only
-    launch = None
+    launch = launch_hybrid = None
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _STORAGE_DTYPE = {8: torch.int8, 4: torch.uint8}
@@ -45,7 +45,8 @@ _config_selector: ConfigSelector = heuristic_config
 
 
 def use_config_selector(selector: ConfigSelector) -> None:
-    """Install the function CUDA launches ask for a tile config (the autotuner installs its own)."""
+    """Install the function CUDA launches ask for a tile config (the autotuner installs its own). Problems with
+    base_bits are the hybrid format's."""
     global _config_selector
     _config_selector = selector
 
@@ -217,9 +218,7 @@ def _hybrid_weights(base, base_scale, base_zero, base_bits, base_group_size, dow
     "-> Tensor",
 )
 def _hybrid_matmul_op(x, *stored):
-    w = _hybrid_weights(*stored)
-    check_hybrid_inputs(x, w)
-    return hybrid_reference(x, w)
+    return _forward_hybrid(x, _hybrid_weights(*stored))
 
 
 @_hybrid_matmul_op.register_fake
@@ -229,16 +228,50 @@ def _(x, *stored):
     return x.new_empty(*x.shape[:-1], w.out_features)
 
 
-def hybrid_matmul(x: torch.Tensor, weights: HybridWeights) -> torch.Tensor:
+def hybrid_problem_for(w: HybridWeights, m: int, x_bytes: int) -> Problem:
+    """The kernel problem of `m` activation rows of `x_bytes` each element through this hybrid layer."""
+    f = w.correction
+    group = storage_group_size(f.bits, f.group_size)
+    return Problem(m, f.out_features, f.in_features, f.rank, f.bits, group, x_bytes, w.base_bits, w.base_group_size)
+
+
+def _forward_hybrid(x: torch.Tensor, w: HybridWeights, config: TileConfig | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    check_hybrid_inputs(x, w)
+    lead = x.shape[:-1]
+    if out is not None and (out.shape != (*lead, w.out_features) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"hybrid_matmul: out must be contiguous {x.dtype} of shape "
+                         f"{(*lead, w.out_features)}, got {out.dtype} {tuple(out.shape)}")
+    if not uses_kernels(x):
+        y = hybrid_reference(x, w)
+        return y if out is None else out.copy_(y)
+    x2d = x.reshape(-1, w.in_features)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    if out is None:
+        out = torch.empty(*lead, w.out_features, dtype=x.dtype, device=x.device)
+    if x2d.shape[0] == 0:
+        return out
+    if config is None:
+        problem = hybrid_problem_for(w, x2d.shape[0], x2d.element_size())
+        # the interpreter: small tiles keep numpy fast
+        config = _config_selector(problem, x.dtype) if x2d.is_cuda else default_config(problem, interpret=True)
+    launch_hybrid(x2d, w, config, out.view(-1, w.out_features))
+    return out
+
+
+def hybrid_matmul(x: torch.Tensor, weights: HybridWeights, *, out: torch.Tensor | None = None,
+                  config: TileConfig | None = None) -> torch.Tensor:
     """y [..., out] = x [..., in] · (Q̂ + U·D)ᵀ + b from a hybrid layer's storage (`layer.weights()`).
 
-    Dispatches to the custom op torch.ops.triton_lowrank.hybrid_matmul, which today computes
-    hybrid_reference on every device (dequantize the base, dense matmul, plus the low-rank correction).
-    A fused Triton kernel (base and correction in one pass, no dense weight) is a later step; it will
-    join behind this same op and `uses_kernels` switch.
+    Fused: the base codes and the correction's factors are read by the kernels directly, no dense weight is made.
+    With `out` (e.g. NaN-poisoned in tests) or an explicit TileConfig this runs eagerly outside the custom op;
+    otherwise it dispatches to torch.ops.triton_lowrank.hybrid_matmul.
     """
     if not isinstance(weights, HybridWeights):
         raise TypeError(f"hybrid_matmul: expected HybridWeights (layer.weights()), got {type(weights).__name__}")
+    if out is not None or config is not None:
+        return _forward_hybrid(x, weights, config, out)
     c = weights.correction
     return torch.ops.triton_lowrank.hybrid_matmul(
         x, weights.base, weights.base_scale, weights.base_zero, weights.base_bits, weights.base_group_size,

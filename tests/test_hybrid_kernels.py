@@ -1,0 +1,150 @@
+"""Hybrid kernels (kernels/hybrid_matmul.py) against hybrid_reference, on CUDA when present, else the interpreter.
+
+Every path: "cuda-cores" (decode, block_m 1: hybrid_gemv_kernel, int4 base only), "tensor-cores" (decode, block_m 16)
+and "split" (prefill), over base bits, base groups that a K tile divides and that it does not, correction bits,
+dtypes, rank 1 and ranks past one rank block, odd output counts, bias or none; outputs NaN-poisoned before launch.
+"""
+
+import pytest
+import torch
+from test_kernels import DEVICE, TOLERANCES
+from triton_lowrank.kernels import launch as kernel_launch
+from triton_lowrank.kernels.configs import TileConfig, default_config
+
+from triton_lowrank import ops
+from triton_lowrank.autotune import problem_key
+from triton_lowrank.hybrid_storage import HybridWeights, hybrid_reference, random_hybrid_weights
+from triton_lowrank.ops import hybrid_matmul
+
+pytestmark = pytest.mark.kernels
+
+
+def make_weights(k, n, rank, base_bits, base_group, bits, group, dtype, bias=True, seed=0) -> HybridWeights:
+    return random_hybrid_weights(k, n, rank, base_bits, base_group, bits, group, dtype, bias, seed, DEVICE)
+
+
+def run_poisoned(x, w, config):
+    out = torch.full((*x.shape[:-1], w.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    y = hybrid_matmul(x, w, out=out, config=config)
+    assert y.data_ptr() == out.data_ptr()
+    assert not torch.isnan(y).any(), "kernel left output elements unwritten"
+    return y
+
+
+def assert_close(y, x, w):
+    atol, rtol = TOLERANCES[x.dtype]
+    torch.testing.assert_close(y.float(), hybrid_reference(x, w).float(), atol=atol, rtol=rtol)
+
+
+CONFIGS = {  # small tiles that still run every loop and tail
+    "cuda-cores": TileConfig("decode", 1, 16, 64, 16, split_k=2, num_warps=1, expand_block_r=16),
+    "tensor-cores": TileConfig("decode", 16, 32, 32, 16, split_k=2),
+    "split": TileConfig("split", 16, 32, 32, 16),
+}
+# (M, K, N, rank): M = 1; M past one 16-row block; K with a tail after whole 64-column tiles; N past the last
+# column block; rank 1; rank past one 16-row rank block.
+SHAPES = [(1, 96, 40, 5), (3, 64, 48, 1), (19, 128, 72, 33)]
+
+
+def runnable(path, base_bits, base_group, bits, m, k, n) -> bool:
+    """Storable, and on the path's terms: the CUDA-core kernel is M=1 with an int4 base; the decode path's
+    int4 correction needs groups of whole 32-column chunks."""
+    group = correction_group(n)
+    return (k % base_group == 0 and (path != "cuda-cores" or (base_bits == 4 and m == 1))
+            and (bits != 4 or (n % group == 0 and k % group == 0 and (path == "split" or group % 32 == 0))))
+
+
+def correction_group(n: int) -> int:
+    return 16 if n % 32 else 32
+
+
+CASES = [
+    pytest.param(path, base_bits, base_group, bits, m, k, n, rank,
+                 id=f"{path}-base{base_bits}g{base_group}-{'fp' if bits is None else f'int{bits}'}-{m}x{k}x{n}r{rank}")
+    for path in ("cuda-cores", "tensor-cores", "split")
+    for base_bits, base_group in ((4, 32), (3, 32), (2, 64), (3, 8), (2, 16))
+    for bits in (8, 4, None)
+    for m, k, n, rank in SHAPES
+    if runnable(path, base_bits, base_group, bits, m, k, n)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path,base_bits,base_group,bits,m,k,n,rank", CASES)
+def test_matches_reference(path, base_bits, base_group, bits, m, k, n, rank, dtype):
+    w = make_weights(k, n, rank, base_bits, base_group, bits, correction_group(n), dtype, bias=rank % 2 == 1,
+                     seed=m + rank)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    assert_close(run_poisoned(x, w, CONFIGS[path]), x, w)
+
+
+@pytest.mark.parametrize("path", ["cuda-cores", "tensor-cores", "split"])
+def test_leading_dims_fp32_and_no_bias(path):
+    w = make_weights(64, 48, 6, 4, 32, 8, 32, torch.float32, bias=False, seed=3)
+    m = 1 if path == "cuda-cores" else 5
+    x = torch.randn(m, 1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    y = run_poisoned(x, w, CONFIGS[path])
+    assert y.shape == (m, 1, 48)
+    assert_close(y, x, w)
+
+
+def test_the_correction_and_the_base_both_reach_the_output():
+    """A kernel that dropped either term would match a reference without it: make sure it matches neither."""
+    w = make_weights(64, 48, 8, 4, 32, 8, 32, torch.float32, seed=4)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    y = run_poisoned(x, w, CONFIGS["cuda-cores"])
+    no_correction = w._replace(correction=w.correction._replace(up_t=torch.zeros_like(w.correction.up_t)))
+    no_base = w._replace(base=torch.full_like(w.base, 0x88))  # every nibble is q = 0
+    for wrong in (no_correction, no_base):
+        assert (y - hybrid_reference(x, wrong)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("path", ["cuda-cores", "tensor-cores"])
+def test_decode_workspace_left_zeroed(path):
+    """The last program must re-zero the rank-r workspace and its ticket: a second call would double-count."""
+    w = make_weights(64, 48, 20, 4, 32, 8, 32, torch.float16, seed=6)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
+    first = run_poisoned(x, w, CONFIGS[path])
+    second = run_poisoned(x, w, CONFIGS[path])
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    assert all(not ws.any() for ws in kernel_launch._WORKSPACES.values())
+
+
+def test_default_configs_are_launchable():
+    """Heuristic configs (interpreter and real GPU sizes) give correct results on small problems too."""
+    for m, base_bits in ((1, 4), (1, 3), (4, 2), (40, 4)):
+        w = make_weights(64, 96, 12, base_bits, 32, 8, 32, torch.float16, seed=m)
+        x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
+        problem = ops.hybrid_problem_for(w, m, x.element_size())
+        for config in {default_config(problem, interpret=DEVICE == "cpu"), default_config(problem)}:
+            assert_close(run_poisoned(x, w, config), x, w)
+
+
+def test_gemv_config_refused_where_it_cannot_run():
+    w = make_weights(64, 48, 4, 3, 32, 8, 32, torch.float16)
+    x = torch.randn(1, 64).half().to(DEVICE)
+    with pytest.raises(ValueError, match="block_m 1 needs M=1, an int4 base"):
+        hybrid_matmul(x, w, config=CONFIGS["cuda-cores"])
+
+
+def test_custom_op_passes_opcheck_and_compiles_fullgraph():
+    """The op's schema and fake, so torch.compile(fullgraph=True) sees one opaque node (CPU, interpreter)."""
+    w = make_weights(64, 48, 4, 4, 32, 8, 32, torch.float16, seed=7)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7)).half().to(DEVICE)
+    c = w.correction
+    args = (x, w.base, w.base_scale, w.base_zero, w.base_bits, w.base_group_size, c.down, c.down_scale, c.up_t,
+            c.up_t_scale, c.bits, c.group_size, w.bias)
+    torch.library.opcheck(torch.ops.triton_lowrank.hybrid_matmul.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    compiled = torch.compile(lambda t: hybrid_matmul(t, w) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), hybrid_matmul(x, w) * 2)
+    assert_close(hybrid_matmul(x, w), x, w)
+
+
+def test_autotune_keys_carry_the_base():
+    """Two layers that differ only in their base must not share a tuned config."""
+    keys = {problem_key(ops.hybrid_problem_for(make_weights(64, 48, 4, b, g, 8, 32, torch.float16), 1, 2), "float16")
+            for b, g in ((4, 32), (3, 32), (4, 64))}
+    plain = problem_key(ops.problem_for(make_weights(64, 48, 4, 4, 32, 8, 32, torch.float16).correction, 1, 2),
+                        "float16")
+    assert len(keys) == 3 and plain not in keys
