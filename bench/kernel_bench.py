@@ -1,5 +1,6 @@
 """Kernel benchmark: the decode and split paths of the low-rank kernels vs cuBLAS dense fp16 and
-unfused PyTorch low-rank (two F.linear on fp16 factors), with cold L2 and CUDA-graph timing.
+unfused PyTorch low-rank (two F.linear on fp16 factors), with cold L2 and CUDA-graph timing; then the hybrid
+format's kernels vs the same kernels with a rank-1 correction, cuBLAS and unfused PyTorch (hybrid_rows).
 
     python bench/kernel_bench.py            # quick sweep (~2-3 min on an H100)
     python bench/kernel_bench.py --full     # every shape, M, rank ratio and bit width
@@ -42,13 +43,14 @@ from common import (  # noqa: E402
     write_json,
 )
 from triton_lowrank.kernels.configs import Problem, default_config  # noqa: E402
-from triton_lowrank.kernels.launch import launch  # noqa: E402
+from triton_lowrank.kernels.launch import launch, launch_hybrid  # noqa: E402
 
 from triton_lowrank.autotune import Autotuner  # noqa: E402
 from triton_lowrank.factors import lowrank_bytes as factor_bytes  # noqa: E402
 from triton_lowrank.factors import random_factors  # noqa: E402
+from triton_lowrank.hybrid_storage import hybrid_reference, random_hybrid_weights  # noqa: E402
 from triton_lowrank.layers import LowRankLinear  # noqa: E402
-from triton_lowrank.ops import lowrank_matmul  # noqa: E402
+from triton_lowrank.ops import hybrid_matmul, hybrid_problem_for, lowrank_matmul  # noqa: E402
 from triton_lowrank.pretune import pretune_model  # noqa: E402
 from triton_lowrank.reference import dequantized_factors, lowrank_reference  # noqa: E402
 
@@ -112,6 +114,82 @@ def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("decode", "
     row["speedup_vs_cublas"] = round(row["cublas_us"] / best[0], 3)
     row["speedup_vs_unfused"] = round(row["unfused_us"] / best[0], 3)
     return row
+
+
+# The hybrid format (issue 10): base + rank-r correction. "base_only" is the same kernels with a rank-1 correction
+# (the nearest thing to the kernel without one: the target is hybrid <= 1.15x base_only at M=1, <= 0.35x cuBLAS).
+HYBRID_CASES = [(4096, 11008, 4, 32, 8), (4096, 11008, 3, 32, 8), (4096, 11008, 2, 32, 8), (1600, 6400, 4, 32, 8),
+                (6400, 1600, 4, 32, 8), (768, 3072, 4, 32, 8)]
+HYBRID_M = (1, 16, 256)
+
+
+def bench_hybrid_case(k, n, base_bits, rank, bits, m, device, dtype, group=128):
+    stored = hybrid_bytes_of(random_hybrid_weights(k, n, rank, base_bits, group, bits, group, dtype))
+    dense_bytes = n * k * 2 + n * 2
+    n_sets = rotation_count(dense_bytes * 2 + stored) if device.type == "cuda" else 2
+    sets, base_sets = [], []
+    for i in range(n_sets):
+        w = random_hybrid_weights(k, n, rank, base_bits, group, bits, group, dtype, seed=i, device=device)
+        dense = w.dense_weight().to(dtype)  # [out, in]: the cuBLAS baseline gets the same values
+        down, up_t = dequantized_factors(w.correction)
+        sets.append({"w": w, "dense": dense, "base": w.base_weight().to(dtype), "down": down.to(dtype),
+                     "up": up_t.t().contiguous().to(dtype)})
+        base_sets.append(random_hybrid_weights(k, n, 1, base_bits, group, bits, group, dtype, seed=i, device=device))
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    problem = hybrid_problem_for(sets[0]["w"], m, x.element_size())
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device.type == "cuda" else 132
+    config = default_config(problem, sms, device.type != "cuda")
+    base_config = default_config(hybrid_problem_for(base_sets[0], m, x.element_size()), sms, device.type != "cuda")
+    contenders = {
+        "hybrid": lambda i: launch_hybrid(x, sets[i]["w"], config, out),
+        "auto": lambda i: hybrid_matmul(x, sets[i]["w"]),
+        "base_only": lambda i: launch_hybrid(x, base_sets[i], base_config, out),
+        "cublas": lambda i: F.linear(x, sets[i]["dense"], sets[i]["w"].bias),
+        # unfused PyTorch on dequantized fp16 weights: base GEMM plus the two correction GEMMs
+        "unfused": lambda i: F.linear(x, sets[i]["base"], sets[i]["w"].bias) + F.linear(F.linear(x, sets[i]["down"]),
+                                                                                        sets[i]["up"]),
+    }
+    row = {"in": k, "out": n, "base_bits": base_bits, "rank": rank, "bits": bits or 16, "m": m,
+           "dtype": str(dtype).replace("torch.", ""), "path": config.path, "block_m": config.block_m,
+           "stored_bytes": stored, "rotating_sets": n_sets}
+    reference = hybrid_reference(x, sets[0]["w"]).float()
+    for name in ("hybrid", "auto"):
+        out.fill_(float("nan"))
+        got = contenders[name](0).float()
+        row[f"{name}_rel_err"] = ((got - reference).norm() / reference.norm()).item()
+    act_bytes = m * (k + n) * x.element_size()
+    for name, fn in contenders.items():
+        us = time_ms(fn, n_sets, device) * 1e3
+        moved = {"cublas": dense_bytes, "unfused": dense_bytes + rank * (k + n) * 2}.get(name, stored) + act_bytes
+        row[f"{name}_us"] = round(us, 3)
+        row[f"{name}_gbs"] = round(moved / (us * 1e-6) / 1e9, 1)
+    row["hybrid_vs_base_only"] = round(row["hybrid_us"] / row["base_only_us"], 3)
+    row["hybrid_vs_cublas"] = round(row["hybrid_us"] / row["cublas_us"], 3)
+    return row
+
+
+def hybrid_bytes_of(w) -> int:
+    c = w.correction
+    return sum(t.numel() * t.element_size() for t in (w.base, w.base_scale, w.base_zero, c.down, c.down_scale,
+                                                      c.up_t, c.up_t_scale, w.bias) if t is not None)
+
+
+def hybrid_sweep(args, device, dtype) -> list[dict]:
+    cases = [(64, 96, 4, 8, 8), (64, 96, 3, 8, 4)] if args.dry_run else HYBRID_CASES
+    ms = (1, 20) if args.dry_run else HYBRID_M
+    rows = []
+    for k, n, base_bits, rank, bits in cases:
+        for m in ms:
+            group = 32 if args.dry_run else 128
+            row = bench_hybrid_case(k, n, base_bits, rank, bits, m, device, dtype, group)
+            rows.append(row)
+            print(f"hybrid {k}x{n} int{base_bits} base + r={rank} int{bits} M={m} ({row['path']}, "
+                  f"block_m {row['block_m']}): hybrid={row['hybrid_us']:.1f}us base_only={row['base_only_us']:.1f}us "
+                  f"cublas={row['cublas_us']:.1f}us unfused={row['unfused_us']:.1f}us  "
+                  f"x{row['hybrid_vs_base_only']:.2f} of base_only, x{row['hybrid_vs_cublas']:.2f} of cuBLAS  "
+                  f"rel err {row['hybrid_rel_err']:.1e}", flush=True)
+    return rows
 
 
 def sweep(args, device, dtype):
@@ -218,8 +296,11 @@ def main(argv=None) -> int:
     for row in rows:
         row["best_pct_copy_bw"] = round(100 * max(row[f"{p}_gbs"] for p in ("decode", "split", "auto")
                                                   if f"{p}_gbs" in row) / copy_gbs, 1)
-    write_json(out_dir / "kernels.json", {"env": environment(), "copy_gbs": round(copy_gbs, 1), "rows": rows})
+    hybrid_rows = hybrid_sweep(args, device, dtype)
+    write_json(out_dir / "kernels.json", {"env": environment(), "copy_gbs": round(copy_gbs, 1), "rows": rows,
+                                          "hybrid_rows": hybrid_rows})
     write_csv(out_dir / "kernels.csv", rows)
+    write_csv(out_dir / "hybrid_kernels.csv", hybrid_rows)
     if not args.no_plots:
         plot(rows, out_dir)
     print(f"wrote {out_dir / 'kernels.json'}")

@@ -651,10 +651,14 @@ def proxy_checks(records: list[dict]) -> list[tuple[str, str, bool]]:
         checks.append((f"{name}: weight loads >= 64 bits", f"{narrow} bits", bool(loops) and narrow >= 64))
         i2f = sum(lp["i2f"] for lp in loops)
         checks.append((f"{name}: no I2F in hot loops", str(i2f), i2f == 0))
-        worst = max(loops, key=lambda lp: lp["instructions_per_weight_byte"] / limit(lp), default=None)
-        ipb = worst["instructions_per_weight_byte"] if worst else float("inf")
-        bound = limit(worst) if worst else 0.0
-        checks.append((f"{name}: insts/weight byte <= {bound}", f"{ipb:.2f}", ipb <= bound))
+        for role, role_loops in (("base", [lp for lp in loops if "base_ptr" in lp["weight_tensors"]]),
+                                 ("factor", [lp for lp in loops if "base_ptr" not in lp["weight_tensors"]])):
+            if not role_loops:
+                continue
+            worst = max(role_loops, key=lambda lp: lp["instructions_per_weight_byte"])
+            ipb, bound = worst["instructions_per_weight_byte"], limit(worst)
+            kind = "" if s.base_bits is None else f"{role} loops: "
+            checks.append((f"{name}: {kind}insts/weight byte <= {bound}", f"{ipb:.2f}", ipb <= bound))
         latency = [r["resident_ctas_per_sm"] >= 2 or all(lp["prefetched"] for lp in r["hot_loops"])
                    for r in recs if r["hot_loops"]]
         detail = ", ".join(f"{r['kernel']}: {r['resident_ctas_per_sm']} CTA/SM"

@@ -79,6 +79,7 @@ class TileConfig:
     num_stages: int = 2
     expand_block_r: int = 0  # decode: phase-2 rank rows per loop iteration (0: block_r)
     shrink_warps: int = 0  # decode: phase-1 warps per CTA (0: num_warps)
+    base_block_k: int = 0  # hybrid on CUDA cores: the base's K tile (0: block_k, which phase 1 uses)
 
     def __post_init__(self) -> None:
         if self.path not in ("decode", "split"):
@@ -87,8 +88,10 @@ class TileConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"TileConfig.{name} must be a power of two, got {value}")
-        if self.expand_block_r & (self.expand_block_r - 1) or self.expand_block_r < 0:
-            raise ValueError(f"TileConfig.expand_block_r must be 0 or a power of two, got {self.expand_block_r}")
+        for name in ("expand_block_r", "base_block_k"):
+            value = getattr(self, name)
+            if value < 0 or value & (value - 1):
+                raise ValueError(f"TileConfig.{name} must be 0 or a power of two, got {value}")
 
     @property
     def uses_dot(self) -> bool:
@@ -263,18 +266,17 @@ def hybrid_default_config(
     decode = p.m <= fused_max_m and hybrid_decode_supported(p)
     if interpret:  # small tiles, every loop and tail still run
         if decode and hybrid_gemv_supported(p):
-            return TileConfig("decode", 1, 16, 64, 16, split_k=2, num_warps=1, expand_block_r=16)
+            return TileConfig("decode", 1, 16, 32, 16, split_k=2, num_warps=1, expand_block_r=16, base_block_k=64)
         return TileConfig("decode" if decode else "split", 16, 32, _tile_block(p, 32), 16, split_k=2)
     if decode and hybrid_gemv_supported(p):
-        # Base rows per CTA: 8 threads along K (a 128-byte row tile), rows per thread from 8 down to 2 and CTAs
-        # from 4 warps down to 1 until the grid has WAVE_CTAS CTAs per SM (the base has no K split).
-        for warps, rows_per_thread in ((4, 8), (4, 4), (2, 4), (2, 2), (1, 2)):
-            block_n = 32 * warps // 8 * rows_per_thread
-            if _cdiv(p.n, block_n) >= WAVE_CTAS * num_sms:
-                break
+        # From bench/sass_report.py's sweep of the candidates on 4096->11008 (int4 g128 + r32 int8, sm_90): 512-column
+        # K tiles (64 bytes per row per thread: twice the bytes in flight of 256, the estimate's bound) at 2 warps and
+        # 32 base rows per CTA (6.2 thread-instructions per weight byte, 168 registers, no spills); 16 rows where
+        # that leaves fewer than WAVE_CTAS CTAs per SM (the base has no K split).
+        block_n = 32 if _cdiv(p.n, 32) >= WAVE_CTAS * num_sms else 16
         phase1 = decode_cuda_core_config(p, num_sms)
-        return TileConfig("decode", 1, block_n, 256, phase1.block_r, phase1.split_k, num_warps=warps,
-                          expand_block_r=32, shrink_warps=phase1.phase1_warps)
+        return TileConfig("decode", 1, block_n, phase1.block_k, phase1.block_r, phase1.split_k, num_warps=2,
+                          expand_block_r=32, shrink_warps=phase1.phase1_warps, base_block_k=512)
     block_k = _tile_block(p, 64)
     if decode:
         split_k = max(1, min(_cdiv(p.k, block_k), _cdiv(WAVE_CTAS * num_sms, _cdiv(p.rank, 32))))
@@ -290,9 +292,11 @@ def hybrid_candidate_configs(p: Problem, first: TileConfig, wide: bool, num_sms:
     if p.m <= 4 * FUSED_MAX_M and hybrid_decode_supported(p):
         if hybrid_gemv_supported(p):
             phase1 = decode_cuda_core_config(p, num_sms)
-            for warps, block_n in itertools.product((4, 2, 1) if wide else (4, 2), (16, 32, 64, 128)):
-                out.append(TileConfig("decode", 1, block_n, 256, phase1.block_r, phase1.split_k, num_warps=warps,
-                                      expand_block_r=32, shrink_warps=phase1.phase1_warps))
+            for warps, block_n, block_k in itertools.product((4, 2, 1), (16, 32, 64, 128) if wide else (16, 32),
+                                                             (256, 512, 1024)):
+                out.append(TileConfig("decode", 1, block_n, phase1.block_k, phase1.block_r, phase1.split_k,
+                                      num_warps=warps, expand_block_r=32, shrink_warps=phase1.phase1_warps,
+                                      base_block_k=block_k))
         for block_n, wanted_k in itertools.product((32, 64, 128), (64, 128) if wide else (64,)):
             block_k = _tile_block(p, wanted_k)
             split_k = max(1, min(_cdiv(p.k, block_k), _cdiv(WAVE_CTAS * num_sms, _cdiv(p.rank, 32))))

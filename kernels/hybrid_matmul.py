@@ -123,11 +123,20 @@ def hybrid_gemv_kernel(
     y = tl.sum(acc, axis=1)  # [BN]: the one cross-thread reduction of the base
     if USE_PDL:  # phase 1 must be complete before hidden is read
         gdc_wait()
+    # The correction: per-thread partial sums over r, reduced across threads once after the loop (no shuffles in it);
+    # int8 row scales go on h, not on every element.
+    corr = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r_offs = r0 + tl.arange(0, BLOCK_R)
+        rows_r = tl.minimum(r_offs, R - 1)
         h = tl.load(hidden_ptr + m * R + r_offs, mask=r_offs < R, other=0.0)  # [BR] fp32
-        u = scaled_up_tile(up_ptr, up_scale_ptr, tl.minimum(r_offs, R - 1), n0, N, magic, BITS, GROUP_SIZE, BLOCK_N)
-        y += tl.sum(h[:, None] * u, axis=0)
+        if BITS == 8:
+            h = h * tl.load(up_scale_ptr + rows_r)
+            u = dequant_tile(up_ptr, rows_r[:, None], n0, N, N, magic, BITS, BLOCK_N, True)  # [BR, BN]
+        else:
+            u = scaled_up_tile(up_ptr, up_scale_ptr, rows_r, n0, N, magic, BITS, GROUP_SIZE, BLOCK_N)
+        corr += h[:, None] * u
+    y += tl.sum(corr, axis=0)
     n_offs = n0 + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
         y += tl.load(bias_ptr + n_offs, mask=n_offs < N, other=0.0).to(tl.float32)

@@ -37,7 +37,7 @@ def assert_close(y, x, w):
 
 
 CONFIGS = {  # small tiles that still run every loop and tail
-    "cuda-cores": TileConfig("decode", 1, 16, 64, 16, split_k=2, num_warps=1, expand_block_r=16),
+    "cuda-cores": TileConfig("decode", 1, 16, 32, 16, split_k=2, num_warps=1, expand_block_r=16, base_block_k=64),
     "tensor-cores": TileConfig("decode", 16, 32, 32, 16, split_k=2),
     "split": TileConfig("split", 16, 32, 32, 16),
 }
