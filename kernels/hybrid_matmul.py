@@ -30,6 +30,16 @@ from .lowrank_matmul import _dot, _shrink_tile_cc, _store_output, dequant_tile, 
 
 
 @triton.jit
+def _word_bytes(words):
+    """[BN, W] int32 words -> [BN, 4 W] int32 bytes (little-endian: byte b of word w at column 4w + b)."""
+    b0 = words & 0xFF
+    b1 = (words >> 8) & 0xFF
+    b2 = (words >> 16) & 0xFF
+    b3 = (words >> 24) & 0xFF
+    return tl.join(tl.join(b0, b2), tl.join(b1, b3)).reshape(words.shape[0], 4 * words.shape[1])
+
+
+@triton.jit
 def _spread_2bit(packed):
     """[BN, C] int32 bytes -> [BN, 4 C] int32 2-bit fields, field l of byte j at column 4j + l."""
     f0 = packed & 3
@@ -56,22 +66,36 @@ def _spread_1bit(packed):
 
 
 @triton.jit
-def base_codes(base_ptr, rows, k0, K, magic, BASE_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BN, BLOCK_K] of base rows `rows` [BN, 1], columns k0 .. k0 + BLOCK_K (masked at K): int4 the signed
-    value q, int3/int2 the unsigned code. Not scaled, zero point not removed. Each plane is read once, contiguously."""
+def base_codes(base_ptr, rows, k0, K, magic, offset, BASE_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+               WORDS: tl.constexpr = False):
+    """fp32 [BN, BLOCK_K] of base rows `rows` [BN, 1], columns k0 .. k0 + BLOCK_K (masked at K), not scaled: int4 the
+    signed value q; int3/int2 the unsigned code minus `offset` (the zero point, [BN, 1] or [BN, BK]). Each plane is
+    read once, contiguously (WORDS: as 32-bit words). A code becomes fp32 without I2F: OR-ed into the mantissa of
+    2^23 (`magic`), then one FADD removes 2^23 and the zero point together."""
     if BASE_BITS == 4:
         codes = dequant_tile(base_ptr, rows, k0, K, K, magic, 4, BLOCK_K, True)
     else:
         row_bytes = K * BASE_BITS // 8
-        quarter = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # bytes of the 2-bit plane
-        low = tl.load(base_ptr + rows * row_bytes + quarter[None, :], mask=(quarter < K // 4)[None, :], other=0)
-        fields = _spread_2bit(low.to(tl.int32))  # [BN, BK]
-        if BASE_BITS == 3:
-            eighth = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # bytes of the high-bit plane, after the 2-bit plane
-            high = tl.load(base_ptr + rows * row_bytes + K // 4 + eighth[None, :], mask=(eighth < K // 8)[None, :],
-                           other=0)
-            fields = fields | (_spread_1bit(high.to(tl.int32)) << 2)
-        codes = fields.to(tl.float32)
+        if WORDS:  # whole 32-bit words of both planes (K and BLOCK_K multiples of 32: rows stay 4-byte aligned)
+            words_ptr = base_ptr.to(tl.pointer_type(tl.int32)) + rows * (row_bytes // 4)
+            quarter = k0 // 16 + tl.arange(0, BLOCK_K // 16)  # words of the 2-bit plane
+            low = _word_bytes(tl.load(words_ptr + quarter[None, :], mask=(quarter < K // 16)[None, :], other=0))
+        else:
+            quarter = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # bytes of the 2-bit plane
+            low = tl.load(base_ptr + rows * row_bytes + quarter[None, :], mask=(quarter < K // 4)[None, :],
+                          other=0).to(tl.int32)
+        fields = _spread_2bit(low)  # [BN, BK]
+        if BASE_BITS == 3:  # the high-bit plane follows the 2-bit plane in each row
+            if WORDS:
+                eighth = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+                high = _word_bytes(tl.load(words_ptr + K // 16 + eighth[None, :], mask=(eighth < K // 32)[None, :],
+                                           other=0))
+            else:
+                eighth = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                high = tl.load(base_ptr + rows * row_bytes + K // 4 + eighth[None, :],
+                               mask=(eighth < K // 8)[None, :], other=0).to(tl.int32)
+            fields = fields | (_spread_1bit(high) << 2)
+        codes = (fields | magic).to(tl.float32, bitcast=True) - (8388608.0 + offset)  # 2^23 + code - (2^23 + zero)
     return codes
 
 
@@ -151,7 +175,7 @@ def hybrid_tile_kernel(
     BASE_BITS: tl.constexpr, BASE_GROUP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    RELEASE_HIDDEN: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    RELEASE_HIDDEN: tl.constexpr = False, USE_PDL: tl.constexpr = False, WORDS: tl.constexpr = False,
 ):
     """y[m block, n block] = x · Q̂ᵀ + hidden · up_t + bias on tensor cores. grid = (cdiv(M, BM), cdiv(N, BN)).
 
@@ -171,17 +195,16 @@ def hybrid_tile_kernel(
         k_offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m_offs[:, None] * stride_xm + k_offs[None, :],
                     mask=(m_offs[:, None] < M) & (k_offs < K)[None, :], other=0.0)  # [BM, BK]
-        codes = base_codes(base_ptr, rows[:, None], k0, K, magic, BASE_BITS, BLOCK_K)  # [BN, BK]
         if TILE_SCALE:  # small integers, exact in any activation dtype: the scale goes on the partial product
             group = rows * groups + k0 // BASE_GROUP  # [BN]
-            if ZERO_POINT:
-                codes = codes - tl.load(base_zero_ptr + group).to(tl.float32)[:, None]
+            zero = tl.load(base_zero_ptr + group).to(tl.float32)[:, None] if ZERO_POINT else 0.0
+            codes = base_codes(base_ptr, rows[:, None], k0, K, magic, zero, BASE_BITS, BLOCK_K, WORDS)  # [BN, BK]
             partial = _dot(x, tl.trans(codes.to(x.dtype)), DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
             acc += partial * tl.load(base_scale_ptr + group)[None, :]
         else:
             group = rows[:, None] * groups + (tl.minimum(k_offs, K - 1) // BASE_GROUP)[None, :]  # [BN, BK]
-            if ZERO_POINT:
-                codes = codes - tl.load(base_zero_ptr + group).to(tl.float32)
+            zero = tl.load(base_zero_ptr + group).to(tl.float32) if ZERO_POINT else 0.0
+            codes = base_codes(base_ptr, rows[:, None], k0, K, magic, zero, BASE_BITS, BLOCK_K, WORDS)
             w = codes * tl.load(base_scale_ptr + group)
             acc += _dot(x, tl.trans(w.to(x.dtype)), DOT_PRECISION, DOT_UPCAST)
     if USE_PDL:  # phase 1 must be complete before hidden is read

@@ -42,15 +42,17 @@ CONFIGS = {  # small tiles that still run every loop and tail
     "split": TileConfig("split", 16, 32, 32, 16),
 }
 # (M, K, N, rank): M = 1; M past one 16-row block; K with a tail after whole 64-column tiles; N past the last
-# column block; rank 1; rank past one 16-row rank block.
-SHAPES = [(1, 96, 40, 5), (3, 64, 48, 1), (19, 128, 72, 33)]
+# column block; rank 1; rank past one 16-row rank block; K not a multiple of 32 (int3/int2 rows read as bytes).
+SHAPES = [(1, 96, 40, 5), (3, 64, 48, 1), (19, 128, 72, 33), (2, 40, 24, 3)]
 
 
 def runnable(path, base_bits, base_group, bits, m, k, n) -> bool:
     """Storable, and on the path's terms: the CUDA-core kernel is M=1 with an int4 base; the decode path's
     int4 correction needs groups of whole 32-column chunks."""
     group = correction_group(n)
+    down_row_bytes = k * {8: 1, 4: 0.5, None: 2}[bits]  # the decode path's phase 1 reads 16-byte chunks of `down`
     return (k % base_group == 0 and (path != "cuda-cores" or (base_bits == 4 and m == 1))
+            and (path == "split" or down_row_bytes % 16 == 0)
             and (bits != 4 or (n % group == 0 and k % group == 0 and (path == "split" or group % 32 == 0))))
 
 

@@ -64,9 +64,9 @@ def test_occupancy_limits():
 
 @pytest.mark.slow
 def test_proxy_targets_hold_for_the_default_decode_configs(tmp_path):
-    """Issue 9's CPU proxies, on the three named M=1 problems compiled for sm_90 exactly as launched: 0 spills,
-    weight loads >= 64 bits, no I2F, <= 4.5 (int8) / 7 (int4) thread-instructions per weight byte in every
-    hot loop, and >= 2 resident CTAs per SM or a prefetch."""
+    """Issue 9's CPU proxies, on the three named M=1 problems and issue 10's hybrid, compiled for sm_90 exactly as
+    launched: 0 spills, weight loads >= 64 bits, no I2F, <= 4.5 (int8) / 7 (int4) thread-instructions per weight
+    byte in every hot loop, and >= 2 resident CTAs per SM or a prefetch; the hybrid's two stated misses excepted."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "proxy.json"
     result = subprocess.run([sys.executable, "bench/sass_report.py", "--proxy", "--json", str(out)], cwd=ROOT,
@@ -77,11 +77,14 @@ def test_proxy_targets_hold_for_the_default_decode_configs(tmp_path):
         pytest.skip("no ptxas for ahead-of-time compilation")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     records = json.loads(out.read_text())
-    assert {(r["problem"]["K"], r["problem"]["N"], r["problem"]["bits"]) for r in records} == {
-        (1600, 6400, 8), (4096, 11008, 8), (4096, 11008, 4)}
+    assert {(r["problem"]["K"], r["problem"]["N"], r["problem"]["bits"], r["problem"]["base_bits"])
+            for r in records} == {(1600, 6400, 8, None), (4096, 11008, 8, None), (4096, 11008, 4, None),
+                                  (4096, 11008, 8, 4)}
     for r in records:
         assert {"problem", "kernel", "config", "regs", "spills", "shared_bytes", "hot_loops", "estimate_us"} <= set(r)
         assert r["hot_loops"], f"{r['kernel']}: no hot loop found"
         for loop in r["hot_loops"]:
             assert {"instructions_per_weight_byte", "narrowest_weight_load_bits", "i2f", "shfl", "bar"} <= set(loop)
-    assert "FAIL" not in result.stdout
+    failed = [line.split("] ", 1)[1].rsplit(": ", 1)[0] for line in result.stdout.splitlines() if "[FAIL]" in line]
+    assert set(failed) <= set(sr.KNOWN_MISSES), failed  # the hybrid's stated misses, nothing else
+    assert any("hybrid_gemv_kernel >= 2 CTAs/SM" in line and "[PASS]" in line for line in result.stdout.splitlines())
