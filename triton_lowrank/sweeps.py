@@ -60,7 +60,7 @@ def result_row(
     """
     if label is None:
         label = f"{method} {bits_label(bits)}" + (f" g{group_size}" if group_size else "")
-        label += "" if budget is None else f" budget {budget:g}"
+        label += "" if budget is None else f" budget {budget:.3g}"
     return {
         "method": method,
         "label": label,
