@@ -169,10 +169,10 @@ def write_sweep(rows: list[dict], out_dir: str | Path, title: str = "quality vs 
 
 
 # Baseline families: one dashed curve each through its points in byte order, every point tagged.
-FAMILY_STYLE = {
+FAMILY_STYLE = {  # colours outside the first six of the default cycle, which the low-rank curves take
     "rtn": {"marker": "*", "color": "black", "markersize": 12, "label": "RTN"},
-    "gptq": {"marker": "D", "color": "tab:purple", "markersize": 7, "label": "GPTQ"},
-    "hybrid": {"marker": "s", "color": "tab:red", "markersize": 8, "label": "hybrid (GPTQ base + low-rank)"},
+    "gptq": {"marker": "D", "color": "teal", "markersize": 7, "label": "GPTQ"},
+    "hybrid": {"marker": "s", "color": "magenta", "markersize": 8, "label": "hybrid (GPTQ base + low-rank)"},
 }
 
 
