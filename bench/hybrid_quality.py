@@ -20,7 +20,6 @@ ablation of the fit (order, GPTQ vs RTN base, whitened vs plain correction, erro
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import time
@@ -31,23 +30,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from triton_lowrank.baselines import compress_copy, layer_grams, quantized_weight
 from triton_lowrank.baselines import compressed_bytes as lowrank_bytes
-from triton_lowrank.calibration import collect_grams
-from triton_lowrank.compress import compress_model, select_layers
+from triton_lowrank.compress import select_layers
 from triton_lowrank.config import LowRankConfig
 from triton_lowrank.eval_data import CALIB_SEED, EVAL_SEED, batches, sample_sequences
 from triton_lowrank.factorize import whitening_cholesky
 from triton_lowrank.formats import dense_weight
-from triton_lowrank.hybrid_fit import (
-    allocate_correction_ranks,
-    base_bytes,
-    fit_base,
-    fit_hybrid,
-    hybrid_bytes,
-)
-from triton_lowrank.hybrid_storage import dequantize_base
+from triton_lowrank.hybrid_fit import allocate_correction_ranks, base_bytes, fit_hybrid, hybrid_bytes
 from triton_lowrank.metrics import compare_logits, model_logits
-from triton_lowrank.quant import dequantize, matrix_bytes, quantize
+from triton_lowrank.quant import matrix_bytes
 
 OUT = Path(__file__).resolve().parent / "results" / "hybrid"
 # One torch thread by default: on the shared 2-core machine a second thread made GPTQ's column loop
@@ -72,11 +64,12 @@ class Task:
     eval_desc: str
     bases: dict = field(default_factory=dict)  # (layer, bits, group_size) -> GPTQ base of W, shared by rows
 
-    def gptq_base(self, name: str, bits: int, group_size: int):
+    def gptq_base(self, name: str, bits: int, group_size: int) -> tuple[torch.Tensor, int]:
+        """(dequantized GPTQ base of the layer's W, its stored bytes), fitted once."""
         key = (name, bits, group_size)
         if key not in self.bases:
             w = dense_weight(self.layers[name]).detach().float()
-            self.bases[key] = fit_base(w, bits, group_size, self.grams[name])
+            self.bases[key] = quantized_weight(w, bits, group_size, self.grams[name])
         return self.bases[key]
 
     @property
@@ -93,7 +86,7 @@ def gpt2_task(eval_seqs: int, calib_seqs: int, seq_len: int) -> Task:
     tokens = sample_sequences(model, eval_seqs, seq_len, EVAL_SEED, batch_size=64, progress=False)  # [N, T]
     calibration = batches(sample_sequences(model, calib_seqs, seq_len, CALIB_SEED, batch_size=64, progress=False), 16)
     layers = select_layers(model, LowRankConfig(budget=1.0))
-    grams = {n: stats.gram for n, stats in collect_grams(model, layers, calibration, progress=False).items()}
+    grams = layer_grams(model, calibration)
     dense = model_logits(model, tokens)
 
     def measure(m: nn.Module) -> dict:
@@ -111,7 +104,7 @@ def bert_task(calib_tokens: int) -> Task:
     sentences = realmodel.heldout_sentences()
     calibration = realmodel.calibration_batches(tokenizer, calib_tokens)
     layers = select_layers(model, LowRankConfig(budget=1.0))
-    grams = {n: stats.gram for n, stats in collect_grams(model, layers, calibration, progress=False).items()}
+    grams = layer_grams(model, calibration)
     dense = realmodel.embed(model, tokenizer, sentences)
 
     def measure(m: nn.Module) -> dict:
@@ -124,15 +117,6 @@ def bert_task(calib_tokens: int) -> Task:
 # ----------------------------------------------------------------------------- weights of one method
 
 
-def rtn_layer(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, int]:
-    """(dequantized weight, stored bytes): int8 per row, int4 symmetric, int3/int2 zero point."""
-    if bits == 8:
-        storage, scale = quantize(w, 8)
-        return dequantize(storage, scale, 8), matrix_bytes(*w.shape, 8, group_size)
-    stored = fit_base(w, bits, group_size)
-    return dequantize_base(*stored, bits, group_size), base_bytes(*w.shape, bits, group_size)
-
-
 def symmetric_int3_layer(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     """Simulated symmetric int3 (levels -4..3, scale = group absmax / 3, float32 scales; not a stored format)."""
     rows, cols = w.shape
@@ -140,11 +124,6 @@ def symmetric_int3_layer(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     scale = (groups.abs().amax(2, keepdim=True) / 3).clamp_min(torch.finfo(torch.float32).tiny)
     q = (torch.round(groups / scale).clamp(-4, 3) * scale).view(rows, cols)
     return q, rows * cols * 3 // 8 + rows * (cols // group_size) * 4
-
-
-def gptq_layer(task: Task, name: str, w, bits: int, group_size: int) -> tuple[torch.Tensor, int]:
-    stored = task.gptq_base(name, bits, group_size)
-    return dequantize_base(*stored, bits, group_size), base_bytes(*w.shape, bits, group_size)
 
 
 def hybrid_layer(w, gram, rank: int, base_bits: int, base_group_size: int, bits: int, group_size: int, **fit):
@@ -162,7 +141,7 @@ def allocated_ranks(task: Task, fraction: float, base_bits: int, base_group_size
     for name, module in task.layers.items():
         w = dense_weight(module).detach().float()
         chol = whitening_cholesky(task.grams[name], 1e-2, name).float()
-        error = w - dequantize_base(*task.gptq_base(name, base_bits, base_group_size), base_bits, base_group_size)
+        error = w - task.gptq_base(name, base_bits, base_group_size)[0]
         spectra.append(torch.linalg.svdvals(error @ chol))
         norms.append((w @ chol).square().sum().item())
         out_f, in_f = w.shape
@@ -210,9 +189,7 @@ def finish_row(task, family, label, stored, metrics, fit_s, **info) -> dict:
 
 def lowrank_row(task: Task, budget: float) -> dict:
     start = time.perf_counter()
-    model = copy.deepcopy(task.model)
-    config = LowRankConfig(budget=budget, bits=8, method="whitened")
-    compress_model(model, config, task.calibration, progress=False)
+    model, _ = compress_copy(task.model, LowRankConfig(budget=budget, bits=8, method="whitened"), task.calibration)
     fit_s = time.perf_counter() - start
     return finish_row(task, "lowrank", f"low-rank whitened int8 budget {budget}", lowrank_bytes(model),
                       task.measure(model), fit_s, budget=budget)
@@ -255,13 +232,13 @@ def baseline_rows(task: Task) -> list[dict]:
     rows = []
     for bits, g in ((8, 128), (4, 128), (4, 64), (3, 128), (3, 64), (2, 64), (2, 32)):
         name = f"RTN int{bits}" + ("" if bits == 8 else f" g{g}") + (" (zero point)" if bits < 4 else "")
-        rows.append(layerwise_row(task, "rtn", name, lambda n, w, b=bits, g=g: rtn_layer(w, b, g), bits=bits,
+        rows.append(layerwise_row(task, "rtn", name, lambda n, w, b=bits, g=g: quantized_weight(w, b, g), bits=bits,
                                   group_size=g))
     rows.append(layerwise_row(task, "rtn", "RTN int3 g64 (symmetric, simulated)",
                               lambda n, w: symmetric_int3_layer(w, 64), bits=3, group_size=64))
     for bits, g in ((4, 128), (4, 64), (3, 128), (3, 64), (2, 64)):
         name = f"GPTQ int{bits} g{g}" + (" (zero point)" if bits < 4 else "")
-        rows.append(layerwise_row(task, "gptq", name, lambda n, w, b=bits, g=g: gptq_layer(task, n, w, b, g),
+        rows.append(layerwise_row(task, "gptq", name, lambda n, w, b=bits, g=g: task.gptq_base(n, b, g),
                                   bits=bits, group_size=g))
     rows.append(lowrank_row(task, 0.3))
     return rows

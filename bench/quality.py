@@ -1,4 +1,8 @@
-"""Quality vs weight bytes of the embedded GPT-2: low-rank (svd, whitened) x bits x budget, RTN baselines.
+"""Quality vs weight bytes of the embedded GPT-2: low-rank (svd, whitened) x bits x budget, and every baseline.
+
+Baselines on the same layers and tokens (sweeps.ALL_RTN / ALL_GPTQ / ALL_HYBRID): RTN int8, int4, int3 and
+int2; GPTQ int4 and int3 (weight-only, group-wise, on the calibration sequences); the hybrid format
+(GPTQ base int4 / int3 / int2 + a rank-16 whitened int8 correction).
 
 Writes sweep.json, sweep.csv and sweep.png into bench/results/quality/ and checks the targets:
 whitened int8 at budget 0.5 keeps top-1 agreement >= 90% and perplexity ratio <= 1.10, and at
@@ -22,7 +26,7 @@ import torch
 
 from triton_lowrank.eval_data import calibration_batches, eval_tokens
 from triton_lowrank.loading import load_model, load_tokenizer, runtime
-from triton_lowrank.sweeps import sweep, write_sweep
+from triton_lowrank.sweeps import ALL_GPTQ, ALL_HYBRID, ALL_RTN, sweep, write_sweep
 
 OUT = Path(__file__).resolve().parent / "results" / "quality"
 
@@ -37,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=32, help="evaluation windows")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--no-baselines", action="store_true", help="low-rank and RTN int8/int4 only (the old sweep)")
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
 
@@ -76,16 +81,14 @@ def main(argv=None) -> None:
     tokens = eval_tokens(dense, tokenizer, read(args.text), args.samples, args.seq_len)
     calibration = calibration_batches(dense, tokenizer, read(args.calib_text), args.calib_samples, args.seq_len)
     bits = [None if b == 16 else b for b in args.bits]
-    rows = sweep(dense, tokens, calibration, args.budgets, ("svd", "whitened"), bits)
+    baselines = {} if args.no_baselines else {"rtn_bits": ALL_RTN, "gptq": ALL_GPTQ, "hybrid": ALL_HYBRID}
+    rows = sweep(dense, tokens, calibration, args.budgets, ("svd", "whitened"), bits, **baselines)
     paths = write_sweep(rows, args.out, f"{Path(args.model).name}: quality vs weight bytes ({device})")
 
-    print(
-        f"{'method':<9} {'bits':>4} {'budget':>6} {'bytes':>10} {'of fp16':>7} {'KL':>8} {'top-1':>6} {'ppl ratio':>9}"
-    )
+    print(f"{'format':<34} {'bytes':>10} {'of fp16':>7} {'KL':>8} {'top-1':>6} {'ppl ratio':>9}")
     for r in rows:
-        budget = "-" if r["budget"] is None else f"{r['budget']:.3f}"
         print(
-            f"{r['method']:<9} {r['bits'] or 16:>4} {budget:>6} {r['weight_bytes']:>10,} {r['bytes_fraction']:>7.1%} "
+            f"{r['label']:<34} {r['weight_bytes']:>10,} {r['bytes_fraction']:>7.1%} "
             f"{r['kl']:>8.4f} {r['top1_agreement']:>6.1%} {r['ppl_ratio']:>9.3f}"
         )
     print("\n".join(check_targets(rows)))

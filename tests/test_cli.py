@@ -104,9 +104,29 @@ def check_demo(argv, out, capsys):
     result = json.loads((out / "demo.json").read_text())
     assert {"quality", "speed", "samples", "layer_weight_bytes", "sweep"} <= set(result)
     assert result["layer_weight_bytes"]["compressed"] <= 0.5 * result["layer_weight_bytes"]["dense_fp16"]
-    assert [r["method"] for r in result["sweep"]] == ["whitened", "svd", "rtn", "rtn"]
+    rows = result["sweep"]
+    assert [r["method"] for r in rows] == ["whitened", "svd", "rtn", "rtn", "rtn", "gptq", "hybrid", "whitened"]
+    check_demo_comparison(rows, stdout)
     assert (out / "sweep.png").is_file() and (out / "model" / "config.json").is_file()
     assert "tokens/s" in stdout and "top-1 agreement" in stdout and "reference path" in stdout
+
+
+def check_demo_comparison(rows, stdout):
+    """The hybrid beside the pure low-rank format at (about) its bytes and the RTN/GPTQ baselines, in the table."""
+    by_label = {r["label"]: r for r in rows}
+    hybrid = next(r for r in rows if r["method"] == "hybrid")
+    assert hybrid["base_bits"] == 4 and hybrid["rank"] == 16 and hybrid["bits"] == 8
+    lowrank = rows[-1]  # the pure low-rank format again, its budget = the hybrid's bytes
+    assert lowrank["budget"] == pytest.approx(hybrid["bytes_fraction"])
+    assert 0.8 * hybrid["weight_bytes"] < lowrank["weight_bytes"] <= hybrid["weight_bytes"]
+    g = hybrid["base_group_size"]
+    rtn4, gptq4 = by_label[f"RTN int4 g{g}"], by_label[f"GPTQ int4 g{g}"]
+    assert rtn4["weight_bytes"] == gptq4["weight_bytes"]
+    if g == 128:  # int3 g64 is smaller than int4 g128 (at small groups the scales and zeros outweigh the bit)
+        assert by_label["RTN int3 g64"]["weight_bytes"] < rtn4["weight_bytes"]
+    assert rtn4["weight_bytes"] < hybrid["weight_bytes"] < by_label["RTN int8"]["weight_bytes"]
+    table = stdout[stdout.index("quality against weight bytes"):]
+    assert all(r["label"] in table for r in rows)
 
 
 def test_demo_quick_on_a_local_model(model_dir, tmp_path, capsys):

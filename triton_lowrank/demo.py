@@ -4,7 +4,9 @@ Default model: the trained GPT-2 embedded in the package. Steps: sample calibrat
 held-out evaluation sequences from the dense model, compress (whitened, int8, factor bytes =
 half the fp16 bytes of the block weights), save the compressed folder, then print weight
 bytes, tokens/sec, quality metrics and a greedy sample of both models, and write a small
-quality-vs-bytes sweep (with RTN baselines) plus a JSON of every number into the output folder.
+quality-vs-bytes comparison plus a JSON of every number into the output folder. The comparison
+puts the hybrid format (an int4 GPTQ base plus a rank-16 int8 correction) beside the pure low-rank
+format at the same bytes, RTN int8 / int4 / int3 and GPTQ int4, all on the same held-out tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .metrics import compare_logits, model_logits
 from .sweeps import result_row, sweep, write_sweep
 
 SEED = 0
+HYBRID_RANK = 16  # the demo's hybrid: int4 base in groups of `group_size` + a rank-16 correction
 DEFAULT_PROMPT = "KING HENRY.\nNow, lords,"  # the corpus writes speakers as "NAME." on their own line
 
 
@@ -119,13 +122,18 @@ def run_demo(
         name: greedy(model, tokenizer, prompt, sizes.sample_tokens)
         for name, model in (("dense", dense), ("compressed", compressed))
     }
-    # The plot: this compression beside the other method and the RTN baselines at (about) the same bytes.
+    # The plot: this compression beside the other method, the baselines and the hybrid format, then the
+    # pure low-rank format again at the hybrid's bytes, so the two formats meet at equal bytes.
     layer_bytes = {"dense_fp16": dense_bytes(dense, config), "compressed": compressed_bytes(compressed)}
     rows = [result_row(method, bits, budget, layer_bytes["compressed"], layer_bytes["dense_fp16"], quality)]
     other = [m for m in ("svd", "whitened") if m != method]
     rows += sweep(dense, tokens, calibration, (budget,), other, (bits,), group_size, progress=progress,
-                  rtn_bits=(8, 4))
-    paths = write_sweep(rows, out_dir, f"{Path(model_path).name}: quality vs weight bytes at budget {budget}")
+                  rtn_bits=((8, group_size), (4, group_size), (3, group_size // 2)), gptq=((4, group_size),),
+                  hybrid=((4, group_size, HYBRID_RANK),))
+    hybrid_fraction = next(r["bytes_fraction"] for r in rows if r["method"] == "hybrid")
+    rows += sweep(dense, tokens, calibration, (hybrid_fraction,), (method,), (bits,), group_size,
+                  progress=progress, rtn_bits=())
+    paths = write_sweep(rows, out_dir, f"{Path(model_path).name}: quality vs weight bytes")
 
     model_bytes = {"dense": weight_bytes(dense), "compressed": weight_bytes(compressed)}
     result = {
@@ -149,6 +157,15 @@ def run_demo(
     print_report(result, report)
     print(f"wrote {saved}, {Path(out_dir) / 'demo.json'}, {paths['png']}, {paths['csv']}, {paths['json']}")
     return result
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """The sweep rows as aligned text, fewest bytes first."""
+    lines = [f"{'format':<34} {'of fp16':>7} {'KL':>8} {'top-1':>6} {'ppl ratio':>9}"]
+    for r in sorted(rows, key=lambda r: r["bytes_fraction"]):
+        lines.append(f"{r['label']:<34} {r['bytes_fraction']:>7.1%} {r['kl']:>8.4f} {r['top1_agreement']:>6.1%} "
+                     f"{r['ppl_ratio']:>9.3f}")
+    return "\n".join(lines)
 
 
 def print_report(result: dict, report) -> None:
@@ -177,6 +194,8 @@ def print_report(result: dict, report) -> None:
         f"(ratio {q['ppl_ratio']:.3f}), KL {q['kl']:.4f} nats/token, top-1 agreement {q['top1_agreement']:.1%}, "
         f"logits cosine {q['cosine']:.4f}, MSE {q['mse']:.4f}"
     )
+    print(f"\nquality against weight bytes (the {q['tokens']} held-out tokens; sweep.png plots it):")
+    print(comparison_table(result["sweep"]))
     samples = result["samples"]
     print(f"\ngreedy continuation of {samples['prompt']!r}:")
     print(side_by_side(samples["dense"], samples["compressed"]))
