@@ -238,11 +238,18 @@ def default_config(
 # split_k (and shrink_warps) shape phase 1; block_n, block_k, num_warps the base; expand_block_r the epilogue's rows.
 
 
+def gemv_chunk(base_bits: int) -> int:
+    """Columns of one thread's chunk of a base row in hybrid_gemv_kernel: 4 words of int4 (32 columns), of the int2
+    or int3 2-bit plane (64 columns; int3 adds 2 words of its high-bit plane)."""
+    return 32 if base_bits == 4 else 64
+
+
 def hybrid_gemv_supported(p: Problem) -> bool:
-    """The CUDA-core hybrid kernel: one activation row, an int4 base of whole 16-byte (32-column) chunks and groups,
-    and a phase 1 that takes the decode path."""
-    return p.m <= CUDA_CORE_MAX_M and p.base_bits == 4 and p.k % 32 == 0 and p.base_group_size % 32 == 0 \
-        and hybrid_decode_supported(p)
+    """The CUDA-core hybrid kernel: one activation row, a base of whole chunks and groups (int3: rows of whole
+    16-byte words in both planes, K % 128), and a phase 1 that takes the decode path."""
+    chunk = gemv_chunk(p.base_bits)
+    return p.m <= CUDA_CORE_MAX_M and p.k % (128 if p.base_bits == 3 else chunk) == 0 \
+        and p.base_group_size % chunk == 0 and hybrid_decode_supported(p)
 
 
 def hybrid_decode_supported(p: Problem) -> bool:
@@ -269,14 +276,17 @@ def hybrid_default_config(
             return TileConfig("decode", 1, 16, 32, 16, split_k=2, num_warps=1, expand_block_r=16, base_block_k=64)
         return TileConfig("decode" if decode else "split", 16, 32, _tile_block(p, 32), 16, split_k=2)
     if decode and hybrid_gemv_supported(p):
-        # From bench/sass_report.py's sweep of the candidates on 4096->11008 (int4 g128 + r32 int8, sm_90): 512-column
-        # K tiles (64 bytes per row per thread: twice the bytes in flight of 256, the estimate's bound) at 2 warps and
-        # 32 base rows per CTA (6.2 thread-instructions per weight byte, 168 registers, no spills); 16 rows where
-        # that leaves fewer than WAVE_CTAS CTAs per SM (the base has no K split).
-        block_n = 32 if _cdiv(p.n, 32) >= WAVE_CTAS * num_sms else 16
+        # Base (warps, rows per CTA, K tile) from bench/sass_report.py's sweep of the candidates on 4096->11008
+        # + r32 int8 (sm_90, static): the fewest estimated microseconds with no spills. int4: 512-column K tiles
+        # (64 bytes per row per thread: twice the bytes in flight of 256, the estimate's bound), 6.2 insts/B;
+        # int3: 256 (more spills its 255 registers), 16.8 insts/B; int2: 1 warp, 512, 12 insts/B. Half the rows
+        # where that leaves fewer than WAVE_CTAS CTAs per SM (the base has no K split).
+        warps, block_n, base_block_k = {4: (2, 32, 512), 3: (2, 32, 256), 2: (1, 16, 512)}[p.base_bits]
+        if _cdiv(p.n, block_n) < WAVE_CTAS * num_sms:
+            block_n //= 2
         phase1 = decode_cuda_core_config(p, num_sms)
-        return TileConfig("decode", 1, block_n, phase1.block_k, phase1.block_r, phase1.split_k, num_warps=2,
-                          expand_block_r=32, shrink_warps=phase1.phase1_warps, base_block_k=512)
+        return TileConfig("decode", 1, block_n, phase1.block_k, phase1.block_r, phase1.split_k, num_warps=warps,
+                          expand_block_r=32, shrink_warps=phase1.phase1_warps, base_block_k=base_block_k)
     block_k = _tile_block(p, 64)
     if decode:
         split_k = max(1, min(_cdiv(p.k, block_k), _cdiv(WAVE_CTAS * num_sms, _cdiv(p.rank, 32))))
@@ -293,7 +303,7 @@ def hybrid_candidate_configs(p: Problem, first: TileConfig, wide: bool, num_sms:
         if hybrid_gemv_supported(p):
             phase1 = decode_cuda_core_config(p, num_sms)
             for warps, block_n, block_k in itertools.product((4, 2, 1), (16, 32, 64, 128) if wide else (16, 32),
-                                                             (256, 512, 1024)):
+                                                             (256, 512, 1024) if p.base_bits == 4 else (256, 512)):
                 out.append(TileConfig("decode", 1, block_n, phase1.block_k, phase1.block_r, phase1.split_k,
                                       num_warps=warps, expand_block_r=32, shrink_warps=phase1.phase1_warps,
                                       base_block_k=block_k))

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from .lowrank_matmul import _dot, _shrink_tile_cc, _store_output, dequant_tile, release_hidden
+from .lowrank_matmul import _dot, _shrink_tile_cc, _store_output, _x_pair, dequant_tile, release_hidden
 
 
 @triton.jit
@@ -114,36 +114,147 @@ def scaled_up_tile(up_ptr, up_scale_ptr, rows, n0, N, magic, BITS: tl.constexpr,
 
 
 @triton.jit
+def _low_lane(s0, s1, s2, s3, L: tl.constexpr, magic):
+    """fp32 2^(23 - Q) + f of the 2-bit field L (bits 2L, 2L+1) of each word, from the word shifted so that fields
+    5G .. 5G+4 sit at bits Q = 12, 14, .., 20 (s0..s3: shifted left 12, left 2, right 8, right 18): a LOP3 that
+    masks the field into the mantissa of a float whose unit there is 1. RAW: the offset stays (see int4_lane)."""
+    G: tl.constexpr = L // 5
+    Q: tl.constexpr = 12 + 2 * (L - 5 * G)
+    if G == 0:
+        w = s0
+    elif G == 1:
+        w = s1
+    elif G == 2:
+        w = s2
+    else:
+        w = s3
+    return ((w & (3 << Q)) | (magic - (Q << 23))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _high_lane(h0, h1, L: tl.constexpr, magic):
+    """fp32 2^(25 - Q) + 4 b of bit L of each word's low half (int3's high bit, worth 4), from the half shifted so
+    that bits 0..10 / 11..15 sit at Q = 12..22 / 12..16 (h0: left 12, h1: left 1)."""
+    G: tl.constexpr = L // 11
+    Q: tl.constexpr = 12 + L - 11 * G
+    w = h0 if G == 0 else h1
+    return ((w & (1 << Q)) | (magic - ((Q - 2) << 23))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _zero_point_lane(t, tile_off, x_sum, x, s0, s1, s2, s3, h0, h1, L: tl.constexpr, magic, BASE_BITS: tl.constexpr,
+                     PRECISE: tl.constexpr):
+    """Column 16 w + L of every word w: t [BN, T, 4] += code value x x [T, 4], keeping the value's RAW offset (its
+    Σ offset x x goes into tile_off, shared by all rows) unless PRECISE; x_sum += x (for the zero points)."""
+    Q: tl.constexpr = 12 + 2 * (L - 5 * (L // 5))
+    QH: tl.constexpr = 12 + L - 11 * (L // 11)
+    OFFSET: tl.constexpr = (1 << (23 - Q)) + ((1 << (25 - QH)) if BASE_BITS == 3 else 0)
+    value = _low_lane(s0, s1, s2, s3, L, magic)
+    if BASE_BITS == 3:
+        value = value + _high_lane(h0, h1, L, magic)  # (2^a + low) + (2^b + 4 high): exact
+    if PRECISE:
+        value = value - OFFSET
+    else:
+        tile_off += OFFSET * x
+    t += value * x[None, :, :]
+    x_sum += x
+    return t, tile_off, x_sum
+
+
+@triton.jit
+def _u8_to_f32(byte, magic):
+    """fp32 of uint8 values without I2F: in the mantissa of 2^23, which one FADD removes."""
+    return (byte.to(tl.int32) | magic).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _zero_point_tile_cc(acc, x_row_ptr, low_rows_ptr, scale_rows_ptr, zero_rows_ptr, k0, k_hi, K, magic,
+                        BASE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+                        X_PAIRS: tl.constexpr, PRECISE: tl.constexpr, MASKED: tl.constexpr):
+    """One K tile of an int3/int2 base row block on CUDA cores: acc [BN, T] += Σ x · (code - zero) · scale per
+    64-column chunk (a chunk lies in one group). Each thread owns 4 words of the 2-bit plane (64 columns: one
+    128-bit load per row) and, for int3, the 2 words of the high-bit plane beside them (one 64-bit load).
+    Codes keep RAW offsets (subtracted per chunk through Σ offset · x, shared by all rows) unless PRECISE."""
+    T: tl.constexpr = BLOCK_K // 64
+    words = tl.multiple_of(k0 // 16, 4) + tl.arange(0, T)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [T, 4]
+    if MASKED:
+        low = tl.load(low_rows_ptr + words[None, :, :], mask=(words < k_hi // 16)[None, :, :], other=0)
+    else:
+        low = tl.load(low_rows_ptr + words[None, :, :])  # [BN, T, 4]
+    s0 = low << 12
+    s1 = low << 2
+    s2 = low >> 8
+    s3 = low >> 18
+    if BASE_BITS == 3:  # the high-bit plane follows the 2-bit plane (K // 16 words) in each row
+        high_words = tl.multiple_of(k0 // 32, 2) + tl.arange(0, T)[:, None] * 2 + tl.arange(0, 2)[None, :]  # [T, 2]
+        high_ptr = low_rows_ptr + tl.multiple_of(K // 16, 8) + high_words[None, :, :]  # K % 128 == 0
+        # [BN, T, 2]
+        high = tl.load(high_ptr, mask=(high_words < k_hi // 32)[None, :, :], other=0) if MASKED else tl.load(high_ptr)
+        halves = tl.join(high, high >> 16).reshape(high.shape[0], T, 4)  # word j's 16 high bits, low half
+        h0 = halves << 12
+        h1 = halves << 1
+    else:  # placeholders, never read for int2
+        h0 = s0
+        h1 = s0
+    t = tl.zeros(low.shape, dtype=tl.float32)
+    tile_off = tl.zeros(words.shape, dtype=tl.float32)
+    x_sum = tl.zeros(words.shape, dtype=tl.float32)
+    for pair in tl.static_range(8):  # columns 16 w + 2 pair, 16 w + 2 pair + 1 of each word w
+        lo, hi = _x_pair(x_row_ptr, words * 8 + pair, k_hi, X_PAIRS, MASKED)
+        t, tile_off, x_sum = _zero_point_lane(t, tile_off, x_sum, lo, s0, s1, s2, s3, h0, h1, 2 * pair, magic,
+                                              BASE_BITS, PRECISE)
+        t, tile_off, x_sum = _zero_point_lane(t, tile_off, x_sum, hi, s0, s1, s2, s3, h0, h1, 2 * pair + 1, magic,
+                                              BASE_BITS, PRECISE)
+    group = tl.minimum((k0 + tl.arange(0, T) * 64) // GROUP_SIZE, K // GROUP_SIZE - 1)  # [T]; tail in range
+    chunk = tl.sum(t, axis=2) - tl.sum(tile_off, axis=1)[None, :]  # [BN, T]: Σ x · code per chunk
+    zero = _u8_to_f32(tl.load(zero_rows_ptr + group[None, :]), magic)  # [BN, T]
+    acc += (chunk - zero * tl.sum(x_sum, axis=1)[None, :]) * tl.load(scale_rows_ptr + group[None, :])
+    return acc
+
+
+@triton.jit
 def hybrid_gemv_kernel(
-    x_ptr, base_ptr, base_scale_ptr, hidden_ptr, up_ptr, up_scale_ptr, bias_ptr, y_ptr, ticket_ptr,
+    x_ptr, base_ptr, base_scale_ptr, base_zero_ptr, hidden_ptr, up_ptr, up_scale_ptr, bias_ptr, y_ptr, ticket_ptr,
     N, K, R, stride_xm, stride_ym, magic,
-    BASE_GROUP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BASE_BITS: tl.constexpr, BASE_GROUP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     X_PAIRS: tl.constexpr = False, PRECISE: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
-    """y[m, n block] = x[m] · Q̂[n block]ᵀ + hidden[m] · up_t[:, n block] + bias, int4 base, on CUDA cores.
+    """y[m, n block] = x[m] · Q̂[n block]ᵀ + hidden[m] · up_t[:, n block] + bias on CUDA cores.
 
-    grid = (cdiv(N, BLOCK_N), M); K and BASE_GROUP are multiples of 32, BLOCK_K of 32 (whole 16-byte chunks).
-    hidden is the decode workspace (fp32 [M, R]), re-zeroed by the last program of each row (ticket [M]).
+    grid = (cdiv(N, BLOCK_N), M). int4: K, BASE_GROUP and BLOCK_K multiples of 32 (whole 16-byte chunks); int2 and
+    int3: multiples of 64 (int3: K of 128, so rows stay 16-byte aligned). hidden is the decode workspace (fp32
+    [M, R]), re-zeroed by the last program of each row (ticket [M]).
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     n0 = pid_n * BLOCK_N
     rows = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)  # clamped, so the hot loop needs no row mask
-    T: tl.constexpr = BLOCK_K // 32  # threads along K, 4 words (32 values) each
-    row_words = tl.multiple_of(K // 8, 4)
+    row_words = tl.multiple_of(K * BASE_BITS // 32, 4)
     w_rows_ptr = base_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None, None] * row_words  # [BN, 1, 1]
     scale_rows_ptr = base_scale_ptr + rows[:, None] * (K // BASE_GROUP)  # [BN, 1]
     x_row_ptr = x_ptr + m * stride_xm
-    acc = tl.sum(tl.zeros((BLOCK_N, T, 4), dtype=tl.float32), axis=2)  # [BN, T] chunk sums, scaled
-    xoff = tl.zeros((T, 4), dtype=tl.float32)  # unused for int4 (its offsets are removed per chunk)
     k_full = K // BLOCK_K * BLOCK_K
-    for k0 in range(0, k_full, BLOCK_K):
-        acc, xoff = _shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, K, K, magic, 4, BASE_GROUP,
-                                    BLOCK_K, X_PAIRS, PRECISE, False)
-    if k_full < K:
-        acc, xoff = _shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k_full, K, K, magic, 4,
-                                    BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, True)
+    if BASE_BITS == 4:
+        T: tl.constexpr = BLOCK_K // 32  # threads along K, 4 words (32 values) each
+        acc = tl.sum(tl.zeros((BLOCK_N, T, 4), dtype=tl.float32), axis=2)  # [BN, T] chunk sums, scaled
+        xoff = tl.zeros((T, 4), dtype=tl.float32)  # unused for int4 (its offsets are removed per chunk)
+        for k0 in range(0, k_full, BLOCK_K):
+            acc, xoff = _shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, K, K, magic, 4,
+                                        BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, False)
+        if k_full < K:
+            acc, xoff = _shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k_full, K, K, magic, 4,
+                                        BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, True)
+    else:
+        T2: tl.constexpr = BLOCK_K // 64  # threads along K, 64 columns each
+        acc = tl.sum(tl.zeros((BLOCK_N, T2, 4), dtype=tl.float32), axis=2)  # [BN, T]
+        zero_rows_ptr = base_zero_ptr + rows[:, None] * (K // BASE_GROUP)  # [BN, 1]
+        for k0 in range(0, k_full, BLOCK_K):
+            acc = _zero_point_tile_cc(acc, x_row_ptr, w_rows_ptr, scale_rows_ptr, zero_rows_ptr, k0, K, K, magic,
+                                      BASE_BITS, BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, False)
+        if k_full < K:
+            acc = _zero_point_tile_cc(acc, x_row_ptr, w_rows_ptr, scale_rows_ptr, zero_rows_ptr, k_full, K, K, magic,
+                                      BASE_BITS, BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, True)
     y = tl.sum(acc, axis=1)  # [BN]: the one cross-thread reduction of the base
     if USE_PDL:  # phase 1 must be complete before hidden is read
         gdc_wait()

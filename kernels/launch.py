@@ -13,7 +13,14 @@ import triton
 
 from . import hybrid_matmul as hybrid
 from . import lowrank_matmul as kern
-from .configs import Problem, decode_chunk, decode_supported, hybrid_decode_supported, hybrid_gemv_supported
+from .configs import (
+    Problem,
+    decode_chunk,
+    decode_supported,
+    gemv_chunk,
+    hybrid_decode_supported,
+    hybrid_gemv_supported,
+)
 
 FLOAT_FACTORS = 0  # the BITS constexpr of unquantized factors (the kernels' spelling of bits=None)
 # 2^23 as fp32 bits: the dequantization magic number, passed at run time (see kernels/lowrank_matmul.py)
@@ -162,10 +169,11 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
         raise ValueError(f"launch_hybrid: the decode path needs 16-byte `down` rows and int4 groups of 32k columns; "
                          f"in={K} bits={f.bits} group_size={f.group_size}: use the split path")
     base_block_k = c.base_block_k or c.block_k
-    if decode and not c.uses_dot and not (hybrid_gemv_supported(problem) and base_block_k % 32 == 0):
-        raise ValueError(f"launch_hybrid: block_m 1 needs M=1, an int4 base with in and base_group_size multiples of "
-                         f"32 and block_k a multiple of 32; got M={M} base_bits={w.base_bits} in={K} "
-                         f"base_group_size={w.base_group_size} base block_k={base_block_k}")
+    chunk = gemv_chunk(w.base_bits)
+    if decode and not c.uses_dot and not (hybrid_gemv_supported(problem) and base_block_k % chunk == 0):
+        raise ValueError(f"launch_hybrid: block_m 1 needs M=1, in and base_group_size multiples of {chunk} for "
+                         f"base_bits={w.base_bits} (int3: in of 128) and a base block_k multiple of {chunk}; got M={M} "
+                         f"in={K} base_group_size={w.base_group_size} base block_k={base_block_k}")
     if decode:
         hidden, tickets, _ = decode_phase1(x2d, f, c)
     else:
@@ -173,9 +181,10 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
         tickets = hidden  # unused without RELEASE_HIDDEN
     pdl = decode and pdl_supported(x2d)
     if decode and not c.uses_dot:
+        zero = w.base_zero if w.base_zero is not None else w.base_scale  # never read for an int4 base
         hybrid.hybrid_gemv_kernel[(triton.cdiv(N, c.block_n), M)](
-            x2d, w.base, w.base_scale, hidden, f.up_t, up_scale, bias, out, tickets, N, K, R, x2d.stride(0),
-            out.stride(0), MAGIC, BASE_GROUP=w.base_group_size, BITS=bits, GROUP_SIZE=group,
+            x2d, w.base, w.base_scale, zero, hidden, f.up_t, up_scale, bias, out, tickets, N, K, R, x2d.stride(0),
+            out.stride(0), MAGIC, BASE_BITS=w.base_bits, BASE_GROUP=w.base_group_size, BITS=bits, GROUP_SIZE=group,
             HAS_BIAS=w.bias is not None, BLOCK_N=c.block_n, BLOCK_K=base_block_k, BLOCK_R=c.rows_per_expand_step,
             X_PAIRS=x_pairs(x2d), PRECISE=x2d.dtype == torch.float32, USE_PDL=pdl,
             num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,

@@ -7,6 +7,8 @@ from triton_lowrank.kernels.launch import launch
 
 from triton_lowrank.autotune import Autotuner
 from triton_lowrank.factors import round_factors
+from triton_lowrank.hybrid_layers import HybridLinear
+from triton_lowrank.hybrid_storage import hybrid_reference, random_hybrid_weights
 from triton_lowrank.layers import LowRankLinear
 from triton_lowrank.ops import factors_args, lowrank_matmul
 from triton_lowrank.reference import lowrank_reference
@@ -154,3 +156,41 @@ def test_factors_and_device_errors():
     assert_close_scaled(lowrank_matmul(x, f), reference(x, layer))
     with pytest.raises(ValueError, match="cpu"):
         lowrank_matmul(x.cpu(), f)
+
+
+# ---- the hybrid format (issue 10): real sizes, every path, torch.compile and CUDA graphs ----
+def hybrid_layer(k, n, base_bits, rank=32, bits=8, dtype=torch.float16, seed=0) -> HybridLinear:
+    return HybridLinear.from_weights(random_hybrid_weights(k, n, rank, base_bits, 128, bits, 128, dtype,
+                                                           seed=seed, device="cuda"), dtype)
+
+
+@pytest.mark.parametrize("base_bits", [4, 3, 2])
+@pytest.mark.parametrize("k,n", [(4096, 11008), (1600, 6400), (6400, 1600)])
+@pytest.mark.parametrize("m", [1, 5, 300])
+def test_hybrid_real_sizes(base_bits, k, n, m):
+    layer = hybrid_layer(k, n, base_bits)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    assert_close_scaled(layer(x), hybrid_reference(x, layer.weights()))
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_hybrid_cuda_graph_replays_and_compiles(m):
+    layer = hybrid_layer(4096, 11008, 4)
+    static_x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    for seed in range(3):  # the decode workspace must come back zeroed after every replay
+        static_x.copy_(torch.randn(m, 4096, device="cuda", dtype=torch.float16) * (seed + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_scaled(static_y, hybrid_reference(static_x, layer.weights()))
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+        assert_close_scaled(compiled(x).clone(), hybrid_reference(x, layer.weights()))

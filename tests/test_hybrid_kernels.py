@@ -1,6 +1,6 @@
 """Hybrid kernels (kernels/hybrid_matmul.py) against hybrid_reference, on CUDA when present, else the interpreter.
 
-Every path: "cuda-cores" (decode, block_m 1: hybrid_gemv_kernel, int4 base only), "tensor-cores" (decode, block_m 16)
+Every path: "cuda-cores" (decode, block_m 1: hybrid_gemv_kernel, M=1), "tensor-cores" (decode, block_m 16)
 and "split" (prefill), over base bits, base groups that a K tile divides and that it does not, correction bits,
 dtypes, rank 1 and ranks past one rank block, odd output counts, bias or none; outputs NaN-poisoned before launch.
 """
@@ -37,21 +37,24 @@ def assert_close(y, x, w):
 
 
 CONFIGS = {  # small tiles that still run every loop and tail
-    "cuda-cores": TileConfig("decode", 1, 16, 32, 16, split_k=2, num_warps=1, expand_block_r=16, base_block_k=64),
+    "cuda-cores": TileConfig("decode", 1, 16, 32, 16, split_k=2, num_warps=1, expand_block_r=16, base_block_k=256),
     "tensor-cores": TileConfig("decode", 16, 32, 32, 16, split_k=2),
     "split": TileConfig("split", 16, 32, 32, 16),
 }
-# (M, K, N, rank): M = 1; M past one 16-row block; K with a tail after whole 64-column tiles; N past the last
-# column block; rank 1; rank past one 16-row rank block; K not a multiple of 32 (int3/int2 rows read as bytes).
-SHAPES = [(1, 96, 40, 5), (3, 64, 48, 1), (19, 128, 72, 33), (2, 40, 24, 3)]
+# (M, K, N, rank): M = 1 (K = 384: a tail after one whole 256-column CUDA-core tile); M past one 16-row block; K
+# with a tail after whole tiles; N past the last column block; rank 1; rank past one 16-row rank block; K not a
+# multiple of 32 (int3/int2 rows read as bytes).
+SHAPES = [(1, 96, 40, 5), (1, 384, 64, 2), (3, 64, 48, 1), (19, 128, 72, 33), (2, 40, 24, 3)]
 
 
 def runnable(path, base_bits, base_group, bits, m, k, n) -> bool:
-    """Storable, and on the path's terms: the CUDA-core kernel is M=1 with an int4 base; the decode path's
+    """Storable, and on the path's terms: the CUDA-core kernel is M=1 with whole chunks; the decode path's
     int4 correction needs groups of whole 32-column chunks."""
     group = correction_group(n)
     down_row_bytes = k * {8: 1, 4: 0.5, None: 2}[bits]  # the decode path's phase 1 reads 16-byte chunks of `down`
-    return (k % base_group == 0 and (path != "cuda-cores" or (base_bits == 4 and m == 1))
+    chunk = 32 if base_bits == 4 else 64  # the CUDA-core kernel's whole chunks; int3 rows of whole 16-byte words
+    gemv = m == 1 and k % (128 if base_bits == 3 else chunk) == 0 and base_group % chunk == 0
+    return (k % base_group == 0 and (path != "cuda-cores" or gemv)
             and (path == "split" or down_row_bytes % 16 == 0)
             and (bits != 4 or (n % group == 0 and k % group == 0 and (path == "split" or group % 32 == 0))))
 
@@ -64,7 +67,7 @@ CASES = [
     pytest.param(path, base_bits, base_group, bits, m, k, n, rank,
                  id=f"{path}-base{base_bits}g{base_group}-{'fp' if bits is None else f'int{bits}'}-{m}x{k}x{n}r{rank}")
     for path in ("cuda-cores", "tensor-cores", "split")
-    for base_bits, base_group in ((4, 32), (3, 32), (2, 64), (3, 8), (2, 16))
+    for base_bits, base_group in ((4, 32), (3, 32), (2, 64), (3, 8), (2, 16), (3, 128))
     for bits in (8, 4, None)
     for m, k, n, rank in SHAPES
     if runnable(path, base_bits, base_group, bits, m, k, n)
@@ -81,10 +84,12 @@ def test_matches_reference(path, base_bits, base_group, bits, m, k, n, rank, dty
 
 
 @pytest.mark.parametrize("path", ["cuda-cores", "tensor-cores", "split"])
-def test_leading_dims_fp32_and_no_bias(path):
-    w = make_weights(64, 48, 6, 4, 32, 8, 32, torch.float32, bias=False, seed=3)
+@pytest.mark.parametrize("base_bits", [4, 3, 2])
+def test_leading_dims_fp32_and_no_bias(path, base_bits):
+    """fp32 activations take the exact (PRECISE) dequantization on CUDA cores; [M, 1, in] inputs."""
+    w = make_weights(128, 48, 6, base_bits, 64, 8, 32, torch.float32, bias=False, seed=3)
     m = 1 if path == "cuda-cores" else 5
-    x = torch.randn(m, 1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    x = torch.randn(m, 1, 128, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     y = run_poisoned(x, w, CONFIGS[path])
     assert y.shape == (m, 1, 48)
     assert_close(y, x, w)
@@ -125,7 +130,7 @@ def test_default_configs_are_launchable():
 def test_gemv_config_refused_where_it_cannot_run():
     w = make_weights(64, 48, 4, 3, 32, 8, 32, torch.float16)
     x = torch.randn(1, 64).half().to(DEVICE)
-    with pytest.raises(ValueError, match="block_m 1 needs M=1, an int4 base"):
+    with pytest.raises(ValueError, match="block_m 1 needs M=1, in and base_group_size multiples of 64 for base_bits=3"):
         hybrid_matmul(x, w, config=CONFIGS["cuda-cores"])
 
 
@@ -150,3 +155,26 @@ def test_autotune_keys_carry_the_base():
     plain = problem_key(ops.problem_for(make_weights(64, 48, 4, 4, 32, 8, 32, torch.float16).correction, 1, 2),
                         "float16")
     assert len(keys) == 3 and plain not in keys
+
+
+def test_hybrid_model_forward_runs_the_kernels_and_matches_the_reference(monkeypatch):
+    """Module -> custom op -> kernels: a hybrid-compressed GPT-2's logits through the kernels (interpreted on the CPU)
+    equal the reference path's, and the kernels really ran, at decode M (one token) and prefill M."""
+    from conftest import make_tiny_gpt2
+
+    from triton_lowrank import LowRankConfig, compress_model
+
+    model = make_tiny_gpt2(n_layer=1, n_embd=32)
+    compress_model(model, LowRankConfig(base_bits=4, base_group_size=32, rank=4, bits=8, base_method="rtn"),
+                   progress=False)
+    model = model.to(DEVICE)
+    launches = []
+    monkeypatch.setattr(ops, "launch_hybrid", lambda *a: launches.append(a) or kernel_launch.launch_hybrid(*a))
+    for length in (1, 20):
+        ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length)).to(DEVICE)
+        with torch.no_grad(), monkeypatch.context() as patch:
+            through_kernels = model(ids).logits
+            patch.setattr(ops, "uses_kernels", lambda x: False)
+            through_reference = model(ids).logits
+        torch.testing.assert_close(through_kernels, through_reference, atol=1e-4, rtol=1e-4)
+    assert len(launches) == 8  # c_attn, attn c_proj, c_fc, mlp c_proj; at both lengths
