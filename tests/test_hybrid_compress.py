@@ -79,10 +79,15 @@ def test_more_budget_gives_a_closer_model():
     assert errors[2] < errors[1] < errors[0], errors
 
 
-def test_a_budget_above_full_rank_is_clamped_with_a_warning():
-    with pytest.warns(UserWarning, match="more than full rank needs"):
-        _, report = compressed(5.0, sequential=False)
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_budget_above_full_rank_is_clamped_with_a_warning_at_the_caller(sequential):
+    model = make_tiny_gpt2()
+    with pytest.warns(UserWarning, match="more than full rank needs") as caught:
+        report = compress_model(model, LowRankConfig(budget=5.0, sequential=sequential, **HYBRID), CALIBRATION,
+                                progress=False)
     assert all(row.rank == min(row.in_features, row.out_features) for row in report.layers)
+    clamped = [w for w in caught if "more than full rank" in str(w.message)]
+    assert [w.filename for w in clamped] == [__file__]
 
 
 def test_energy_stays_refused_for_the_hybrid_format():

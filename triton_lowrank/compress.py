@@ -203,9 +203,11 @@ def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
         check_base_bits(config.base_bits, config.base_group_size, in_features, f"{name} (base, in_features)")
 
 
-def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool, spectra=None, normalizers=None) -> list[int]:
+def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool, spectra=None, normalizers=None,
+                  depth: int = 0) -> list[int]:
     """Each layer's rank (hybrid: the correction's). Budget and energy need `spectra` (hybrid: the base errors'
-    spectra and `normalizers`, from base_error_spectrum); the low-rank format computes missing ones from chols."""
+    spectra and `normalizers`, from base_error_spectrum); the low-rank format computes missing ones from chols.
+    `depth`: the calls between compress_model and here, so that a warning points at compress_model's caller."""
     if config.rank is not None:
         return [config.rank] * len(layers)
     if config.rank_ratio is not None:
@@ -225,7 +227,7 @@ def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool, spectra=
             f"budget {config.budget:g} is more than full rank needs ({full_rank / dense_fp16:.3g} of the fp16 dense "
             "bytes for these layers): clamped, every layer keeps full rank",
             UserWarning,
-            stacklevel=4,  # compress_model's caller (through torch.no_grad's wrapper)
+            stacklevel=4 + depth,  # compress_model's caller (through torch.no_grad's wrapper)
         )
     budget_bytes = min(config.budget * dense_fp16, full_rank)
     if config.base_bits is not None:  # the bases are fixed: what they leave goes to correction ranks
@@ -365,7 +367,7 @@ def _compress_hybrid(model, layers, config: LowRankConfig, calibration, progress
             name: _measure_hybrid(name, module, grams[name], config)
             for name, module in tqdm(layers.items(), desc="base errors", unit="layer", disable=not progress)
         }
-    ranks = _choose_ranks(layers, {}, config, progress, *_spectra_and_normalizers(measured, layers))
+    ranks = _choose_ranks(layers, {}, config, progress, *_spectra_and_normalizers(measured, layers), depth=1)
     return [
         _compress_hybrid_layer(model, name, module, rank, grams.pop(name), config, tokens.get(name), head)
         for (name, module), rank in tqdm(
@@ -392,7 +394,7 @@ def _compress_sequential(model, layers, config: LowRankConfig, calibration, prog
                     measured[name] = _measure_hybrid(name, module, _hybrid_gram(stats.pop(name), config), config)
 
         calibrate_blockwise(model, layers, calibration, measure, progress, "spectra", warn=False)
-    chosen = _choose_ranks(layers, {}, config, progress, *_spectra_and_normalizers(measured, layers))
+    chosen = _choose_ranks(layers, {}, config, progress, *_spectra_and_normalizers(measured, layers), depth=1)
     ranks = dict(zip(layers, chosen, strict=True))
     rows: dict[str, LayerReport] = {}
 
