@@ -27,7 +27,8 @@ def hybrid_layers(model) -> dict[str, HybridLinear]:
 def compressed(budget: float, **knobs):
     model = make_tiny_gpt2()
     config = LowRankConfig(budget=budget, **(HYBRID | knobs))
-    report = compress_model(model, config, CALIBRATION, progress=False)
+    uncalibrated = config.base_method == "rtn" and config.method == "svd"
+    report = compress_model(model, config, None if uncalibrated else CALIBRATION, progress=False)
     return model, report
 
 
@@ -36,17 +37,22 @@ def logits(model, ids=HELD_OUT) -> torch.Tensor:
         return model(ids).logits.float()
 
 
-@pytest.mark.parametrize("budget", [0.42, 0.6])
-def test_budget_holds_bases_and_corrections_within_one_rank_step(budget):
-    dense = make_tiny_gpt2()
-    config = LowRankConfig(budget=budget, **HYBRID)
-    target = budget * dense_bytes(dense, config)
-    model, report = compressed(budget)
+@pytest.mark.parametrize("budget, knobs", [
+    (0.42, {}),
+    (0.6, {}),
+    (0.3, dict(base_bits=2, bits=4, group_size=16)),  # int2 base (zero points), int4 factors
+    (0.6, dict(base_method="rtn", method="svd")),  # no calibration at all
+])
+def test_budget_holds_bases_and_corrections_within_one_rank_step(budget, knobs):
+    config = LowRankConfig(budget=budget, **(HYBRID | knobs))
+    target = budget * dense_bytes(make_tiny_gpt2(), config)
+    model, report = compressed(budget, **knobs)
     layers = hybrid_layers(model)
     assert len(layers) == 8 and report.ranks() == {n: m.rank for n, m in layers.items()}
     stored = compressed_bytes(model)
     assert stored == tensor_bytes(b for m in layers.values() for b in m.buffers())
-    largest_step = max(correction_rank_bytes(m.out_features, m.in_features, 8, 128) for m in layers.values())
+    largest_step = max(correction_rank_bytes(m.out_features, m.in_features, config.bits, config.group_size)
+                       for m in layers.values())
     assert target - largest_step < stored <= target, (stored, target)
     # The ranks are allocated ACROSS layers (not one rank for all), and every layer keeps a correction.
     assert len(set(report.ranks().values())) > 1 and min(report.ranks().values()) >= 1
