@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import make_tiny_gpt2, tiny_tokenizer
 
+from triton_lowrank import HybridLinear, LowRankConfig, load_compressed
+from triton_lowrank.baselines import compressed_bytes, dense_bytes
 from triton_lowrank.cli import main
 
 
@@ -174,3 +176,20 @@ def test_an_interrupted_save_is_recovered_and_said_in_one_line(model_dir, tmp_pa
     assert "removed 1 leftover folder(s) of an interrupted save: .out.tmp-wxyz5678" in warning
     assert code == 1 and "out already exists and is not empty; pass --overwrite" in error  # the restored one is kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "config.json").is_file()
+
+
+def test_compress_hybrid_with_a_budget(model_dir, tmp_path, capsys):
+    hybrid = ["--base-bits", 4, "--base-group-size", 16, "--bits", 8, "--calib-samples", 2, "--seq-len", 16]
+    code, out, err = run(["compress", model_dir, tmp_path / "out", "--budget", 0.5, *hybrid], capsys)
+    assert code == 0, err
+    loaded = load_compressed(tmp_path / "out")
+    layers = [m for m in loaded.modules() if isinstance(m, HybridLinear)]
+    assert len(layers) == 8 and len({m.rank for m in layers}) > 1  # ranks allocated across layers
+    fp16 = dense_bytes(make_tiny_gpt2(vocab_size=loaded.config.vocab_size), LowRankConfig(budget=0.5))
+    assert 0.45 * fp16 < compressed_bytes(loaded) <= 0.5 * fp16
+    assert f"of the fp16 dense weights ({fp16:,})" in out
+    code, _, err = run(["compress", model_dir, tmp_path / "small", "--budget", 0.3, *hybrid], capsys)
+    assert_one_line_error(code, err, "use budget >= 0.3")
+    assert not (tmp_path / "small").exists()
+    code, _, err = run(["compress", model_dir, tmp_path / "energy", "--energy", 0.9, *hybrid], capsys)
+    assert_one_line_error(code, err, "energy is not supported for the hybrid format")

@@ -8,6 +8,7 @@ from triton_lowrank.factorize import truncated_factors
 from triton_lowrank.gptq import gptq
 from triton_lowrank.hybrid_fit import (
     allocate_correction_ranks,
+    base_error_spectrum,
     fit_base,
     fit_correction,
     fit_hybrid,
@@ -234,3 +235,19 @@ def test_auto_order_is_lqer_for_int4_factors_and_refit_otherwise(bits, chosen):
     for order in ("lqer", "refit"):
         same = torch.equal(auto, fit_hybrid(weight, 4, 16, 4, bits, 16, gram, order=order).dense_weight())
         assert same == (order == chosen)
+
+
+@pytest.mark.parametrize("base_method, method", [("rtn", "svd"), ("gptq", "whitened")])
+def test_base_error_spectrum_is_what_a_correction_of_the_base_error_leaves(base_method, method):
+    """The spectrum the budget allocates by: an unquantized rank-r "lqer" correction leaves exactly its tail."""
+    torch.manual_seed(16)
+    weight = torch.randn(40, 32)
+    gram = (lambda x: x.t() @ x)(correlated_inputs(256, 32, seed=17)).double()
+    s, normalizer = base_error_spectrum(weight, 2, 16, gram, base_method, method)
+    chol = torch.linalg.cholesky(gram) if method == "whitened" else torch.eye(32, dtype=torch.float64)
+    assert normalizer == pytest.approx((weight.double() @ chol).square().sum().item(), rel=1e-9)
+    assert s.shape == (32,) and (s[:-1] >= s[1:]).all() and s[0] > 0
+    for rank in (1, 6):
+        fit = fit_hybrid(weight, 2, 16, rank, None, 16, gram, base_method, method, order="lqer")
+        left = ((weight - fit.dense_weight()).double() @ chol).square().sum().item()
+        assert left == pytest.approx((s[rank:].double() ** 2).sum().item(), rel=1e-4)

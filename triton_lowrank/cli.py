@@ -146,7 +146,8 @@ def rank_config(args) -> LowRankConfig:
     knobs = {k: getattr(args, k) for k in ("rank", "rank_ratio", "energy", "budget") if getattr(args, k) is not None}
     base = {k: getattr(args, k) for k in ("base_bits", "base_group_size", "base_method") if hasattr(args, k)}
     if base.get("base_bits") is not None and not knobs:
-        raise ValueError("--base-bits needs the correction's rank: --rank or --rank-ratio")
+        # No default budget here: what a hybrid budget must hold depends on the base (--base-bits, its groups).
+        raise ValueError("--base-bits needs the correction's rank: --rank, --rank-ratio or --budget")
     return LowRankConfig(
         **(knobs or {"budget": 0.5}), bits=BITS[args.bits], group_size=args.group_size, method=args.method, **base
     )
@@ -273,13 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="local model folder, or a hub id when the hub is reachable")
     p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
     knobs = p.add_argument_group("rank (at most one; default --budget 0.5)")
-    knobs.add_argument("--budget", type=float, help="factor bytes as a fraction of the fp16 dense bytes")
+    knobs.add_argument("--budget", type=float,
+                       help="factor bytes (with --base-bits: base + correction) as a fraction of the fp16 dense bytes")
     knobs.add_argument("--rank-ratio", type=float, help="fraction of min(in, out) kept in every layer")
     knobs.add_argument("--rank", type=at_least(1), help="the same rank in every layer")
     knobs.add_argument("--energy", type=float, help="fraction of squared singular values kept per layer")
     add_format_args(p)
     hybrid = p.add_argument_group("hybrid format W = Q + U·D (a quantized base plus the low-rank correction above)")
-    hybrid.add_argument("--base-bits", type=int, choices=(4, 3, 2), help="store a base at 4, 3 or 2 bits")
+    hybrid.add_argument("--base-bits", type=int, choices=(4, 3, 2),
+                        help="store a base at 4, 3 or 2 bits (then --rank, --rank-ratio or --budget is needed)")
     hybrid.add_argument("--base-group-size", type=at_least(1), default=128, help="base group width (default 128)")
     hybrid.add_argument("--base-method", choices=("gptq", "rtn"), default="gptq", help="base fit (default gptq)")
     p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: sampled from the model)")

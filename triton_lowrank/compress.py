@@ -31,7 +31,13 @@ from .factorize import (
 from .factors import LowRankFactors, lowrank_bytes, round_factors
 from .formats import DENSE_KINDS, FLOAT_DTYPES, compressed_layers, dense_weight, untie_head
 from .gptq import quantize_factors
-from .hybrid_fit import fit_hybrid
+from .hybrid_fit import (
+    allocate_correction_ranks,
+    base_bytes,
+    base_error_spectrum,
+    correction_rank_bytes,
+    fit_hybrid,
+)
 from .hybrid_layers import HybridLinear
 from .layers import LowRankLinear
 from .quant import check_base_bits, check_bits, storage_group_size, tensor_bytes
@@ -132,7 +138,43 @@ def validate_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Mod
     layers = select_layers(model, config)
     for name, module in layers.items():
         _validate(name, module, config)
+    if config.base_bits is not None and config.budget is not None:
+        check_hybrid_budget(layers, config)
     return layers
+
+
+def check_hybrid_budget(layers: dict[str, nn.Module], config: LowRankConfig) -> None:
+    """One clear error, before any work, when the budget cannot hold every base plus a rank-1 correction."""
+    per_rank, bases = _rank_bytes(layers, config)
+    dense_fp16 = _dense_fp16_bytes(layers)
+    needed = (bases + sum(per_rank)) / dense_fp16
+    if config.budget < needed:
+        at_least = math.ceil(needed * 1e4) / 1e4  # rounded up, so that asking for it works
+        raise ValueError(
+            f"budget {config.budget:g} is below what the int{config.base_bits} bases (group {config.base_group_size}) "
+            f"and a rank-1 correction per layer take: {needed:.4g} of the fp16 dense bytes; use budget >= {at_least:g}"
+        )
+
+
+def _dense_fp16_bytes(layers: dict[str, nn.Module]) -> int:
+    """The budget's reference: the layers' dense weights stored as fp16."""
+    return sum(2 * dense_weight(m).numel() for m in layers.values())
+
+
+def _rank_bytes(layers: dict[str, nn.Module], config: LowRankConfig) -> tuple[list[int], int]:
+    """(bytes one rank step adds in each layer, bytes every layer takes before any rank: the hybrid bases, else 0).
+    Unquantized factors are stored in the layer's dtype."""
+    per_rank, bases = [], 0
+    for module in layers.values():
+        out_features, in_features = dense_weight(module).shape
+        float_bytes = module.weight.element_size()
+        if config.base_bits is None:
+            per_rank.append(lowrank_bytes(in_features, out_features, 1, config.bits, config.group_size, float_bytes))
+        else:
+            per_rank.append(correction_rank_bytes(out_features, in_features, config.bits, config.group_size,
+                                                  float_bytes))
+            bases += base_bytes(out_features, in_features, config.base_bits, config.base_group_size)
+    return per_rank, bases
 
 
 def recommended_calib_tokens(layers: dict[str, nn.Module]) -> int:
@@ -161,7 +203,11 @@ def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
         check_base_bits(config.base_bits, config.base_group_size, in_features, f"{name} (base, in_features)")
 
 
-def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool, spectra=None) -> list[int]:
+def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool, spectra=None, normalizers=None,
+                  depth: int = 0) -> list[int]:
+    """Each layer's rank (hybrid: the correction's). Budget and energy need `spectra` (hybrid: the base errors'
+    spectra and `normalizers`, from base_error_spectrum); the low-rank format computes missing ones from chols.
+    `depth`: the calls between compress_model and here, so that a warning points at compress_model's caller."""
     if config.rank is not None:
         return [config.rank] * len(layers)
     if config.rank_ratio is not None:
@@ -173,22 +219,20 @@ def _choose_ranks(layers, chols, config: LowRankConfig, progress: bool, spectra=
         ]
     if config.energy is not None:
         return [rank_for_energy(s, config.energy) for s in spectra]
-    per_rank = []
-    for module in layers.values():
-        out_features, in_features = dense_weight(module).shape
-        per_rank.append(
-            lowrank_bytes(in_features, out_features, 1, config.bits, config.group_size, module.weight.element_size())
-        )
-    dense_fp16 = sum(2 * dense_weight(m).numel() for m in layers.values())
-    full_rank = sum(b * min(dense_weight(m).shape) for b, m in zip(per_rank, layers.values(), strict=True))
+    per_rank, bases = _rank_bytes(layers, config)
+    dense_fp16 = _dense_fp16_bytes(layers)
+    full_rank = bases + sum(b * min(dense_weight(m).shape) for b, m in zip(per_rank, layers.values(), strict=True))
     if config.budget * dense_fp16 > full_rank:
         warnings.warn(
             f"budget {config.budget:g} is more than full rank needs ({full_rank / dense_fp16:.3g} of the fp16 dense "
             "bytes for these layers): clamped, every layer keeps full rank",
             UserWarning,
-            stacklevel=4,  # compress_model's caller (through torch.no_grad's wrapper)
+            stacklevel=4 + depth,  # compress_model's caller (through torch.no_grad's wrapper)
         )
-    return allocate_budget(spectra, per_rank, min(config.budget * dense_fp16, full_rank))
+    budget_bytes = min(config.budget * dense_fp16, full_rank)
+    if config.base_bits is not None:  # the bases are fixed: what they leave goes to correction ranks
+        return allocate_correction_ranks(spectra, normalizers, per_rank, budget_bytes - bases)
+    return allocate_budget(spectra, per_rank, budget_bytes)
 
 
 def relative_error(weight: torch.Tensor, stored: LowRankFactors) -> float:
@@ -265,6 +309,23 @@ def _compress_hybrid_layer(model, name, module, rank, gram, config: LowRankConfi
                           head)
 
 
+def _spectra_and_normalizers(measured: dict[str, tuple], layers) -> tuple[list, list]:
+    """([spectrum or None], [normalizer or None]) in layer order, from {name: (spectrum, normalizer)}."""
+    pairs = [measured.get(name, (None, None)) for name in layers]
+    return [s for s, _ in pairs], [n for _, n in pairs]
+
+
+def _hybrid_gram(stats: GramStats, config: LowRankConfig) -> torch.Tensor:
+    """The Gram matrix a hybrid fit uses: shrunk as config.shrinkage says."""
+    return shrunk_gram(stats, config.shrinkage)[0]
+
+
+def _measure_hybrid(name, module, gram, config: LowRankConfig) -> tuple[torch.Tensor, float]:
+    """(base error spectrum, normalizer) of one layer, for the correction-rank budget (see base_error_spectrum)."""
+    return base_error_spectrum(dense_weight(module), config.base_bits, config.base_group_size, gram,
+                               config.base_method, config.method, max_whitening_damping=config.damping, name=name)
+
+
 def _replace_layer(model, name, module, new, rel_error: float, calib_tokens, head) -> LayerReport:
     """Put `new` where `module` was; the report row (bytes the dense layer owned alone vs the new storage)."""
     owned = [] if _tied_to_other_module(model, module) else [module.weight]
@@ -290,16 +351,23 @@ def _replace_layer(model, name, module, new, rel_error: float, calib_tokens, hea
 
 
 def _compress_hybrid(model, layers, config: LowRankConfig, calibration, progress: bool, head) -> list[LayerReport]:
-    """Every layer as a HybridLinear. Calibrated (GPTQ base or whitened correction): all Gram matrices from one
-    pass over the dense model (collect_grams, shrunk as config.shrinkage says), not block by block."""
+    """Every layer as a HybridLinear in one pass: calibrated (GPTQ base or whitened correction), all Gram
+    matrices come from one pass over the dense model (collect_grams); the block-by-block alternative is
+    _compress_sequential. A budget first measures every layer's base error (_measure_hybrid)."""
     grams: dict[str, torch.Tensor | None] = {name: None for name in layers}
     tokens: dict[str, int] = {}
     if calibration is not None:
         stats = collect_grams(model, layers, calibration, progress)
         for name in layers:
             tokens[name] = stats[name].tokens
-            grams[name] = shrunk_gram(stats.pop(name), config.shrinkage)[0]
-    ranks = _choose_ranks(layers, {}, config, progress)
+            grams[name] = _hybrid_gram(stats.pop(name), config)
+    measured = {}
+    if config.budget is not None:
+        measured = {
+            name: _measure_hybrid(name, module, grams[name], config)
+            for name, module in tqdm(layers.items(), desc="base errors", unit="layer", disable=not progress)
+        }
+    ranks = _choose_ranks(layers, {}, config, progress, *_spectra_and_normalizers(measured, layers), depth=1)
     return [
         _compress_hybrid_layer(model, name, module, rank, grams.pop(name), config, tokens.get(name), head)
         for (name, module), rank in tqdm(
@@ -309,26 +377,36 @@ def _compress_hybrid(model, layers, config: LowRankConfig, calibration, progress
 
 
 def _compress_sequential(model, layers, config: LowRankConfig, calibration, progress: bool, head) -> list[LayerReport]:
-    """Whitened compression block by block (sequential.py). A budget or energy target needs every layer's
-    spectrum first: a measuring pass over the dense blocks computes them, one block's Grams at a time."""
+    """Calibrated compression block by block (sequential.py): whitened low-rank layers, or hybrid layers (GPTQ
+    base or whitened correction). A budget or energy target needs every layer's spectrum (hybrid: its base
+    error's) before block 1 is compressed, so, as GPTQ-style tools do, the ranks are allocated across all layers
+    from a measuring pass over the DENSE blocks (one block's Grams at a time); the compressing pass then
+    calibrates each block on the compressed blocks' outputs with those ranks fixed."""
     calibration = list(calibration)  # run twice: a generator would be empty the second time
-    spectra: dict[str, torch.Tensor] = {}
+    measured: dict[str, tuple[torch.Tensor, float | None]] = {}
     if config.budget is not None or config.energy is not None:
 
         def measure(group: dict[str, nn.Module], stats: dict[str, GramStats]) -> None:
             for name, module in group.items():
-                spectra[name] = spectrum(dense_weight(module), whitening(stats.pop(name), config, name))
+                if config.base_bits is None:
+                    measured[name] = spectrum(dense_weight(module), whitening(stats.pop(name), config, name)), None
+                else:
+                    measured[name] = _measure_hybrid(name, module, _hybrid_gram(stats.pop(name), config), config)
 
         calibrate_blockwise(model, layers, calibration, measure, progress, "spectra", warn=False)
-    chosen = _choose_ranks(layers, {}, config, progress, [spectra.get(n) for n in layers])
+    chosen = _choose_ranks(layers, {}, config, progress, *_spectra_and_normalizers(measured, layers), depth=1)
     ranks = dict(zip(layers, chosen, strict=True))
     rows: dict[str, LayerReport] = {}
 
     def compress(group: dict[str, nn.Module], stats: dict[str, GramStats]) -> None:
         for name, module in group.items():
             layer_stats = stats.pop(name)
-            chol = whitening(layer_stats, config, name)
-            rows[name] = _compress_layer(model, name, module, ranks[name], chol, config, layer_stats.tokens, head)
+            if config.base_bits is None:
+                chol = whitening(layer_stats, config, name)
+                rows[name] = _compress_layer(model, name, module, ranks[name], chol, config, layer_stats.tokens, head)
+            else:
+                rows[name] = _compress_hybrid_layer(model, name, module, ranks[name], _hybrid_gram(layer_stats, config),
+                                                    config, layer_stats.tokens, head)
 
     calibrate_blockwise(model, layers, calibration, compress, progress, "compressing blocks")
     return [rows[name] for name in layers]
@@ -361,11 +439,11 @@ def compress_model(
             f"calibration is one {type(calibration).__name__}; pass a list of batches "
             "([batch, seq] input-id tensors or kwargs dicts), e.g. [input_ids]"
         )
-    if config.base_bits is not None:
-        needs_grams = config.base_method == "gptq" or config.method == "whitened"
-        rows = _compress_hybrid(model, layers, config, calibration if needs_grams else None, progress, head)
-    elif config.method == "whitened" and config.sequential and find_blocks(model, layers) is not None:
+    needs_grams = config.method == "whitened" or (config.base_bits is not None and config.base_method == "gptq")
+    if needs_grams and config.sequential and find_blocks(model, layers) is not None:
         rows = _compress_sequential(model, layers, config, calibration, progress, head)
+    elif config.base_bits is not None:
+        rows = _compress_hybrid(model, layers, config, calibration if needs_grams else None, progress, head)
     else:
         chols: dict[str, torch.Tensor | None] = {}
         tokens: dict[str, int] = {}

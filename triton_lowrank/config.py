@@ -21,6 +21,9 @@ class LowRankConfig:
     energy:     fraction of the sum of squared singular values KEPT in each layer, in (0, 1].
     budget:     total factor bytes (with scales) as a fraction of the fp16 dense bytes of the layers
                 compressed; ranks are allocated ACROSS layers by greedy relative error reduction per byte.
+                With base_bits the budget covers the bases AND the corrections: what the bases leave goes
+                to correction ranks (by the same greedy rule on each base's error); it must at least hold
+                every base plus a rank-1 correction per layer.
     bits:       None keeps unquantized factors in the layer's dtype; 8 = int8 with one scale per
                 rank component; 4 = int4 with one scale per `group_size` features, packed two per byte.
     group_size: int4 group width along each factor's feature axis; must divide in and out features.
@@ -33,15 +36,16 @@ class LowRankConfig:
                 whitening: "auto" picks the strength per layer from the data (Ledoit–Wolf; near 0 with many
                 tokens per feature, near 1 with few), a number in [0, 1] fixes it (0: the raw Gram, SVD-LLM;
                 1: a multiple of I, i.e. plain SVD).
-    sequential: whitening only. Calibrate block by block, each block on the outputs of the already
-                compressed blocks before it; only one block's Gram matrices are in memory at a time.
-                False calibrates every layer on the dense model in one pass (all Grams at once).
+    sequential: calibrated fits only (whitening, or base_bits with a GPTQ base or a whitened correction).
+                Calibrate block by block, each block on the outputs of the already compressed blocks before
+                it; only one block's Gram matrices are in memory at a time. False calibrates every layer on
+                the dense model in one pass (all Grams at once).
     error_feedback: quantize the factors GPTQ-style (each rounding error pushed onto what is not yet
                 quantized, up refitted to the stored down); False rounds each factor to nearest.
     base_bits:  None (default) stores each layer as low-rank factors alone. 4, 3 or 2 stores the hybrid
                 format W ≈ Q + U·D (HybridLinear): a group-wise quantized base Q plus a low-rank correction
-                U·D, whose rank comes from `rank` or `rank_ratio` and whose factors follow bits/group_size/
-                method ("whitened": the correction is optimal on the calibration activations).
+                U·D, whose rank comes from `rank`, `rank_ratio` or `budget` and whose factors follow bits/
+                group_size/method ("whitened": the correction is optimal on the calibration activations).
     base_group_size: the base's group width along in_features (must divide it; int3/int2: a multiple of 8).
     base_method: "gptq" fits the base on the calibration Gram matrix (needs calibration); "rtn" rounds to
                 nearest (no calibration unless the correction is whitened).
@@ -123,10 +127,10 @@ class LowRankConfig:
             raise ValueError(f"LowRankConfig: base_group_size must be >= 1, got {self.base_group_size}")
         if self.base_method not in BASE_METHODS:
             raise ValueError(f"LowRankConfig: base_method must be 'gptq' or 'rtn', got {self.base_method!r}")
-        if self.base_bits is not None and (self.energy is not None or self.budget is not None):
-            # Energy and budget would rank the correction on the base's error, known only after fitting bases.
-            raise ValueError("LowRankConfig: with base_bits, set the correction's rank by rank or rank_ratio "
-                             "(energy and budget are not supported for the hybrid format yet)")
+        if self.base_bits is not None and self.energy is not None:
+            # A fraction of what energy? The base's error is not the weight; no meaning was chosen for it yet.
+            raise ValueError("LowRankConfig: with base_bits, set the correction's rank by rank, rank_ratio or budget "
+                             "(energy is not supported for the hybrid format)")
 
     def to_dict(self) -> dict:
         return {"version": self.VERSION, **asdict(self)}

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .factorize import allocate_budget, truncated_factors, whitening_cholesky
+from .factorize import allocate_budget, spectrum, truncated_factors, whitening_cholesky
 from .factors import LowRankFactors
 from .gptq import gptq, quantize_factors
 from .hybrid_storage import HybridWeights, dequantize_base
@@ -82,9 +82,16 @@ def hybrid_bytes(
 
     `float_bytes` is the element size of unquantized factors (bits=None). Bias is not counted.
     """
-    correction = matrix_bytes(rank, in_features, bits, group_size, float_bytes)
-    correction += matrix_bytes(rank, out_features, bits, group_size, float_bytes)
+    correction = rank * correction_rank_bytes(out_features, in_features, bits, group_size, float_bytes)
     return base_bytes(out_features, in_features, base_bits, base_group_size) + correction
+
+
+def correction_rank_bytes(out_features: int, in_features: int, bits: int | None, group_size: int,
+                          float_bytes: int = 2) -> int:
+    """Bytes one rank step of the correction adds: a row of each factor with its scales."""
+    return matrix_bytes(1, in_features, bits, group_size, float_bytes) + matrix_bytes(
+        1, out_features, bits, group_size, float_bytes
+    )
 
 
 # ----------------------------------------------------------------------------- the base
@@ -271,8 +278,38 @@ def allocate_correction_ranks(
     budget_bytes: float,
 ) -> list[int]:
     """Ranks (>= 1) across layers for the bytes left after the bases: greedy squared error removed per byte.
+    `spectra` and `normalizers` are what base_error_spectrum returns for each layer.
 
     Each layer's rank step k removes s_k² / normalizer of error: factorize.allocate_budget's greedy
     allocation with these normalizers. Raises if rank 1 everywhere already exceeds the budget.
     """
     return allocate_budget(spectra, bytes_per_rank, budget_bytes, normalizers)
+
+
+def base_error_spectrum(
+    weight: torch.Tensor,  # [out, in]
+    base_bits: int,
+    base_group_size: int,
+    gram: torch.Tensor | None = None,  # [in, in] calibration XᵀX; None: RTN base, plain SVD metric
+    base_method: str = "gptq",
+    method: str = "whitened",
+    damping: float = 0.01,
+    max_whitening_damping: float = 1e-2,
+    name: str = "base_error_spectrum",
+) -> tuple[torch.Tensor, float]:
+    """(singular values of the base's error E·L, ‖W·L‖²_F): what a correction rank step removes, and what that
+    is relative to, for allocate_correction_ranks. L = I unless `method` is "whitened".
+
+    E = W - Q̂ with Q̂ fitted from W alone, as the "lqer" order fits it; the "refit" order's final base is
+    fitted after a first correction and differs a little, so for it this is an estimate. Dividing by ‖W·L‖²
+    rather than ‖E·L‖² weighs a step by the error it removes relative to the layer's weight, as the low-rank
+    format's budget does: a layer whose base is already close gets few ranks.
+    """
+    if gram is None and (base_method == "gptq" or method == "whitened"):
+        raise ValueError(f"{name}: base_method 'gptq' and method 'whitened' need a calibration Gram matrix")
+    weight = weight.float()
+    stored = fit_base(weight, base_bits, base_group_size, gram if base_method == "gptq" else None, damping)
+    chol = whitening_cholesky(gram, max_whitening_damping, name) if method == "whitened" else None
+    error = weight - dequantize_base(*stored, base_bits, base_group_size)  # [out, in]
+    whitened = weight.double() if chol is None else weight.double() @ chol  # [out, in]
+    return spectrum(error, chol), torch.linalg.matrix_norm(whitened).item() ** 2
