@@ -173,7 +173,7 @@ def test_save_and_load_through_both_loaders_give_identical_logits(tmp_path):
 @pytest.mark.parametrize("knobs,message", [
     (dict(rank=4, base_bits=5), "base_bits must be None, 4, 3 or 2"),
     (dict(rank=4, base_bits=4, base_method="awq"), "base_method must be 'gptq' or 'rtn'"),
-    (dict(budget=0.5, base_bits=4), "set the correction's rank by rank or rank_ratio"),
+    (dict(energy=0.9, base_bits=4), "energy is not supported for the hybrid format"),
     (dict(rank=4, base_bits=4, base_group_size=0), "base_group_size must be >= 1"),
 ])
 def test_bad_hybrid_configs_are_refused(knobs, message):

@@ -245,7 +245,8 @@ import sass_report as sr
 # split; int8, int4 and float factors
 SPECS = (sr.spec(1, 1600, 6400, 8, 400), sr.spec(1, 4096, 11008, 4, 1024), sr.spec(1, 768, 3072, None),
          sr.spec(16, 768, 3072, 4), sr.spec(16, 768, 3072, None), sr.spec(4096, 768, 3072, 8),
-         sr.spec(300, 768, 3072, 4), sr.hybrid_spec(1, 768, 3072, 4), sr.hybrid_spec(16, 768, 3072, 3, bits=4),
+         sr.spec(300, 768, 3072, 4), sr.hybrid_spec(1, 768, 3072, 4), sr.hybrid_spec(1, 768, 3072, 3),
+         sr.hybrid_spec(1, 768, 3072, 2, bits=4), sr.hybrid_spec(16, 768, 3072, 3, bits=4),
          sr.hybrid_spec(300, 768, 3072, 2, bits=None))
 for s in SPECS:
     for launch in sr.record_launches(s, sr.configs_for(s, False)[0]):
