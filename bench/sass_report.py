@@ -366,19 +366,25 @@ class DataFlow:
 
     def _reaching(self, reg: str, pos: int) -> list[int]:
         positions = self.defs.get(reg, [])
-        loop = min((lp for lp in self.loops if lp[0] <= pos <= lp[1]), key=lambda lp: lp[1] - lp[0], default=None)
-        ranges = [(loop[0], pos - 1), (pos + 1, loop[1]), (0, loop[0] - 1)] if loop else [(0, pos - 1)]
-        found = []
-        for lo, hi in ranges:
+
+        def latest(lo: int, hi: int) -> tuple[list[int], bool]:
+            """Definitions in [lo, hi], latest first, up to and including the first unpredicated one."""
+            found = []
             for p in sorted((p for p in positions if lo <= p <= hi), reverse=True):
                 found.append(p)
                 if not self.instrs[p].pred:
-                    break
-            else:
-                continue
-            if not self.instrs[found[-1]].pred:
-                break
-        return found
+                    return found, True
+            return found, False
+
+        loop = min((lp for lp in self.loops if lp[0] <= pos <= lp[1]), key=lambda lp: lp[1] - lp[0], default=None)
+        if loop is None:
+            return latest(0, pos - 1)[0]
+        found, killed = latest(loop[0], pos - 1)  # earlier in this iteration
+        if killed:
+            return found
+        # otherwise both the previous iteration's definition and the one before the loop reach (a loop-carried value,
+        # e.g. a pointer advanced every iteration)
+        return found + latest(pos + 1, loop[1])[0] + latest(0, loop[0] - 1)[0]
 
     def params(self, regs: list[str], pos: int) -> set[int]:
         out: set[int] = set()

@@ -26,7 +26,16 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from .lowrank_matmul import _dot, _shrink_tile_cc, _store_output, _x_pair, dequant_tile, release_hidden
+from .lowrank_matmul import (
+    INT8_RAW_OFFSET,
+    _dot,
+    _shrink_tile_cc,
+    _store_output,
+    _x_pair,
+    dequant_tile,
+    int8_lane,
+    release_hidden,
+)
 
 
 @triton.jit
@@ -213,18 +222,74 @@ def _zero_point_tile_cc(acc, x_row_ptr, low_rows_ptr, scale_rows_ptr, zero_rows_
 
 
 @triton.jit
+def _int8_words_step(acc0, acc1, acc2, acc3, h_total, chunk, h, magic):
+    """acc_lane [BR, W] += RAW value of byte `lane` of each word x h [BR] (h already scaled); h_total += h."""
+    hs = h[:, None]
+    acc0 += int8_lane(chunk, 0, magic, True) * hs
+    acc1 += int8_lane(chunk, 1, magic, True) * hs
+    acc2 += int8_lane(chunk, 2, magic, True) * hs
+    acc3 += int8_lane(chunk, 3, magic, True) * hs
+    return acc0, acc1, acc2, acc3, h_total + h
+
+
+@triton.jit
+def _int8_correction_words(hidden_row_ptr, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+    """fp32 [BLOCK_N]: Σ_r hidden[r] · s_r · up_t[r, n0 .. n0 + BLOCK_N] for int8 up_t rows read as 32-bit words.
+    The bytes keep int8_lane's RAW offset (SHF + LOP3 + FFMA per value); offset · Σ h·s comes off once at the end.
+    Whole BLOCK_R row blocks run with pointer increments and no row masks (the column mask is loop-invariant), then
+    one masked block of the last rows."""
+    W: tl.constexpr = BLOCK_N // 4
+    row_words = N // 4
+    words = n0 // 4 + tl.arange(0, W)  # [W] word columns of this block
+    col_ok = (words < row_words)[None, :]  # [1, W]
+    r = tl.arange(0, BLOCK_R)
+    w_ptrs = up_ptr.to(tl.pointer_type(tl.int32)) + r[:, None] * row_words + words[None, :]  # [BR, W]
+    h_ptrs = hidden_row_ptr + r
+    s_ptrs = up_scale_ptr + r
+    acc0 = tl.zeros((BLOCK_R, W), dtype=tl.float32)
+    acc1 = tl.zeros_like(acc0)
+    acc2 = tl.zeros_like(acc0)
+    acc3 = tl.zeros_like(acc0)
+    h_total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    r_full = R // BLOCK_R * BLOCK_R
+    for _ in range(0, r_full, BLOCK_R):
+        h = tl.load(h_ptrs) * tl.load(s_ptrs)  # [BR]
+        chunk = tl.load(w_ptrs, mask=col_ok, other=0)  # [BR, W]
+        acc0, acc1, acc2, acc3, h_total = _int8_words_step(acc0, acc1, acc2, acc3, h_total, chunk, h, magic)
+        w_ptrs += BLOCK_R * row_words
+        h_ptrs += BLOCK_R
+        s_ptrs += BLOCK_R
+    if r_full < R:  # the last rows: clamped addresses, h = 0 past R
+        tail = r_full + r
+        rows = tl.minimum(tail, R - 1)
+        h = tl.load(hidden_row_ptr + tail, mask=tail < R, other=0.0) * tl.load(up_scale_ptr + rows)
+        chunk = tl.load(up_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * row_words + words[None, :], mask=col_ok,
+                        other=0)
+        acc0, acc1, acc2, acc3, h_total = _int8_words_step(acc0, acc1, acc2, acc3, h_total, chunk, h, magic)
+    offset = INT8_RAW_OFFSET * tl.sum(h_total, axis=0)
+    c0 = tl.sum(acc0, axis=0) - offset  # [W]: columns 4w
+    c1 = tl.sum(acc1, axis=0) - offset
+    c2 = tl.sum(acc2, axis=0) - offset
+    c3 = tl.sum(acc3, axis=0) - offset
+    return tl.join(tl.join(c0, c2), tl.join(c1, c3)).reshape(BLOCK_N)
+
+
+@triton.jit
 def hybrid_gemv_kernel(
     x_ptr, base_ptr, base_scale_ptr, base_zero_ptr, hidden_ptr, up_ptr, up_scale_ptr, bias_ptr, y_ptr, ticket_ptr,
     N, K, R, stride_xm, stride_ym, magic,
     BASE_BITS: tl.constexpr, BASE_GROUP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     X_PAIRS: tl.constexpr = False, PRECISE: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    UP_WORDS: tl.constexpr = False,
 ):
     """y[m, n block] = x[m] · Q̂[n block]ᵀ + hidden[m] · up_t[:, n block] + bias on CUDA cores.
 
     grid = (cdiv(N, BLOCK_N), M). int4: K, BASE_GROUP and BLOCK_K multiples of 32 (whole 16-byte chunks); int2 and
     int3: multiples of 64 (int3: K of 128, so rows stay 16-byte aligned). hidden is the decode workspace (fp32
-    [M, R]), re-zeroed by the last program of each row (ticket [M]).
+    [M, R]), re-zeroed by the last program of each row (ticket [M]). UP_WORDS: int8 up_t rows of whole 32-bit words
+    (N % 4 == 0), read as words.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -260,18 +325,21 @@ def hybrid_gemv_kernel(
         gdc_wait()
     # The correction: per-thread partial sums over r, reduced across threads once after the loop (no shuffles in it);
     # int8 row scales go on h, not on every element.
-    corr = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r_offs = r0 + tl.arange(0, BLOCK_R)
-        rows_r = tl.minimum(r_offs, R - 1)
-        h = tl.load(hidden_ptr + m * R + r_offs, mask=r_offs < R, other=0.0)  # [BR] fp32
-        if BITS == 8:
-            h = h * tl.load(up_scale_ptr + rows_r)
-            u = dequant_tile(up_ptr, rows_r[:, None], n0, N, N, magic, BITS, BLOCK_N, True)  # [BR, BN]
-        else:
-            u = scaled_up_tile(up_ptr, up_scale_ptr, rows_r, n0, N, magic, BITS, GROUP_SIZE, BLOCK_N)
-        corr += h[:, None] * u
-    y += tl.sum(corr, axis=0)
+    if BITS == 8 and UP_WORDS:
+        y += _int8_correction_words(hidden_ptr + m * R, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N, BLOCK_R)
+    else:
+        corr = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r_offs = r0 + tl.arange(0, BLOCK_R)
+            rows_r = tl.minimum(r_offs, R - 1)
+            h = tl.load(hidden_ptr + m * R + r_offs, mask=r_offs < R, other=0.0)  # [BR] fp32
+            if BITS == 8:
+                h = h * tl.load(up_scale_ptr + rows_r)
+                u = dequant_tile(up_ptr, rows_r[:, None], n0, N, N, magic, BITS, BLOCK_N, True)  # [BR, BN]
+            else:
+                u = scaled_up_tile(up_ptr, up_scale_ptr, rows_r, n0, N, magic, BITS, GROUP_SIZE, BLOCK_N)
+            corr += h[:, None] * u
+        y += tl.sum(corr, axis=0)
     n_offs = n0 + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
         y += tl.load(bias_ptr + n_offs, mask=n_offs < N, other=0.0).to(tl.float32)

@@ -186,7 +186,7 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
             x2d, w.base, w.base_scale, zero, hidden, f.up_t, up_scale, bias, out, tickets, N, K, R, x2d.stride(0),
             out.stride(0), MAGIC, BASE_BITS=w.base_bits, BASE_GROUP=w.base_group_size, BITS=bits, GROUP_SIZE=group,
             HAS_BIAS=w.bias is not None, BLOCK_N=c.block_n, BLOCK_K=base_block_k, BLOCK_R=c.rows_per_expand_step,
-            X_PAIRS=x_pairs(x2d), PRECISE=x2d.dtype == torch.float32, USE_PDL=pdl,
+            X_PAIRS=x_pairs(x2d), PRECISE=x2d.dtype == torch.float32, USE_PDL=pdl, UP_WORDS=N % 4 == 0,
             num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
         )
         return out

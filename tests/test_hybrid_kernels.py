@@ -43,8 +43,8 @@ CONFIGS = {  # small tiles that still run every loop and tail
 }
 # (M, K, N, rank): M = 1 (K = 384: a tail after one whole 256-column CUDA-core tile); M past one 16-row block; K
 # with a tail after whole tiles; N past the last column block; rank 1; rank past one 16-row rank block; K not a
-# multiple of 32 (int3/int2 rows read as bytes).
-SHAPES = [(1, 96, 40, 5), (1, 384, 64, 2), (3, 64, 48, 1), (19, 128, 72, 33), (2, 40, 24, 3)]
+# multiple of 32 (int3/int2 rows read as bytes); N % 4 != 0 (int8 up_t rows not read as words).
+SHAPES = [(1, 96, 40, 5), (1, 384, 64, 2), (1, 96, 37, 3), (3, 64, 48, 1), (19, 128, 72, 33), (2, 40, 24, 3)]
 
 
 def runnable(path, base_bits, base_group, bits, m, k, n) -> bool:
