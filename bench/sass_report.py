@@ -111,9 +111,9 @@ def hybrid_spec(m: int, k: int, n: int, base_bits: int, rank: int = 32, bits: in
 PROXY_PROBLEMS = [spec(1, 1600, 6400, 8, 400), spec(1, 4096, 11008, 8, 1024), spec(1, 4096, 11008, 4, 1024),
                   hybrid_spec(1, 4096, 11008, 4)]
 IPB_LIMIT = {8: 4.5, 4: 7.0}
-# Misses stated in issue 10's note, each with a small share of the plan: the hybrid's correction epilogue (its loop
-# runs once per R / 32 rows; loop overhead on 16 bytes per thread) and its phase 1 (r x in bytes, too few CTAs to
-# fill the GPU, overlapped with the base under PDL). tests/test_sass_report.py allows exactly these to fail.
+# Misses stated in issue 10's note, each with a small share of the plan: the hybrid's correction epilogue (4.69
+# insts/B: its per-row loads and pointer steps are spread over 16 bytes per thread) and its phase 1 (r x in bytes,
+# too few CTAs to fill the GPU, overlapped with the base under PDL). tests/test_sass_report.py allows exactly these.
 KNOWN_MISSES = ("4096->11008 int4 g128 + r=32 int8 M=1: factor loops: insts/weight byte <= 4.5",
                 "4096->11008 int4 g128 + r=32 int8 M=1: decode_shrink_kernel >= 2 CTAs/SM or prefetch")
 HYBRID_PROBLEMS = [hybrid_spec(m, *LLAMA, base_bits) for base_bits in (4, 3, 2) for m in (1, 16)] + [
