@@ -204,5 +204,13 @@ def test_cli_compress_with_base_bits(tmp_path, capsys):
     loaded = load_compressed(tmp_path / "out")
     layers = [m for m in loaded.modules() if isinstance(m, HybridLinear)]
     assert len(layers) == 8 and all(m.rank == 4 and m.base_group_size == 16 for m in layers)
+    # the other commands take a hybrid folder like any compressed one
+    capsys.readouterr()
+    assert main([str(a) for a in ["eval", source, tmp_path / "out", "--samples", "2", "--seq-len", "16"]]) == 0
+    assert "kl" in capsys.readouterr().out.lower()
+    assert main([str(a) for a in ["generate", tmp_path / "out", "--prompt", "ab", "--max-new-tokens", "3"]]) == 0
+    assert main([str(a) for a in ["bench", tmp_path / "out", "--model", source, "--prompt", "ab",
+                                  "--new-tokens", "3"]]) == 0
+    assert "tok" in capsys.readouterr().out.lower()
     code = main([str(a) for a in ["compress", source, tmp_path / "out2", "--base-bits", "4"]])
     assert code == 1 and "--base-bits needs the correction's rank" in capsys.readouterr().err
