@@ -70,6 +70,14 @@ class CompressedLinear(nn.Module):
     def kernel_problems(self, m: int, x_bytes: int) -> list:
         raise NotImplementedError
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """The forward's own checks, one line naming the layer type and the problem."""
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{type(self).__name__}: input dtype must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, layer expects "
+                             f"{self.in_features}")
+
     def common_spec(self) -> dict:
         return {"format": self.FORMAT, "kind": self.replaces, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": getattr(self, "bias", None) is not None}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .factors import LowRankFactors
-from .formats import FLOAT_DTYPES, CompressedLinear, register_format
+from .formats import CompressedLinear, register_format
 from .hybrid_storage import HybridWeights
 from .layers import register_factor_buffers
 from .ops import hybrid_matmul, hybrid_problem_for
@@ -121,10 +121,7 @@ class HybridLinear(CompressedLinear):
 
     # ---- nn.Module -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"HybridLinear: input dtype must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"HybridLinear: input has {x.shape[-1]} features, layer expects {self.in_features}")
+        self.check_input(x)
         return hybrid_matmul(x, self.weights())
 
     def extra_repr(self) -> str:

@@ -130,10 +130,7 @@ class LowRankLinear(CompressedLinear):
 
     # ---- nn.Module -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"LowRankLinear: input dtype must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"LowRankLinear: input has {x.shape[-1]} features, layer expects {self.in_features}")
+        self.check_input(x)
         return lowrank_matmul(x, self.factors())
 
     def extra_repr(self) -> str:
