@@ -33,12 +33,12 @@ fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 120 gpu-tests "$PY" -m pytest -q -m gpu tests/
 step 240 kernel-tests "$PY" -m pytest -q tests/test_kernels.py tests/test_autotune.py
-step 150 bench-kernels "$PY" bench/kernel_bench.py --autotune
+step 210 bench-kernels "$PY" bench/kernel_bench.py --autotune
 RESULTS=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); from common import results_dir; print(results_dir())")
 # The static sm_90 report after the benchmark, so each estimate prints beside the time just measured.
 step 240 sass-report bash -c "set -o pipefail; env -u TRITON_INTERPRET '$PY' bench/sass_report.py --json '$RESULTS/sass_report.json' \
     | tee '$RESULTS/sass_report.txt'"
-step 120 bench-e2e "$PY" bench/e2e.py --quick
+step 180 bench-e2e "$PY" bench/e2e.py --quick
 
 "$PY" bench/summary.py "$RESULTS" | tee "$RESULTS/summary.txt"
 if [ -n "${OUT:-}" ]; then

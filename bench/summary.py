@@ -57,7 +57,31 @@ def targets(data: dict) -> list[tuple[str, str, bool | None]]:
         checks.append((f"M=4096 never slower than unfused ({len(big)} cases)",
                        f"worst {ratio:.2f}x ({worst['in']}x{worst['out']} r{worst['rank']} int{worst['bits']})",
                        not slow))
+    hybrid = data.get("hybrid_rows", [])
+    r = next((h for h in hybrid if (h["in"], h["out"], h["base_bits"], h["rank"], h["bits"], h["m"])
+              == (4096, 11008, 4, 32, 8, 1)), None)
+    if r:  # issue 10's kernel targets
+        checks.append(("hybrid M=1 4096x11008 int4 + r32 int8 <= 1.15x without correction (rank 1)",
+                       f"{r['hybrid_vs_base_only']:.2f}x", r["hybrid_vs_base_only"] <= 1.15))
+        checks.append(("hybrid M=1 4096x11008 int4 + r32 int8 <= 0.35x cuBLAS", f"{r['hybrid_vs_cublas']:.2f}x",
+                       r["hybrid_vs_cublas"] <= 0.35))
+    errors = [(r[key], key, r) for r in hybrid for key in ("hybrid_rel_err", "auto_rel_err")]
+    if errors:
+        worst, key, r = max(errors, key=lambda e: e[0] if e[0] == e[0] else float("inf"))
+        checks.append((f"every timed hybrid kernel matches the reference (rel err < {MAX_REL_ERR})",
+                       f"worst {worst:.1e} ({r['in']}x{r['out']} int{r['base_bits']} + r{r['rank']} M={r['m']})",
+                       all(v < MAX_REL_ERR for v, _, _ in errors)))
     return checks
+
+
+def print_hybrid(rows: list[dict]) -> None:
+    print(f"{'hybrid':>11} {'base':>4} {'r':>3} {'bits':>4} {'M':>5} {'path':>6} {'hybrid':>8} {'r=1':>8} {'auto':>8} "
+          f"{'cuBLAS':>8} {'unfused':>8} {'x r=1':>6} {'xcuBLAS':>7}")
+    for r in rows:
+        print(f"{r['in']:>5}x{r['out']:<5} {r['base_bits']:>4} {r['rank']:>3} {r['bits']:>4} {r['m']:>5} "
+              f"{r['path']:>6} {r['hybrid_us']:8.1f} {r['base_only_us']:8.1f} {r['auto_us']:8.1f} "
+              f"{r['cublas_us']:8.1f} {r['unfused_us']:8.1f} {r['hybrid_vs_base_only']:6.2f} "
+              f"{r['hybrid_vs_cublas']:7.2f}")
 
 
 def print_e2e(name: str, data: dict) -> None:
@@ -103,6 +127,9 @@ def main(argv=None) -> int:
                   f"{cell('split_us')} {cell('auto_us')} {cell('cublas_us')} {cell('unfused_us')} "
                   f"{r['speedup_vs_cublas']:7.2f} {r['speedup_vs_unfused']:6.2f} {r['best_pct_copy_bw']:5.0f}")
         print("(times in µs, medians, cold L2, CUDA graphs; x = speed-up of the best low-rank path)")
+        if kernels.get("hybrid_rows"):
+            print_hybrid(kernels["hybrid_rows"])
+            print("(hybrid: x r=1 = time / the same kernels with a rank-1 correction; xcuBLAS = time / cuBLAS)")
     else:
         print("no kernels.json")
     tune = _load(out_dir / "autotune_timing.json")
