@@ -102,8 +102,9 @@ def spec(m: int, k: int, n: int, bits: int | None, rank: int | None = None) -> S
 
 
 def hybrid_spec(m: int, k: int, n: int, base_bits: int, rank: int = 32, bits: int | None = 8) -> Spec:
-    """The hybrid format of issue 10: a base in groups of 128 plus a rank-`rank` correction (int4 factors: g128)."""
-    return Spec(m, k, n, rank, bits, INT4_GROUP if bits == 4 else 0, base_bits, 128)
+    """The hybrid format of issue 10: a base in groups of 128 (64 where 128 does not divide `in`, as GPT-2 XL's
+    1600) plus a rank-`rank` correction (int4 factors: g128)."""
+    return Spec(m, k, n, rank, bits, INT4_GROUP if bits == 4 else 0, base_bits, 128 if k % 128 == 0 else 64)
 
 
 # The proxy targets of issues 9 and 10: default M=1 configs, checked by tests/test_sass_report.py. The hybrid's

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_kernels import DEVICE, TOLERANCES
 from triton_lowrank.kernels import launch as kernel_launch
-from triton_lowrank.kernels.configs import TileConfig, default_config
+from triton_lowrank.kernels.configs import TileConfig, candidate_configs, default_config
 
 from triton_lowrank import ops
 from triton_lowrank.autotune import problem_key
@@ -178,3 +178,14 @@ def test_hybrid_model_forward_runs_the_kernels_and_matches_the_reference(monkeyp
             through_reference = model(ids).logits
         torch.testing.assert_close(through_kernels, through_reference, atol=1e-4, rtol=1e-4)
     assert len(launches) == 8  # c_attn, attn c_proj, c_fc, mlp c_proj; at both lengths
+
+
+@pytest.mark.parametrize("m,base_bits", [(1, 4), (1, 3), (1, 2), (24, 3)])
+def test_every_tuning_candidate_is_correct(m, base_bits):
+    """Whatever the autotuner picks must be right: every "max" candidate of a small problem, against the reference."""
+    w = make_weights(256, 64, 8, base_bits, 64, 8, 32, torch.float16, seed=m)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
+    candidates = candidate_configs(ops.hybrid_problem_for(w, m, 2), "max")
+    assert len(candidates) > 3 and any(c.block_m == 1 for c in candidates) == (m == 1)
+    for config in candidates:
+        assert_close(run_poisoned(x, w, config), x, w)
