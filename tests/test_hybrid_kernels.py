@@ -189,3 +189,12 @@ def test_every_tuning_candidate_is_correct(m, base_bits):
     assert len(candidates) > 3 and any(c.block_m == 1 for c in candidates) == (m == 1)
     for config in candidates:
         assert_close(run_poisoned(x, w, config), x, w)
+
+
+def test_non_contiguous_base_is_refused_not_misread():
+    w = make_weights(64, 48, 4, 4, 32, 8, 32, torch.float16)
+    strided = torch.empty(w.base.shape[1], w.base.shape[0], dtype=torch.uint8, device=DEVICE).t()  # [out, in/2] view
+    strided.copy_(w.base)
+    x = torch.randn(1, 64).half().to(DEVICE)
+    with pytest.raises(ValueError, match="base must be contiguous"):
+        hybrid_matmul(x, w._replace(base=strided))

@@ -202,6 +202,9 @@ def check_hybrid_inputs(x: torch.Tensor, w: HybridWeights) -> None:
     for name, t in (("base", w.base), ("base_scale", w.base_scale), ("base_zero", w.base_zero), ("bias", w.bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"hybrid_matmul: x is on {x.device} but {name} is on {t.device}")
+        # the kernels index the stored tensors as row-major arrays: a view with other strides would be misread
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"hybrid_matmul: {name} must be contiguous (row-major), got strides {t.stride()}")
 
 
 def _hybrid_weights(base, base_scale, base_zero, base_bits, base_group_size, down, down_scale, up_t, up_t_scale,
