@@ -75,7 +75,7 @@ def test_round_trip_gives_identical_logits(saved, bits):
 def test_checkpoint_holds_factors_not_dense_weights(saved):
     folder, _ = saved[8]
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "triton_lowrank" and config["format_version"] == 1
+    assert config["quant_method"] == "triton_lowrank" and config["format_version"] == 2
     assert config["bits"] == 8 and config["layers"]["transformer.h.0.attn.c_attn"]["kind"] == "Conv1D"
     with safe_open(folder / "model.safetensors", "pt") as f:
         keys = set(f.keys())

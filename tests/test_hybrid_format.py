@@ -16,9 +16,11 @@ from triton_lowrank import (
     load_compressed,
     save_compressed,
 )
+from triton_lowrank.checkpoint_format import CheckpointError
 from triton_lowrank.cli import main
 from triton_lowrank.factors import round_factors
 from triton_lowrank.formats import FORMATS
+from triton_lowrank.hf_quantizer import TritonLowRankConfig
 from triton_lowrank.hybrid_storage import dequantize_base
 from triton_lowrank.quant import ZERO_POINT_BITS, quantize, quantize_zero_point
 from triton_lowrank.reference import dequantized_factors
@@ -214,3 +216,11 @@ def test_cli_compress_with_base_bits(tmp_path, capsys):
     assert "tok" in capsys.readouterr().out.lower()
     code = main([str(a) for a in ["compress", source, tmp_path / "out2", "--base-bits", "4"]])
     assert code == 1 and "--base-bits needs the correction's rank" in capsys.readouterr().err
+
+
+def test_a_version_1_config_cannot_hold_a_hybrid_layer():
+    """The hybrid format came with format version 2: a version 1 file claiming one is refused, naming the layer."""
+    spec = HybridLinear.from_weights(random_weights(), torch.float32).spec()
+    assert TritonLowRankConfig({"h.0.mlp": spec}).format_version == 2
+    with pytest.raises(CheckpointError, match=r"layers\['h.0.mlp'\] is format 'hybrid', which format_version 1"):
+        TritonLowRankConfig({"h.0.mlp": spec}, format_version=1)

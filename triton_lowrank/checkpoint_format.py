@@ -15,8 +15,10 @@ scale is finite, before a single tensor is loaded, in both load paths; `check_co
 the stored names against the model (every parameter and persistent buffer, tied ones once, nothing else).
 Files saved before the record existed load with a warning; a file without checksums is refused.
 
-Format versions: 1 is the only one so far. A layer spec without "format" (as written before
-formats were registered) is a "lowrank" layer.
+Format versions: 2 added layers of other formats than "lowrank" (the hybrid format); every file is written
+as version 2. Version 1 files hold "lowrank" layers only and still load; a triton_lowrank that reads only
+version 1 refuses a version 2 file by its version, before meeting a layer format it does not know. A layer
+spec without "format" (as written before formats were registered) is a "lowrank" layer.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from torch import nn
 from .formats import COMMON_SPEC_FIELDS, DENSE_KINDS, dense_weight, format_class, untie_head
 
 QUANT_METHOD = "triton_lowrank"
-FORMAT_VERSION = 1
-READABLE_VERSIONS = (1,)
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+VERSION_1_FORMATS = ("lowrank",)  # the only layer format a version 1 file may hold
 CHECKSUM_KEY = "triton_lowrank.sha256"
 RECORD_KEY = "triton_lowrank.record"  # covers the quantization_config and the set of tensor names
 DEFAULT_FORMAT = "lowrank"  # layer specs written before "format" existed

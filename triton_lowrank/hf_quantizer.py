@@ -29,6 +29,7 @@ from .checkpoint_format import (
     FORMAT_VERSION,
     QUANT_METHOD,
     READABLE_VERSIONS,
+    VERSION_1_FORMATS,
     CheckpointError,
     check_complete,
     checksum_metadata,
@@ -71,6 +72,10 @@ class TritonLowRankConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.layers = {name: normalized_spec(name, spec) for name, spec in layers.items()}
+        for name, spec in self.layers.items():
+            if format_version == 1 and spec["format"] not in VERSION_1_FORMATS:
+                raise CheckpointError(f"quantization_config.layers[{name!r}] is format {spec['format']!r}, which "
+                                      f"format_version 1 does not have (it came with version 2)")
         self.bits, self.group_size = bits, group_size
         self.compression = compression
 
