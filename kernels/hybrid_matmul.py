@@ -33,6 +33,7 @@ from .lowrank_matmul import (
     _store_output,
     _x_pair,
     dequant_tile,
+    int4_halves_fp16,
     int8_lane,
     release_hidden,
 )
@@ -76,13 +77,14 @@ def _spread_1bit(packed):
 
 @triton.jit
 def base_codes(base_ptr, rows, k0, K, magic, offset, BASE_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-               WORDS: tl.constexpr = False):
-    """fp32 [BN, BLOCK_K] of base rows `rows` [BN, 1], columns k0 .. k0 + BLOCK_K (masked at K), not scaled: int4 the
-    signed value q; int3/int2 the unsigned code minus `offset` (the zero point, [BN, 1] or [BN, BK]). Each plane is
-    read once, contiguously (WORDS: as 32-bit words). A code becomes fp32 without I2F: OR-ed into the mantissa of
-    2^23 (`magic`), then one FADD removes 2^23 and the zero point together."""
+               WORDS: tl.constexpr = False, OUT_DTYPE: tl.constexpr = tl.float32):
+    """[BN, BLOCK_K] of base rows `rows` [BN, 1], columns k0 .. k0 + BLOCK_K (masked at K), not scaled: int4 the
+    signed value q, exact in OUT_DTYPE (the dot operand's); int3/int2 the unsigned code minus `offset` (the zero
+    point, [BN, 1] or [BN, BK]) in fp32. Each plane is read once, contiguously (WORDS: as 32-bit words). A code
+    becomes fp32 without I2F: OR-ed into the mantissa of 2^23 (`magic`), then one FADD removes 2^23 and the zero
+    point together."""
     if BASE_BITS == 4:
-        codes = dequant_tile(base_ptr, rows, k0, K, K, magic, 4, BLOCK_K, True)
+        codes = dequant_tile(base_ptr, rows, k0, K, K, magic, 4, BLOCK_K, True, OUT_DTYPE)
     else:
         row_bytes = K * BASE_BITS // 8
         if WORDS:  # whole 32-bit words of both planes (K and BLOCK_K multiples of 32: rows stay 4-byte aligned)
@@ -355,10 +357,12 @@ def hybrid_tile_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     RELEASE_HIDDEN: tl.constexpr = False, USE_PDL: tl.constexpr = False, WORDS: tl.constexpr = False,
+    HALVES: tl.constexpr = False,
 ):
     """y[m block, n block] = x · Q̂ᵀ + hidden · up_t + bias on tensor cores. grid = (cdiv(M, BM), cdiv(N, BN)).
 
     RELEASE_HIDDEN: hidden is the decode workspace (rows of one M block per ticket), re-zeroed after the last read.
+    HALVES: fp16 x and an int4 base: nibbles dequantized in two halves (int4_halves_fp16), no interleave.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -374,10 +378,24 @@ def hybrid_tile_kernel(
         k_offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m_offs[:, None] * stride_xm + k_offs[None, :],
                     mask=(m_offs[:, None] < M) & (k_offs < K)[None, :], other=0.0)  # [BM, BK]
-        if TILE_SCALE:  # small integers, exact in any activation dtype: the scale goes on the partial product
+        if TILE_SCALE and BASE_BITS == 4 and HALVES:
+            # int4 and fp16 x: no nibble interleave. The even and odd columns of x meet the low and high nibbles in
+            # two dots (a K permutation both sides share); splitting the small x tile is cheaper than interleaving
+            # the weight tile.
+            group = rows * groups + k0 // BASE_GROUP  # [BN]
+            byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            # no mask: BLOCK_K divides the group (TILE_SCALE), which divides K
+            packed = tl.load(base_ptr + rows[:, None] * (K // 2) + byte_cols[None, :])  # [BN, BK/2]
+            lo, hi = int4_halves_fp16(packed)
+            x_even, x_odd = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))  # [BM, BK/2] each
+            partial = _dot(x_even, tl.trans(lo), DOT_PRECISION, DOT_UPCAST) + \
+                _dot(x_odd, tl.trans(hi), DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
+            acc += partial * tl.load(base_scale_ptr + group)[None, :]
+        elif TILE_SCALE:  # small integers, exact in any activation dtype: the scale goes on the partial product
             group = rows * groups + k0 // BASE_GROUP  # [BN]
             zero = tl.load(base_zero_ptr + group).to(tl.float32)[:, None] if ZERO_POINT else 0.0
-            codes = base_codes(base_ptr, rows[:, None], k0, K, magic, zero, BASE_BITS, BLOCK_K, WORDS)  # [BN, BK]
+            codes = base_codes(base_ptr, rows[:, None], k0, K, magic, zero, BASE_BITS, BLOCK_K, WORDS,
+                               x.dtype)  # [BN, BK]
             partial = _dot(x, tl.trans(codes.to(x.dtype)), DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
             acc += partial * tl.load(base_scale_ptr + group)[None, :]
         else:

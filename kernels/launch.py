@@ -196,7 +196,8 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
         out.stride(0), MAGIC, BASE_BITS=w.base_bits, BASE_GROUP=w.base_group_size, BITS=bits, GROUP_SIZE=group,
         HAS_BIAS=w.bias is not None, DOT_PRECISION=precision, DOT_UPCAST=dot_upcast, BLOCK_M=c.block_m,
         BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_R=max(16, c.rows_per_expand_step), RELEASE_HIDDEN=decode,
-        WORDS=w.base_bits != 4 and K % 32 == 0 and c.block_k % 32 == 0, USE_PDL=pdl, num_warps=c.num_warps,
-        num_stages=c.num_stages, launch_pdl=pdl,
+        WORDS=w.base_bits != 4 and K % 32 == 0 and c.block_k % 32 == 0,
+        HALVES=x2d.dtype == torch.float16 and c.block_k >= 32,  # each half-tile dot needs K >= 16
+        USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
     )
     return out

@@ -96,17 +96,34 @@ def int4_lane(words, LANE: tl.constexpr, magic, RAW: tl.constexpr = False):
 
 
 @triton.jit
+def int4_halves_fp16(packed):
+    """Exact fp16 q of the low and high nibbles of uint8 `packed` [.., C] (stored q + 8): two [.., C] tensors, the
+    even and the odd columns. The nibble goes into the mantissa of 1024, whose unit there is 1, then one exact fp16
+    subtraction of 1024 + 8: no fp32 detour, no F2F packing for the dot operand. (bf16 would work the same way with
+    0x4300 and 136 on a GPU, but the interpreter cannot check it: its bf16 bitcasts give NaN.)"""
+    half = packed.to(tl.uint16)  # zero-extended
+    lo = ((half & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    hi = ((half >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    return lo, hi
+
+
+@triton.jit
 def dequant_tile(ptr, rows, col0, col_hi, FEATURES, magic, BITS: tl.constexpr, BLOCK_C: tl.constexpr,
                  MASKED: tl.constexpr, OUT_DTYPE: tl.constexpr = tl.float32):
     """Stored values of factor rows `rows` [BR, 1], columns col0 .. col0 + BLOCK_C (masked at col_hi when
-    MASKED), as exact fp32 [BR, BLOCK_C] (int8 for fp16 OUT_DTYPE: exact fp16), not scaled: the tl.dot tiles.
+    MASKED), as exact fp32 [BR, BLOCK_C] (int8 and int4 for fp16 OUT_DTYPE: exact fp16), not scaled: the tl.dot
+    tiles.
     int4 reads its packed bytes once, contiguously, and interleaves the low and high nibbles."""
     if BITS == 4:
         byte_cols = col0 // 2 + tl.arange(0, BLOCK_C // 2)
         mask = (byte_cols < col_hi // 2)[None, :] if MASKED else None  # col_hi is even
         packed = tl.load(ptr + rows * (FEATURES // 2) + byte_cols[None, :], mask=mask, other=0x88)
-        byte = packed.to(tl.int32)  # [BR, BC/2], zero-extended
-        values = tl.join(int4_lane(byte, 0, magic), int4_lane(byte, 1, magic)).reshape(rows.shape[0], BLOCK_C)
+        if OUT_DTYPE == tl.float16:  # noqa: SIM300
+            lo, hi = int4_halves_fp16(packed)
+            values = tl.join(lo, hi).reshape(rows.shape[0], BLOCK_C)
+        else:
+            byte = packed.to(tl.int32)  # [BR, BC/2], zero-extended
+            values = tl.join(int4_lane(byte, 0, magic), int4_lane(byte, 1, magic)).reshape(rows.shape[0], BLOCK_C)
     else:
         cols = col0 + tl.arange(0, BLOCK_C)
         mask = (cols < col_hi)[None, :] if MASKED else None
