@@ -33,6 +33,7 @@ fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 120 gpu-tests "$PY" -m pytest -q -m gpu tests/
 step 240 kernel-tests "$PY" -m pytest -q tests/test_kernels.py tests/test_autotune.py
+step 150 hybrid-kernel-tests "$PY" -m pytest -q tests/test_hybrid_kernels.py -k "default or workspace or model or fp32"
 step 210 bench-kernels "$PY" bench/kernel_bench.py --autotune
 RESULTS=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); from common import results_dir; print(results_dir())")
 # The static sm_90 report after the benchmark, so each estimate prints beside the time just measured.
