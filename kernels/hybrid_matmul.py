@@ -350,6 +350,59 @@ def hybrid_gemv_kernel(
 
 
 @triton.jit
+def _phase_codes(low, high, zero16, P: tl.constexpr, BASE_BITS: tl.constexpr):
+    """fp16 code - zero of column phase P: field P % 4 of `low` (the 2-bit plane byte holding the phase; int2: the
+    only byte) with, for int3, bit P of `high` worth 4. Put under the mantissa of 1024 (fp16 unit 1 there), minus
+    1024 + zero: exact small integers, no conversion instruction."""
+    code = (low >> (2 * (P % 4))) & 3
+    if BASE_BITS == 3:
+        code = code | (((high >> P) & 1) << 2)
+    return (code | 0x6400).to(tl.float16, bitcast=True) - zero16
+
+
+@triton.jit
+def _zero_point_phases_dot(x, base_ptr, rows, k0, K, zero, BASE_BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """x [BM, BK] (fp16) · (codes - zero)ᵀ over one K tile of an int2/int3 base, [BM, BN] (unscaled). Column c = 4i + p
+    (int2) / 8i + p (int3): x is split into its column phases (a K permutation both operands share), and phase p's
+    codes come straight from their bytes, so nothing is interleaved. K is a whole number of tiles (TILE_SCALE)."""
+    zero16 = (zero.to(tl.float16) + 1024.0)[:, None]  # [BN, 1]
+    row_bytes = K * BASE_BITS // 8
+    if BASE_BITS == 2:
+        low = tl.load(base_ptr + rows[:, None] * row_bytes + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :])
+        low = low.to(tl.uint16)  # [BN, BK/4]: byte i holds columns 4i .. 4i + 3
+        x_d0, x_d1 = tl.split(x.reshape(BLOCK_M, BLOCK_K // 4, 2, 2))  # column 4i + 2b + d
+        x0, x2 = tl.split(x_d0)
+        x1, x3 = tl.split(x_d1)  # [BM, BK/4] each: columns 4i + p
+        out = _dot(x0, tl.trans(_phase_codes(low, low, zero16, 0, 2)), DOT_PRECISION, DOT_UPCAST)
+        out += _dot(x1, tl.trans(_phase_codes(low, low, zero16, 1, 2)), DOT_PRECISION, DOT_UPCAST)
+        out += _dot(x2, tl.trans(_phase_codes(low, low, zero16, 2, 2)), DOT_PRECISION, DOT_UPCAST)
+        out += _dot(x3, tl.trans(_phase_codes(low, low, zero16, 3, 2)), DOT_PRECISION, DOT_UPCAST)
+    else:
+        row_ptr = base_ptr + rows[:, None] * row_bytes
+        low = tl.load(row_ptr + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]).to(tl.uint16)  # [BN, BK/4]
+        # bytes 2i / 2i + 1: columns 8i + 0..3 / 8i + 4..7
+        low_a, low_b = tl.split(low.reshape(low.shape[0], BLOCK_K // 8, 2))
+        high = tl.load(row_ptr + K // 4 + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]).to(tl.uint16)  # [BN, BK/8]
+        x_d0, x_d1 = tl.split(x.reshape(BLOCK_M, BLOCK_K // 8, 2, 2, 2))  # column 8i + 4a + 2b + d
+        x_b0d0, x_b1d0 = tl.split(x_d0)
+        x_b0d1, x_b1d1 = tl.split(x_d1)
+        x0, x4 = tl.split(x_b0d0)
+        x2, x6 = tl.split(x_b1d0)
+        x1, x5 = tl.split(x_b0d1)
+        x3, x7 = tl.split(x_b1d1)  # [BM, BK/8] each: columns 8i + p
+        out = _dot(x0, tl.trans(_phase_codes(low_a, high, zero16, 0, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += _dot(x1, tl.trans(_phase_codes(low_a, high, zero16, 1, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += _dot(x2, tl.trans(_phase_codes(low_a, high, zero16, 2, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += _dot(x3, tl.trans(_phase_codes(low_a, high, zero16, 3, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += _dot(x4, tl.trans(_phase_codes(low_b, high, zero16, 4, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += _dot(x5, tl.trans(_phase_codes(low_b, high, zero16, 5, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += _dot(x6, tl.trans(_phase_codes(low_b, high, zero16, 6, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += _dot(x7, tl.trans(_phase_codes(low_b, high, zero16, 7, 3)), DOT_PRECISION, DOT_UPCAST)
+    return out
+
+
+@triton.jit
 def hybrid_tile_kernel(
     x_ptr, base_ptr, base_scale_ptr, base_zero_ptr, hidden_ptr, up_ptr, up_scale_ptr, bias_ptr, y_ptr, ticket_ptr,
     M, N, K, R, stride_xm, stride_ym, magic,
@@ -362,7 +415,8 @@ def hybrid_tile_kernel(
     """y[m block, n block] = x · Q̂ᵀ + hidden · up_t + bias on tensor cores. grid = (cdiv(M, BM), cdiv(N, BN)).
 
     RELEASE_HIDDEN: hidden is the decode workspace (rows of one M block per ticket), re-zeroed after the last read.
-    HALVES: fp16 x and an int4 base: nibbles dequantized in two halves (int4_halves_fp16), no interleave.
+    HALVES: fp16 x: int4 nibbles dequantized in two halves (int4_halves_fp16), int2/int3 codes by column phase;
+    no interleave.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -373,6 +427,7 @@ def hybrid_tile_kernel(
     groups = K // BASE_GROUP
     TILE_SCALE: tl.constexpr = BASE_GROUP % BLOCK_K == 0  # one scale (and zero) per row per K tile
     ZERO_POINT: tl.constexpr = BASE_BITS != 4
+    PHASE_K: tl.constexpr = 64 if BASE_BITS == 2 else 128  # int2 / int3 by column phase: 16 columns per phase dot
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_offs = k0 + tl.arange(0, BLOCK_K)
@@ -390,6 +445,13 @@ def hybrid_tile_kernel(
             x_even, x_odd = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))  # [BM, BK/2] each
             partial = _dot(x_even, tl.trans(lo), DOT_PRECISION, DOT_UPCAST) + \
                 _dot(x_odd, tl.trans(hi), DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
+            acc += partial * tl.load(base_scale_ptr + group)[None, :]
+        elif TILE_SCALE and HALVES and BASE_BITS != 4 and BLOCK_K >= PHASE_K:
+            # int2 (4 phases, BLOCK_K >= 64) / int3 (8 phases, >= 128) and fp16 x: the same K permutation, by column
+            # phase mod 4 / 8, so every code comes from its byte without an interleave
+            group = rows * groups + k0 // BASE_GROUP  # [BN]
+            partial = _zero_point_phases_dot(x, base_ptr, rows, k0, K, tl.load(base_zero_ptr + group), BASE_BITS,
+                                             BLOCK_M, BLOCK_K, DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
             acc += partial * tl.load(base_scale_ptr + group)[None, :]
         elif TILE_SCALE:  # small integers, exact in any activation dtype: the scale goes on the partial product
             group = rows * groups + k0 // BASE_GROUP  # [BN]

@@ -180,10 +180,12 @@ def test_hybrid_model_forward_runs_the_kernels_and_matches_the_reference(monkeyp
     assert len(launches) == 8  # c_attn, attn c_proj, c_fc, mlp c_proj; at both lengths
 
 
-@pytest.mark.parametrize("m,base_bits", [(1, 4), (1, 3), (1, 2), (24, 3)])
-def test_every_tuning_candidate_is_correct(m, base_bits):
-    """Whatever the autotuner picks must be right: every "max" candidate of a small problem, against the reference."""
-    w = make_weights(256, 64, 8, base_bits, 64, 8, 32, torch.float16, seed=m)
+@pytest.mark.parametrize("m,base_bits,base_group", [(1, 4, 64), (1, 3, 64), (1, 2, 64), (24, 3, 64), (5, 3, 128),
+                                                    (5, 2, 128)])
+def test_every_tuning_candidate_is_correct(m, base_bits, base_group):
+    """Whatever the autotuner picks must be right: every "max" candidate of a small problem, against the reference
+    (groups of 128: the int3 tensor-core tiles of 128 columns that read codes by column phase)."""
+    w = make_weights(256, 64, 8, base_bits, base_group, 8, 32, torch.float16, seed=m)
     x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
     candidates = candidate_configs(ops.hybrid_problem_for(w, m, 2), "max")
     assert len(candidates) > 3 and any(c.block_m == 1 for c in candidates) == (m == 1)
