@@ -367,7 +367,8 @@ def _zero_point_phases_dot(x, base_ptr, rows, k0, K, zero, BASE_BITS: tl.constex
     (int2) / 8i + p (int3): x is split into its column phases (a K permutation both operands share), and phase p's
     codes come straight from their bytes, so nothing is interleaved. K is a whole number of tiles (TILE_SCALE)."""
     zero16 = (zero.to(tl.float16) + 1024.0)[:, None]  # [BN, 1]
-    row_bytes = K * BASE_BITS // 8
+    # K is a multiple of BLOCK_K (>= 64 for int2, >= 128 for int3), so rows and the high plane start 16-byte aligned
+    row_bytes = tl.multiple_of(K * BASE_BITS // 8, 16)
     if BASE_BITS == 2:
         low = tl.load(base_ptr + rows[:, None] * row_bytes + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :])
         low = low.to(tl.uint16)  # [BN, BK/4]: byte i holds columns 4i .. 4i + 3
@@ -383,7 +384,8 @@ def _zero_point_phases_dot(x, base_ptr, rows, k0, K, zero, BASE_BITS: tl.constex
         low = tl.load(row_ptr + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]).to(tl.uint16)  # [BN, BK/4]
         # bytes 2i / 2i + 1: columns 8i + 0..3 / 8i + 4..7
         low_a, low_b = tl.split(low.reshape(low.shape[0], BLOCK_K // 8, 2))
-        high = tl.load(row_ptr + K // 4 + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]).to(tl.uint16)  # [BN, BK/8]
+        high_ptr = row_ptr + tl.multiple_of(K // 4, 16) + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+        high = tl.load(high_ptr).to(tl.uint16)  # [BN, BK/8]
         x_d0, x_d1 = tl.split(x.reshape(BLOCK_M, BLOCK_K // 8, 2, 2, 2))  # column 8i + 4a + 2b + d
         x_b0d0, x_b1d0 = tl.split(x_d0)
         x_b0d1, x_b1d1 = tl.split(x_d1)
