@@ -366,7 +366,7 @@ def _zero_point_phases_dot(x, base_ptr, rows, k0, K, zero, BASE_BITS: tl.constex
     """x [BM, BK] (fp16) · (codes - zero)ᵀ over one K tile of an int2/int3 base, [BM, BN] (unscaled). Column c = 4i + p
     (int2) / 8i + p (int3): x is split into its column phases (a K permutation both operands share), and phase p's
     codes come straight from their bytes, so nothing is interleaved. K is a whole number of tiles (TILE_SCALE)."""
-    zero16 = (zero.to(tl.float16) + 1024.0)[:, None]  # [BN, 1]
+    zero16 = (zero.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)[:, None]  # [BN, 1]: 1024 + zero, no I2F
     # K is a multiple of BLOCK_K (>= 64 for int2, >= 128 for int3), so rows and the high plane start 16-byte aligned
     row_bytes = tl.multiple_of(K * BASE_BITS // 8, 16)
     if BASE_BITS == 2:
