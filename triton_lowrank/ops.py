@@ -105,34 +105,36 @@ def problem_for(f: LowRankFactors, m: int, x_bytes: int) -> Problem:
     return Problem(m, f.out_features, f.in_features, f.rank, f.bits, storage_group_size(f.bits, f.group_size), x_bytes)
 
 
-def select_config(x2d: torch.Tensor, f: LowRankFactors) -> TileConfig:
-    problem = problem_for(f, x2d.shape[0], x2d.element_size())
-    if not x2d.is_cuda:  # the interpreter: small tiles keep numpy fast
-        return default_config(problem, interpret=True)
-    return _config_selector(problem, x2d.dtype)
+def run_format(op: str, x: torch.Tensor, stored, config: TileConfig | None, out: torch.Tensor | None,
+               reference: Callable, problem_of: Callable, launcher: Callable | None) -> torch.Tensor:
+    """The path every weight format shares once its inputs are checked: validate `out`; the reference where
+    kernels do not run; else x as row-major 2-D, allocate, pick a config (the selector, or small tiles under the
+    interpreter: numpy stays fast), launch. `stored` is the format's NamedTuple (LowRankFactors, HybridWeights)."""
+    lead, n = x.shape[:-1], stored.out_features
+    if out is not None and (out.shape != (*lead, n) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"{op}: out must be contiguous {x.dtype} of shape {(*lead, n)}, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    if not uses_kernels(x):
+        y = reference(x, stored)
+        return y if out is None else out.copy_(y)
+    x2d = x.reshape(-1, stored.in_features)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    if out is None:
+        out = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
+    if x2d.shape[0] == 0:  # nothing to compute, and nothing for the autotuner to learn from
+        return out
+    if config is None:
+        problem = problem_of(stored, x2d.shape[0], x2d.element_size())
+        config = _config_selector(problem, x.dtype) if x2d.is_cuda else default_config(problem, interpret=True)
+    launcher(x2d, stored, config, out.view(-1, n))
+    return out
 
 
 def _forward(x: torch.Tensor, f: LowRankFactors, config: TileConfig | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
     check_inputs(x, f)
-    lead = x.shape[:-1]
-    if out is not None and (out.shape != (*lead, f.out_features) or out.dtype != x.dtype or not out.is_contiguous()):
-        raise ValueError(f"lowrank_matmul: out must be contiguous {x.dtype} of shape "
-                         f"{(*lead, f.out_features)}, got {out.dtype} {tuple(out.shape)}")
-    if not uses_kernels(x):
-        y = lowrank_reference(x, f)
-        if out is None:
-            return y
-        return out.copy_(y)
-    x2d = x.reshape(-1, f.in_features)
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
-    if out is None:
-        out = torch.empty(*lead, f.out_features, dtype=x.dtype, device=x.device)
-    if x2d.shape[0] == 0:  # nothing to compute, and nothing for the autotuner to learn from
-        return out
-    launch(x2d, f, config or select_config(x2d, f), out.view(-1, f.out_features))
-    return out
+    return run_format("lowrank_matmul", x, f, config, out, lowrank_reference, problem_for, launch)
 
 
 @torch.library.custom_op(
@@ -241,26 +243,7 @@ def hybrid_problem_for(w: HybridWeights, m: int, x_bytes: int) -> Problem:
 def _forward_hybrid(x: torch.Tensor, w: HybridWeights, config: TileConfig | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     check_hybrid_inputs(x, w)
-    lead = x.shape[:-1]
-    if out is not None and (out.shape != (*lead, w.out_features) or out.dtype != x.dtype or not out.is_contiguous()):
-        raise ValueError(f"hybrid_matmul: out must be contiguous {x.dtype} of shape "
-                         f"{(*lead, w.out_features)}, got {out.dtype} {tuple(out.shape)}")
-    if not uses_kernels(x):
-        y = hybrid_reference(x, w)
-        return y if out is None else out.copy_(y)
-    x2d = x.reshape(-1, w.in_features)
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
-    if out is None:
-        out = torch.empty(*lead, w.out_features, dtype=x.dtype, device=x.device)
-    if x2d.shape[0] == 0:
-        return out
-    if config is None:
-        problem = hybrid_problem_for(w, x2d.shape[0], x2d.element_size())
-        # the interpreter: small tiles keep numpy fast
-        config = _config_selector(problem, x.dtype) if x2d.is_cuda else default_config(problem, interpret=True)
-    launch_hybrid(x2d, w, config, out.view(-1, w.out_features))
-    return out
+    return run_format("hybrid_matmul", x, w, config, out, hybrid_reference, hybrid_problem_for, launch_hybrid)
 
 
 def hybrid_matmul(x: torch.Tensor, weights: HybridWeights, *, out: torch.Tensor | None = None,
