@@ -12,19 +12,14 @@ import torch
 from .factors import LowRankFactors
 from .formats import CompressedLinear, register_format
 from .hybrid_storage import HybridWeights
-from .layers import register_factor_buffers
+from .layers import check_factor_spec, check_spec_ints, register_factor_buffers
 from .ops import hybrid_matmul, hybrid_problem_for
 from .quant import (
     BASE_BITS,
-    SUPPORTED_BITS,
     ZERO_POINT_BITS,
     bits_label,
     check_base_bits,
-    check_bits,
-    storage_group_size,
 )
-
-SPEC_INTS = ("base_bits", "base_group_size", "rank", "group_size")
 
 
 @register_format
@@ -98,19 +93,11 @@ class HybridLinear(CompressedLinear):
 
     @classmethod
     def check_spec(cls, spec: dict, where: str) -> None:
-        for field in SPEC_INTS:
-            if not isinstance(spec.get(field), int) or isinstance(spec.get(field), bool):
-                raise ValueError(f"{where}.{field} is missing or not an integer: {spec.get(field)!r}")
+        check_spec_ints(spec, ("base_bits", "base_group_size"), where)
         if spec["base_bits"] not in BASE_BITS:
             raise ValueError(f"{where}.base_bits must be one of 4, 3 or 2, got {spec['base_bits']!r}")
-        if spec.get("bits", "missing") not in SUPPORTED_BITS:
-            raise ValueError(f"{where}.bits must be one of None, 8 or 4, got {spec.get('bits', 'nothing')!r}")
-        if not 1 <= spec["rank"] <= min(spec["in_features"], spec["out_features"]):
-            raise ValueError(f"{where}.rank {spec['rank']} is outside [1, min(in, out)]")
+        check_factor_spec(spec, where)
         check_base_bits(spec["base_bits"], spec["base_group_size"], spec["in_features"], f"{where} (base)")
-        group_size = storage_group_size(spec["bits"], spec["group_size"])
-        check_bits(spec["bits"], group_size, spec["in_features"], f"{where} (in_features)")
-        check_bits(spec["bits"], group_size, spec["out_features"], f"{where} (out_features)")
 
     def dequantized_weight(self) -> torch.Tensor:
         """The [out, in] float32 weight Q̂ + U·D."""

@@ -19,6 +19,25 @@ from .reference import dequantized_factors
 STORAGE_DTYPES = {8: torch.int8, 4: torch.uint8}
 
 
+def check_spec_ints(spec: dict, fields, where: str) -> None:
+    """Raise ValueError naming `where` and the field if one of `fields` is missing or not an integer."""
+    for field in fields:
+        if not isinstance(spec.get(field), int) or isinstance(spec.get(field), bool):
+            raise ValueError(f"{where}.{field} is missing or not an integer: {spec.get(field)!r}")
+
+
+def check_factor_spec(spec: dict, where: str) -> None:
+    """The checks of a spec's factor fields (rank, bits, group_size): a LowRankLinear's, a HybridLinear's correction."""
+    check_spec_ints(spec, ("rank", "group_size"), where)
+    if spec.get("bits", "missing") not in SUPPORTED_BITS:
+        raise ValueError(f"{where}.bits must be one of None, 8 or 4, got {spec.get('bits', 'nothing')!r}")
+    if not 1 <= spec["rank"] <= min(spec["in_features"], spec["out_features"]):
+        raise ValueError(f"{where}.rank {spec['rank']} is outside [1, min(in, out)]")
+    group_size = storage_group_size(spec["bits"], spec["group_size"])
+    check_bits(spec["bits"], group_size, spec["in_features"], f"{where} (in_features)")
+    check_bits(spec["bits"], group_size, spec["out_features"], f"{where} (out_features)")
+
+
 def register_factor_buffers(
     module: torch.nn.Module,
     in_features: int,
@@ -109,16 +128,7 @@ class LowRankLinear(CompressedLinear):
 
     @classmethod
     def check_spec(cls, spec: dict, where: str) -> None:
-        for field, kind in (("rank", int), ("group_size", int)):
-            if not isinstance(spec.get(field), kind) or isinstance(spec.get(field), bool):
-                raise ValueError(f"{where}.{field} is missing or not an integer: {spec.get(field)!r}")
-        if spec.get("bits", "missing") not in SUPPORTED_BITS:
-            raise ValueError(f"{where}.bits must be one of None, 8 or 4, got {spec.get('bits', 'nothing')!r}")
-        if not 1 <= spec["rank"] <= min(spec["in_features"], spec["out_features"]):
-            raise ValueError(f"{where}.rank {spec['rank']} is outside [1, min(in, out)]")
-        group_size = storage_group_size(spec["bits"], spec["group_size"])
-        check_bits(spec["bits"], group_size, spec["in_features"], f"{where} (in_features)")
-        check_bits(spec["bits"], group_size, spec["out_features"], f"{where} (out_features)")
+        check_factor_spec(spec, where)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The [out, in] float32 weight these factors represent."""
