@@ -54,18 +54,19 @@ def reference(x, f):
     return lowrank_reference(x, f)
 
 
-def run_poisoned(x, f, config):
-    """Launch into a NaN-filled output: any element the kernel fails to write stays NaN."""
+def run_poisoned(x, f, config, matmul=lowrank_matmul):
+    """Launch `matmul` (the op of f's format) into a NaN-filled output: any element the kernel fails to write stays
+    NaN."""
     out = torch.full((*x.shape[:-1], f.out_features), float("nan"), dtype=x.dtype, device=x.device)
-    y = lowrank_matmul(x, f, out=out, config=config)
+    y = matmul(x, f, out=out, config=config)
     assert y.data_ptr() == out.data_ptr()
     assert not torch.isnan(y).any(), "kernel left output elements unwritten"
     return y
 
 
-def assert_close(y, x, f):
+def assert_close(y, x, f, reference_of=lowrank_reference):
     atol, rtol = TOLERANCES[x.dtype]
-    torch.testing.assert_close(y.float(), reference(x, f).float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(y.float(), reference_of(x, f).float(), atol=atol, rtol=rtol)
 
 
 def test_config(path, m, bits=8, split_k=2, lowp=False) -> TileConfig:
