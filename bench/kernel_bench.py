@@ -126,7 +126,7 @@ def bench_hybrid_case(k, n, base_bits, rank, bits, m, device, dtype, group=128):
     # one set of weights, copied for L2 rotation (distinct memory is what rotation needs; building each set on the
     # CPU would cost seconds per 4096x11008 layer)
     w = random_hybrid_weights(k, n, rank, base_bits, group, bits, group, dtype, device=device)
-    stored = hybrid_bytes_of(w)
+    stored = w.storage_bytes() + n * 2  # base, factors and scales, plus the fp16 bias (as the low-rank rows count it)
     dense_bytes = n * k * 2 + n * 2
     n_sets = rotation_count(dense_bytes * 2 + stored) if device.type == "cuda" else 2
     single = random_hybrid_weights(k, n, 1, base_bits, group, bits, group, dtype, device=device)
@@ -174,12 +174,6 @@ def copy_weights(value):
     if isinstance(value, torch.Tensor):
         return value.clone()
     return type(value)(*(copy_weights(v) if isinstance(v, (torch.Tensor, tuple)) else v for v in value))
-
-
-def hybrid_bytes_of(w) -> int:
-    c = w.correction
-    return sum(t.numel() * t.element_size() for t in (w.base, w.base_scale, w.base_zero, c.down, c.down_scale,
-                                                      c.up_t, c.up_t_scale, w.bias) if t is not None)
 
 
 def hybrid_sweep(args, device, dtype) -> list[dict]:

@@ -15,6 +15,7 @@ which imports this module) installs its own with `use_config_selector`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 
@@ -234,10 +235,10 @@ def _(x, *stored):
 
 
 def hybrid_problem_for(w: HybridWeights, m: int, x_bytes: int) -> Problem:
-    """The kernel problem of `m` activation rows of `x_bytes` each element through this hybrid layer."""
-    f = w.correction
-    group = storage_group_size(f.bits, f.group_size)
-    return Problem(m, f.out_features, f.in_features, f.rank, f.bits, group, x_bytes, w.base_bits, w.base_group_size)
+    """The kernel problem of `m` activation rows of `x_bytes` each element through this hybrid layer: its
+    correction's, with the base."""
+    return dataclasses.replace(problem_for(w.correction, m, x_bytes), base_bits=w.base_bits,
+                               base_group_size=w.base_group_size)
 
 
 def _forward_hybrid(x: torch.Tensor, w: HybridWeights, config: TileConfig | None = None,
