@@ -180,8 +180,8 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
         hidden = split_phase1(x2d, f, c)
         tickets = hidden  # unused without RELEASE_HIDDEN
     pdl = decode and pdl_supported(x2d)
+    zero = w.base_zero if w.base_zero is not None else w.base_scale  # never read for an int4 base
     if decode and not c.uses_dot:
-        zero = w.base_zero if w.base_zero is not None else w.base_scale  # never read for an int4 base
         hybrid.hybrid_gemv_kernel[(triton.cdiv(N, c.block_n), M)](
             x2d, w.base, w.base_scale, zero, hidden, f.up_t, up_scale, bias, out, tickets, N, K, R, x2d.stride(0),
             out.stride(0), MAGIC, BASE_BITS=w.base_bits, BASE_GROUP=w.base_group_size, BITS=bits, GROUP_SIZE=group,
@@ -190,7 +190,6 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
             num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
         )
         return out
-    zero = w.base_zero if w.base_zero is not None else w.base_scale  # never read for an int4 base
     hybrid.hybrid_tile_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
         x2d, w.base, w.base_scale, zero, hidden, f.up_t, up_scale, bias, out, tickets, M, N, K, R, x2d.stride(0),
         out.stride(0), MAGIC, BASE_BITS=w.base_bits, BASE_GROUP=w.base_group_size, BITS=bits, GROUP_SIZE=group,
