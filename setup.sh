@@ -1,13 +1,34 @@
 #!/usr/bin/env bash
-# Creates .venv and installs triton_lowrank (editable) with its test tools.
+# Creates .venv and installs triton_lowrank (editable) with its test tools, at the versions CI tests
+# (constraints.txt), so that a new upstream release cannot break a fresh clone unannounced.
+#   ./setup.sh            pinned versions (what CI runs)
+#   ./setup.sh --latest   the newest versions pyproject.toml allows (non-blocking check: then run .venv/bin/pytest)
 # Where no NVIDIA driver exists, torch is pinned to the CPU build that lies on local disk;
-# an unpinned `torch` would pull a multi-GB CUDA build.
+# an unpinned `torch` would pull a multi-GB CUDA build. With a driver, torch and triton come from the image or
+# the index as that driver's build, so their pins are left out.
 set -euo pipefail
 cd "$(dirname "$0")"
+latest=0
+for arg in "$@"; do
+    case "$arg" in
+        --latest) latest=1 ;;
+        *) echo "setup.sh: unknown option $arg (known: --latest)" >&2; exit 2 ;;
+    esac
+done
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+pins=()
+if [ "$latest" -eq 0 ]; then
+    constraints=.venv/constraints.txt
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        grep -v -E '^(triton|torch)==' constraints.txt > "$constraints"
+    else
+        cp constraints.txt "$constraints"
+    fi
+    pins=(-c "$constraints")
+fi
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q torch==2.13.0
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
-echo "triton_lowrank installed in .venv"
+.venv/bin/python -m pip install -q "${pins[@]}" -e ".[dev]"
+echo "triton_lowrank installed in .venv$([ "$latest" -eq 1 ] && echo ' (latest versions)')"

@@ -4,20 +4,21 @@ Importing the package registers the transformers quantizer (from_pretrained load
 and the autotuner's config selector (the custom op asks it for tile configs).
 """
 
+import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
-if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "__init__.py").is_file():
+if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "launch.py").is_file():
     # A source checkout (plain with PYTHONPATH, or editable): the top-level kernels/ folder is this package's
     # `kernels` subpackage, as the installed package maps it (pyproject's package-dir), with no install step.
-    _spec = importlib.util.spec_from_file_location(
-        f"{__name__}.kernels", _CHECKOUT / "kernels" / "__init__.py",
-        submodule_search_locations=[str(_CHECKOUT / "kernels")],
-    )
+    # kernels/ has no __init__.py on purpose: for a Python started in the checkout it is then at most a
+    # namespace portion, which never shadows an installed regular package named `kernels` (Hugging Face's,
+    # which transformers imports).
+    _spec = importlib.machinery.ModuleSpec(f"{__name__}.kernels", None, is_package=True)
+    _spec.submodule_search_locations = [str(_CHECKOUT / "kernels")]
     kernels = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # as `import` binds a subpackage
-    _spec.loader.exec_module(kernels)
 
 from . import autotune  # noqa: F401  (installs the tuned-config selector into the launcher)
 from .checkpoint import load_compressed, save_compressed
