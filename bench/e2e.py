@@ -32,8 +32,8 @@ from common import copy_bandwidth_gbs, environment, results_dir, write_csv, writ
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from triton_lowrank import LowRankConfig, compress_model, load_compressed, save_compressed
-from triton_lowrank.generation_bench import GENERATION_MODES, measure_generation, weight_bytes
-from triton_lowrank.metrics import compare_logits
+from triton_lowrank.tools.generation_bench import GENERATION_MODES, measure_generation, weight_bytes
+from triton_lowrank.tools.metrics import compare_logits
 
 GPT2_SHAPES = {  # (n_layer, n_embd, n_head)
     "tiny": (2, 128, 4),

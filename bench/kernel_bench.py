@@ -45,14 +45,15 @@ from common import (  # noqa: E402
 from triton_lowrank.kernels.configs import Problem, default_config  # noqa: E402
 from triton_lowrank.kernels.launch import launch, launch_hybrid  # noqa: E402
 
-from triton_lowrank.autotune import Autotuner  # noqa: E402
-from triton_lowrank.factors import lowrank_bytes as factor_bytes  # noqa: E402
-from triton_lowrank.factors import random_factors  # noqa: E402
-from triton_lowrank.hybrid_storage import hybrid_reference, random_hybrid_weights  # noqa: E402
-from triton_lowrank.layers import LowRankLinear  # noqa: E402
-from triton_lowrank.ops import hybrid_matmul, hybrid_problem_for, lowrank_matmul  # noqa: E402
-from triton_lowrank.pretune import pretune_model  # noqa: E402
-from triton_lowrank.reference import dequantized_factors, lowrank_reference  # noqa: E402
+from triton_lowrank.compression.pretune import pretune_model  # noqa: E402
+from triton_lowrank.core.autotune import Autotuner  # noqa: E402
+from triton_lowrank.core.factors import random_factors  # noqa: E402
+from triton_lowrank.core.nbytes import lowrank_bytes as factor_bytes
+from triton_lowrank.core.reference import dequantized_factors, lowrank_reference  # noqa: E402
+from triton_lowrank.formats.hybrid.op import hybrid_matmul, hybrid_problem_for
+from triton_lowrank.formats.hybrid.storage import hybrid_reference, random_hybrid_weights  # noqa: E402
+from triton_lowrank.formats.lowrank.layer import LowRankLinear  # noqa: E402
+from triton_lowrank.formats.lowrank.op import lowrank_matmul
 
 GPT2_SHAPES = [(768, 2304), (768, 3072), (3072, 768), (1024, 4096), (1280, 5120), (1600, 6400), (6400, 1600)]
 LLAMA_SHAPE = (4096, 11008)

@@ -155,9 +155,9 @@ def record_launches(s: Spec, config) -> list[Launch]:
     from triton_lowrank.kernels import launch as launch_mod
     from triton_lowrank.kernels import lowrank_matmul as kern
 
-    from triton_lowrank.factors import LowRankFactors
-    from triton_lowrank.hybrid_storage import HybridWeights
-    from triton_lowrank.quant import ZERO_POINT_BITS, storage_shapes
+    from triton_lowrank.core.factors import LowRankFactors
+    from triton_lowrank.core.quant import ZERO_POINT_BITS, storage_shapes
+    from triton_lowrank.formats.hybrid.storage import HybridWeights
 
     meta = torch.device("meta")
     storage_dtype = {None: torch.float16, 8: torch.int8, 4: torch.uint8}[s.bits]

@@ -53,6 +53,7 @@ class Problem:
     x_bytes: int = 2  # bytes per activation element (fp16/bf16: 2, fp32: 4)
     base_bits: int | None = None  # None: the pure low-rank format
     base_group_size: int = 0
+    format: str = "lowrank"  # the registered weight format whose kernels run it (core/format.py)
 
     @property
     def factor_elem_bytes(self) -> float:

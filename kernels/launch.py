@@ -163,7 +163,8 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
     bits, group, _, up_scale = _pointers(f)
     bias = w.bias if w.bias is not None else w.base_scale  # never read without HAS_BIAS
     precision, dot_upcast = _dot_flags(x2d)
-    problem = Problem(M, N, K, R, f.bits, group, x2d.element_size(), w.base_bits, w.base_group_size)
+    problem = Problem(M, N, K, R, f.bits, group, x2d.element_size(), w.base_bits, w.base_group_size,
+                      "hybrid")
     decode = c.path == "decode"
     if decode and not hybrid_decode_supported(problem):
         raise ValueError(f"launch_hybrid: the decode path needs 16-byte `down` rows and int4 groups of 32k columns; "

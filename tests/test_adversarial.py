@@ -25,8 +25,8 @@ from torch import nn
 from triton_lowrank.kernels.configs import Problem
 
 from triton_lowrank import LowRankConfig, compress_model, load_compressed, save_compressed
-from triton_lowrank.autotune import Autotuner, problem_key
-from triton_lowrank.factorize import whitening_cholesky
+from triton_lowrank.core.autotune import Autotuner, problem_key
+from triton_lowrank.core.factorize import whitening_cholesky
 
 # --------------------------------------------------------------------------------------------- folders
 
@@ -187,7 +187,7 @@ def test_cli_bad_input_gets_one_line(paths, argv, fragment, setup, early, capsys
     if setup is not None:
         setup(paths)
     if early:  # the check must come before the (slow) load
-        monkeypatch.setattr("triton_lowrank.cli.load", lambda *a, **k: pytest.fail("loaded a model first"))
+        monkeypatch.setattr("triton_lowrank.tools.cli.load", lambda *a, **k: pytest.fail("loaded a model first"))
     try:
         code, _, err = run([str(a).format(**paths) for a in argv], capsys)
     finally:
@@ -346,7 +346,7 @@ def test_report_error_is_the_true_error_with_an_outlier(outlier):
 
 
 def test_report_error_is_nan_or_inf_when_the_result_is(monkeypatch):
-    monkeypatch.setattr("triton_lowrank.compress.truncated_factors",
+    monkeypatch.setattr("triton_lowrank.formats.lowrank.fit.truncated_factors",
                         lambda w, r, chol=None: (torch.full((w.shape[0], r), float("inf")), torch.ones(r, w.shape[1])))
     report = compress_model(nn.Sequential(nn.Linear(32, 32)), LowRankConfig(rank=4, bits=None), progress=False)
     assert not math.isfinite(report.layers[0].rel_error)

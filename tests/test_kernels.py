@@ -7,6 +7,7 @@ imports torch: by tests/conftest.py or the shell. It is set here too for a bare 
 file; if Triton was already imported without it, the module errors with instructions.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -29,11 +30,13 @@ import pytest  # noqa: E402
 from triton_lowrank.kernels import launch as kernel_launch  # noqa: E402
 from triton_lowrank.kernels.configs import TileConfig, decode_chunk, default_config  # noqa: E402
 
-from triton_lowrank import ops  # noqa: E402
-from triton_lowrank.factors import LowRankFactors, random_factors, round_factors  # noqa: E402
-from triton_lowrank.layers import LowRankLinear  # noqa: E402
-from triton_lowrank.ops import lowrank_matmul  # noqa: E402
-from triton_lowrank.reference import lowrank_reference  # noqa: E402
+from triton_lowrank.core import ops
+from triton_lowrank.core.factors import LowRankFactors, random_factors, round_factors  # noqa: E402
+from triton_lowrank.core.format import FORMATS  # noqa: E402
+from triton_lowrank.core.reference import lowrank_reference  # noqa: E402
+from triton_lowrank.formats.lowrank import op as lowrank_op  # noqa: E402
+from triton_lowrank.formats.lowrank.layer import LowRankLinear  # noqa: E402
+from triton_lowrank.formats.lowrank.op import lowrank_matmul
 
 pytestmark = pytest.mark.kernels
 
@@ -293,7 +296,7 @@ def test_custom_op_passes_opcheck_and_compiles_fullgraph(bits):
     stored = round_factors(torch.randn(48, 8), torch.randn(8, 32), torch.randn(48), bits, 16, torch.float32)
     f = LowRankLinear.from_factors(stored, torch.float32).half().factors()
     x = torch.randn(3, 32, dtype=torch.float16)
-    args = ops.factors_args(x, f)
+    args = lowrank_op.factors_args(x, f)
     torch.library.opcheck(torch.ops.triton_lowrank.lowrank_matmul.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     compiled = torch.compile(lambda t: lowrank_matmul(t, f) * 2, fullgraph=True, backend="aot_eager")
@@ -312,7 +315,8 @@ def test_compressed_model_forward_runs_the_kernels_and_matches_the_reference(mon
     model = model.to(DEVICE)
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     launches = []
-    monkeypatch.setattr(ops, "launch", lambda *a: launches.append(a) or kernel_launch.launch(*a))
+    monkeypatch.setitem(FORMATS, "lowrank", dataclasses.replace(
+        FORMATS["lowrank"], launch=lambda *a: launches.append(a) or kernel_launch.launch(*a)))
     with torch.no_grad():
         through_kernels = model(ids).logits
         assert len(launches) == 4  # c_attn, attn c_proj, c_fc, mlp c_proj
