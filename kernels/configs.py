@@ -201,9 +201,16 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
 def default_config(
     p: Problem, num_sms: int = DEFAULT_NUM_SMS, interpret: bool = False, fused_max_m: int = FUSED_MAX_M
 ) -> TileConfig:
-    """The no-benchmark heuristic (CI, the interpreter, and any untuned shape)."""
+    """The no-benchmark heuristic (CI, the interpreter, and any untuned shape): the format's own."""
     if p.base_bits is not None:
         return hybrid_default_config(p, num_sms, interpret, fused_max_m)
+    return lowrank_default_config(p, num_sms, interpret, fused_max_m)
+
+
+def lowrank_default_config(
+    p: Problem, num_sms: int = DEFAULT_NUM_SMS, interpret: bool = False, fused_max_m: int = FUSED_MAX_M
+) -> TileConfig:
+    """The no-benchmark heuristic for the pure low-rank format."""
     decode = p.m <= fused_max_m and decode_supported(p)
     if interpret:  # small tiles keep the numpy interpreter fast; >= 16 where tl.dot needs it
         if decode:
@@ -380,7 +387,12 @@ def candidate_configs(
         return [first]
     if p.base_bits is not None:
         return hybrid_candidate_configs(p, first, mode == "max", num_sms, smem_limit)
-    wide = mode == "max"
+    return lowrank_candidate_configs(p, first, mode == "max", num_sms, smem_limit, fused_max_m)
+
+
+def lowrank_candidate_configs(p: Problem, first: TileConfig, wide: bool, num_sms: int, smem_limit: int,
+                              fused_max_m: int = FUSED_MAX_M) -> list[TileConfig]:
+    """The pure low-rank format's search: CUDA-core and tensor-core decode plans, split tiles."""
     out: list[TileConfig] = [first]
     # decode competes up to 4x the threshold so tuning can move the crossover from data
     if p.m <= 4 * fused_max_m and decode_supported(p):

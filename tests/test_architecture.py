@@ -19,7 +19,8 @@ PACKAGE = "triton_lowrank"
 
 LAYERS = [
     ("storage and reference math", ["quant", "factors", "reference", "hybrid_storage"]),
-    ("kernels", ["kernels", "kernels.configs", "kernels.lowrank_matmul", "kernels.hybrid_matmul", "kernels.launch"]),
+    ("kernels", ["kernels", "kernels.configs", "kernels.utils", "kernels.lowrank_matmul", "kernels.hybrid_matmul",
+                 "kernels.launch"]),
     ("launcher and custom op", ["ops"]),
     ("autotuner", ["autotune"]),
     ("modules", ["formats", "layers", "hybrid_layers", "pretune"]),

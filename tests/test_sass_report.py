@@ -1,4 +1,4 @@
-"""bench/sass_report.py: the SASS analysis on hand-written SASS (fast), and the issue-9 proxy targets on the
+"""bench/sass_report.py (bench/sass/): the SASS analysis on hand-written SASS (fast), and the issue-9 proxy targets on the
 real kernels compiled for sm_90 on this CPU (slow; skipped without Triton's ptxas/cuobjdump/nvdisasm)."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-import sass_report as sr  # noqa: E402
+from sass import hotloops, model, targets  # noqa: E402
 
 # x_ptr at c[0x0][0x210] (parameter 0), the weights at 0x218 (parameter 1)
 OFFSETS = {0x210: 0, 0x214: 0, 0x218: 1, 0x21C: 1}
@@ -35,7 +35,7 @@ SASS = """
 
 
 def test_hot_loop_counts_weight_loads_traced_to_the_weight_parameter():
-    info = sr.analyze_sass(SASS, OFFSETS, ROLES)
+    info = hotloops.analyze_sass(SASS, OFFSETS, ROLES)
     assert len(info["hot_loops"]) == 1
     loop = info["hot_loops"][0]
     assert loop["sass_instructions"] == 9 and loop["weight_bytes_per_thread"] == 16
@@ -49,17 +49,28 @@ def test_hot_loop_counts_weight_loads_traced_to_the_weight_parameter():
 def test_a_load_used_only_in_the_next_iteration_is_a_prefetch():
     prefetching = SASS.replace("I2F R13, R8", "I2F R13, R30").replace(
         "SHFL.BFLY PT, R21, R20, 0x1, 0x1f", "MOV R30, R8")  # copied on, consumed next time round
-    assert sr.analyze_sass(prefetching, OFFSETS, ROLES)["hot_loops"][0]["prefetched"]
+    assert hotloops.analyze_sass(prefetching, OFFSETS, ROLES)["hot_loops"][0]["prefetched"]
+
+
+def test_loads_in_flight_follow_the_sass_order():
+    """L U L U keeps one load in flight; L L U U two; a load consumed only next time round counts as in flight."""
+    two = SASS.replace("LDG.E.U16 R12, desc[UR4][R4.64]", "LDG.E.128 R24, desc[UR4][R2.64+0x10]").replace(
+        "FFMA R20, R13, R12, R20", "FFMA R20, R13, R24, R20")
+    one = SASS.replace("LDG.E.U16 R12, desc[UR4][R4.64] ;", "I2F R14, R8 ;\n        /*0045*/ LDG.E.128 R24, "
+                       "desc[UR4][R2.64+0x10] ;").replace("FFMA R20, R13, R12, R20", "FFMA R20, R13, R24, R20")
+    (loop_two,), (loop_one,) = (hotloops.analyze_sass(t, OFFSETS, ROLES)["hot_loops"] for t in (two, one))
+    assert loop_two["weight_loads_before_first_use"] == 2 and loop_two["weight_bytes_in_flight_per_thread"] == 32
+    assert loop_one["weight_loads_before_first_use"] == 1 and loop_one["weight_loads_in_flight"] == 1
 
 
 def test_loops_without_weight_loads_are_not_hot():
-    assert sr.analyze_sass(SASS.replace("c[0x0][0x218]", "c[0x0][0x210]"), OFFSETS, ROLES)["hot_loops"] == []
+    assert hotloops.analyze_sass(SASS.replace("c[0x0][0x218]", "c[0x0][0x210]"), OFFSETS, ROLES)["hot_loops"] == []
 
 
 def test_occupancy_limits():
-    assert sr.occupancy(regs=128, warps=4, shared=0) == 4  # registers: 65536 / (128 * 128)
-    assert sr.occupancy(regs=32, warps=4, shared=0) == 16  # warps: 64 / 4
-    assert sr.occupancy(regs=32, warps=1, shared=100_000) == 2  # shared memory
+    assert model.occupancy(regs=128, warps=4, shared=0) == 4  # registers: 65536 / (128 * 128)
+    assert model.occupancy(regs=32, warps=4, shared=0) == 16  # warps: 64 / 4
+    assert model.occupancy(regs=32, warps=1, shared=100_000) == 2  # shared memory
 
 
 @pytest.mark.slow
@@ -86,5 +97,5 @@ def test_proxy_targets_hold_for_the_default_decode_configs(tmp_path):
         for loop in r["hot_loops"]:
             assert {"instructions_per_weight_byte", "narrowest_weight_load_bits", "i2f", "shfl", "bar"} <= set(loop)
     failed = [line.split("] ", 1)[1].rsplit(": ", 1)[0] for line in result.stdout.splitlines() if "[FAIL]" in line]
-    assert set(failed) <= set(sr.KNOWN_MISSES), failed  # the hybrid's stated misses, nothing else
+    assert set(failed) <= set(targets.KNOWN_MISSES), failed  # the hybrid's stated misses, nothing else
     assert any("hybrid_gemv_kernel >= 2 CTAs/SM" in line and "[PASS]" in line for line in result.stdout.splitlines())
