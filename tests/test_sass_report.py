@@ -1,4 +1,4 @@
-"""bench/sass_report.py (bench/sass/): the SASS analysis on hand-written SASS (fast), and the issue-9 proxy targets on the
+"""bench/sass_report.py (bench/sass/): the SASS analysis on hand-written SASS (fast), and the static targets on the
 real kernels compiled for sm_90 on this CPU (slow; skipped without Triton's ptxas/cuobjdump/nvdisasm)."""
 
 import json
