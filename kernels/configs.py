@@ -171,8 +171,9 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
     cost per weight is 1 / rows_per_thread: keep 8 rows per thread and shrink the CTA (4, 2, 1 warps), then the
     rows (not below 4), until the grid has WAVE_CTAS CTAs per SM (two resident CTAs hide each other's load
     latency); a phase too small for that gets fewer CTAs.
-    Phase 2: one thread per row and per 16-byte chunk of columns, so the grid is as wide as the columns
-    allow; each iteration loads up to 4 sub-tiles of rows (independent 128-bit loads in flight).
+    Phase 2: one thread per row and per 16-byte chunk of columns, two chunks (32 bytes: whole sectors) per CTA
+    row; each block of rows is up to 4 sub-tiles (one 128-bit load per thread each), loaded a block ahead of its
+    use (bench/sass_report.py: 8 weight loads in flight at a first use, from 4 warps).
     """
     chunk = decode_chunk(p.bits)
     target = WAVE_CTAS * num_sms
@@ -191,8 +192,10 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
     split_k = max(1, min(k_tiles, _cdiv(target, r_blocks)))
     while split_k < k_tiles and r_blocks * _realized_split(p.k, block_k, split_k) < target:
         split_k += 1
-    block_n = chunk
-    sub_r = 32 * num_warps
+    # two threads per row chunk pair: a warp reads 16 rows x 32 bytes, whole sectors (one thread per 16-byte chunk
+    # would read half of each 32-byte sector)
+    block_n = 2 * chunk
+    sub_r = 32 * num_warps // 2
     units = 4 if p.rank >= 4 * sub_r else 2 if p.rank >= 2 * sub_r else 1
     return TileConfig("decode", 1, block_n, block_k, block_r, split_k, num_warps=num_warps,
                       expand_block_r=sub_r * units, shrink_warps=shrink_warps)

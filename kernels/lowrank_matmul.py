@@ -26,7 +26,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .utils import (
-    FLOAT_BITS,
     INT4_EVEN_OFFSET,
     INT4_ODD_OFFSET,
     INT8_RAW_OFFSET,
@@ -72,6 +71,23 @@ def _expand_step(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, chunk, h,
 
 
 @triton.jit
+def _expand_block(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, w0, w1, w2, w3, h0, h1, h2, h3, s0, s1, s2, s3,
+                  magic, BITS: tl.constexpr, PRECISE: tl.constexpr, U: tl.constexpr):
+    """_expand_step over the U sub-tiles of one row block."""
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_step(
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, w0, h0, s0, magic, BITS, PRECISE)
+    if U > 1:
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_step(
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, w1, h1, s1, magic, BITS, PRECISE)
+    if U > 2:
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_step(
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, w2, h2, s2, magic, BITS, PRECISE)
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_step(
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, w3, h3, s3, magic, BITS, PRECISE)
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum
+
+
+@triton.jit
 def _store_lane(y_ptr, stride_ym, acc, offset, bias_ptr, cols, LANE: tl.constexpr, LANES: tl.constexpr, m, N,
                 HAS_BIAS: tl.constexpr):
     """y[m, cols * LANES + LANE] = Σ_rows acc - offset + bias (acc [SUB_R, T, W]: rows reduced across threads once)."""
@@ -84,16 +100,48 @@ def _store_lane(y_ptr, stride_ym, acc, offset, bias_ptr, cols, LANE: tl.constexp
 
 
 @triton.jit
-def _expand_scale(up_scale_ptr, rows, starts, N, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """Phase-2 scales of `rows` [SUB_R]: int4 [SUB_R, T] per (row, chunk), int8 [SUB_R] per row, else a dummy."""
-    LANES: tl.constexpr = 4 if BITS == 8 else 8 if BITS == 4 else 1
+def _expand_weights(w_ptrs, rows, r0, R, row_words, SUB_R: tl.constexpr, U: tl.constexpr):
+    """Phase 2: the U sub-tiles [SUB_R, T, 4] of the row block at r0, one 128-bit load per thread each, all issued
+    before any is used; rows past R masked (no memory traffic, zeros)."""
+    w0 = tl.load(w_ptrs + r0 * row_words, mask=(r0 + rows < R)[:, None, None], other=0)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if U > 1:
+        w1 = tl.load(w_ptrs + (r0 + SUB_R) * row_words, mask=(r0 + SUB_R + rows < R)[:, None, None], other=0)
+    if U > 2:
+        w2 = tl.load(w_ptrs + (r0 + 2 * SUB_R) * row_words, mask=(r0 + 2 * SUB_R + rows < R)[:, None, None], other=0)
+        w3 = tl.load(w_ptrs + (r0 + 3 * SUB_R) * row_words, mask=(r0 + 3 * SUB_R + rows < R)[:, None, None], other=0)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _expand_multiplier(h_ptrs, s_ptrs, rows, r, R, s_stride, BITS: tl.constexpr):
+    """h [SUB_R] of rows r + rows (0 past R) and their scales: int4 [SUB_R, T] per (row, chunk), int8 [SUB_R] per
+    row, float factors a stand-in (never read)."""
+    ok = r + rows < R
+    h = tl.load(h_ptrs + r, mask=ok, other=0.0)
     if BITS == 4:
-        scale = tl.load(up_scale_ptr + rows[:, None] * (N // GROUP_SIZE) + ((starts * LANES) // GROUP_SIZE)[None, :])
+        scale = tl.load(s_ptrs + r * s_stride, mask=ok[:, None], other=0.0)
     elif BITS == 8:
-        scale = tl.load(up_scale_ptr + rows)
+        scale = tl.load(s_ptrs + r * s_stride, mask=ok, other=0.0)
     else:
-        scale = tl.zeros(rows.shape, tl.float32)
-    return scale
+        scale = h
+    return h, scale
+
+
+@triton.jit
+def _expand_multipliers(h_ptrs, s_ptrs, rows, r0, R, s_stride, SUB_R: tl.constexpr, U: tl.constexpr,
+                        BITS: tl.constexpr):
+    """_expand_multiplier of the U sub-tiles of the row block at r0."""
+    h0, s0 = _expand_multiplier(h_ptrs, s_ptrs, rows, r0, R, s_stride, BITS)
+    h1, s1, h2, s2, h3, s3 = h0, s0, h0, s0, h0, s0
+    if U > 1:
+        h1, s1 = _expand_multiplier(h_ptrs, s_ptrs, rows, r0 + SUB_R, R, s_stride, BITS)
+    if U > 2:
+        h2, s2 = _expand_multiplier(h_ptrs, s_ptrs, rows, r0 + 2 * SUB_R, R, s_stride, BITS)
+        h3, s3 = _expand_multiplier(h_ptrs, s_ptrs, rows, r0 + 3 * SUB_R, R, s_stride, BITS)
+    return h0, h1, h2, h3, s0, s1, s2, s3
 
 
 @triton.jit
@@ -203,6 +251,7 @@ def decode_expand_kernel(
     else:
         LANES: tl.constexpr = 4 if BITS == 8 else 8 if BITS == 4 else 1
         T: tl.constexpr = BLOCK_N // (4 * LANES)
+        U: tl.constexpr = BLOCK_R // SUB_R  # sub-tiles per iteration (1, 2 or 4: the launcher caps it)
         row_words = tl.multiple_of(N // LANES, 4)  # rows are 16-byte multiples (configs.decode_supported)
         w_ptr = up_ptr.to(tl.pointer_type(tl.int32)) if BITS == 8 or BITS == 4 else up_ptr
         # each thread owns 4 words of a row; past the last column a chunk is clamped onto the last one
@@ -227,28 +276,29 @@ def decode_expand_kernel(
         acc6 = tl.zeros_like(acc0)
         acc7 = tl.zeros_like(acc0)
         hsum = tl.sum(tl.zeros_like(acc0), axis=2)  # [SUB_R, T]
-        # Main loop over whole BLOCK_R row blocks, no masks: BLOCK_R // SUB_R independent 128-bit loads per thread
-        # per iteration (each thread one row of each sub-tile); then one block of clamped rows.
-        r_full = R // BLOCK_R * BLOCK_R
+        # Software-pipelined over blocks of BLOCK_R rows, two blocks (A, B) per iteration: each block's U 128-bit
+        # loads per thread (and its h and scales) are issued one block ahead of their use, so 2 U weight loads are in
+        # flight at a first use, and the ping-pong needs no register copies (a copy would wait for its load). Rows
+        # past R are masked (no traffic; h = 0). Block 0's weights are loaded before the dependent-launch wait: up_t
+        # does not depend on phase 1.
+        wa0, wa1, wa2, wa3 = _expand_weights(w_ptrs, rows, 0, R, row_words, SUB_R, U)
         if USE_PDL:  # phase 1 must be complete before hidden is read
             gdc_wait()
-        for r0 in range(0, r_full, BLOCK_R):
-            for sub in tl.static_range(BLOCK_R // SUB_R):
-                r = r0 + sub * SUB_R
-                chunk = tl.load(w_ptrs + r * row_words)
-                h = tl.load(h_ptrs + r)
-                scale = tl.load(s_ptrs + r * s_stride) if BITS != FLOAT_BITS else h
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_step(
-                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, chunk, h, scale, magic, BITS, PRECISE)
-        if r_full < R:  # the last rows: clamped addresses, h = 0 past R
-            for sub in tl.static_range(BLOCK_R // SUB_R):
-                tail = r_full + sub * SUB_R + rows
-                last = tl.minimum(tail, R - 1)
-                chunk = tl.load(w_ptr + last[:, None, None] * row_words + cols[None, :, :])
-                h = tl.load(hidden_ptr + m0 * R + tail, mask=tail < R, other=0.0)
-                scale = _expand_scale(up_scale_ptr, last, starts, N, BITS, GROUP_SIZE)
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_step(
-                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, chunk, h, scale, magic, BITS, PRECISE)
+        ha0, ha1, ha2, ha3, sa0, sa1, sa2, sa3 = _expand_multipliers(h_ptrs, s_ptrs, rows, 0, R, s_stride, SUB_R, U,
+                                                                     BITS)
+        for r0 in range(0, R, 2 * BLOCK_R):
+            wb0, wb1, wb2, wb3 = _expand_weights(w_ptrs, rows, r0 + BLOCK_R, R, row_words, SUB_R, U)
+            hb0, hb1, hb2, hb3, sb0, sb1, sb2, sb3 = _expand_multipliers(h_ptrs, s_ptrs, rows, r0 + BLOCK_R, R,
+                                                                         s_stride, SUB_R, U, BITS)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_block(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, wa0, wa1, wa2, wa3, ha0, ha1, ha2, ha3,
+                sa0, sa1, sa2, sa3, magic, BITS, PRECISE, U)
+            wa0, wa1, wa2, wa3 = _expand_weights(w_ptrs, rows, r0 + 2 * BLOCK_R, R, row_words, SUB_R, U)
+            ha0, ha1, ha2, ha3, sa0, sa1, sa2, sa3 = _expand_multipliers(h_ptrs, s_ptrs, rows, r0 + 2 * BLOCK_R, R,
+                                                                         s_stride, SUB_R, U, BITS)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_block(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, wb0, wb1, wb2, wb3, hb0, hb1, hb2, hb3,
+                sb0, sb1, sb2, sb3, magic, BITS, PRECISE, U)
         cols = n0 // LANES + tl.arange(0, T)[:, None] * 4 + tl.arange(0, 4)[None, :]  # unclamped: stores
         # the lanes' RAW offsets times Σ h' (per chunk): [T, 1]
         h_total = tl.sum(hsum, axis=0)[:, None]

@@ -120,7 +120,9 @@ def test_odd_feature_counts_take_the_split_path(bits, m, k, n, rank):
     test_config("tensor-cores", 20, split_k=1),
     TileConfig("decode", 1, 128, 256, 32, split_k=1, expand_block_r=512, shrink_warps=2),  # tiles past the problem
     test_config("split", 20, lowp=True),  # expand MMA in the activation dtype
-], ids=["cuda-cores-no-split", "tensor-cores-no-split", "cuda-cores-big-tiles", "split-lowp"])
+    TileConfig("decode", 1, 64, 64, 8, split_k=2, num_warps=1, expand_block_r=8),  # phase 2: one sub-tile per block
+], ids=["cuda-cores-no-split", "tensor-cores-no-split", "cuda-cores-big-tiles", "split-lowp",
+        "cuda-cores-one-sub-tile"])
 def test_config_variants(bits, config):
     m = 20 if config.block_m >= 16 else 2
     f = make_factors(64, 96, 24, bits, 32, torch.float16, seed=3)

@@ -11,6 +11,7 @@ software-prefetched (their registers not read in the iteration that loads them),
       its registers: the scoreboard stalls there, a register move included). Loads issued in the previous iteration
       and read only in this one (a prefetch) count too: the body is walked twice.
   weight_bytes_in_flight_per_thread: the most weight bytes outstanding at any point of that walk.
+  weight_loads_across_iterations: the loads still outstanding at the back edge (read in the next iteration).
 
 Asynchronous copies to shared memory (LDGSTS, Triton's pipelined loads for tl.dot) write no register: the model
 counts them in flight for num_stages - 1 iterations instead (async_copies).
@@ -80,9 +81,10 @@ class DataFlow:
         return out
 
 
-def in_flight(instrs: list[Instr], lo: int, hi: int, weight_loads: set[int]) -> tuple[int, int, float]:
+def in_flight(instrs: list[Instr], lo: int, hi: int, weight_loads: set[int]) -> tuple[int, int, float, int]:
     """(weight loads outstanding at the first read of a loaded register, the most outstanding at once, the most weight
-    bytes outstanding) over the loop body [lo, hi] walked twice (the second walk is the steady state)."""
+    bytes outstanding, the loads still outstanding at the back edge) over the loop body [lo, hi] walked twice (the
+    second walk is the steady state)."""
     outstanding: dict[int, set[str]] = {}  # load index -> registers it writes
     at_first_use, most, most_bytes = None, 0, 0.0
     for walk in range(2):
@@ -102,7 +104,7 @@ def in_flight(instrs: list[Instr], lo: int, hi: int, weight_loads: set[int]) -> 
             if walk == 1:
                 most = max(most, len(outstanding))
                 most_bytes = max(most_bytes, sum(instrs[j].load_bits() / 8 for j in outstanding))
-    return (at_first_use if at_first_use is not None else most), most, most_bytes
+    return (at_first_use if at_first_use is not None else most), most, most_bytes, len(outstanding)
 
 
 def analyze_sass(text: str, offsets: dict[int, int], roles: dict[int, str]) -> dict:
@@ -130,7 +132,7 @@ def analyze_sass(text: str, offsets: dict[int, int], roles: dict[int, str]) -> d
             widths[instrs[i].op] = widths.get(instrs[i].op, 0) + 1
         weight_bytes = sum(instrs[i].load_bits() for i in loads) / 8
         prefetched = sum(not _read_before_redefined(instrs, i, hi) for i in loads)
-        before_use, most, most_bytes = in_flight(instrs, lo, hi, set(loads))
+        before_use, most, most_bytes, across = in_flight(instrs, lo, hi, set(loads))
         hot_loops.append({
             "sass_instructions": len(body),
             "weight_bytes_per_thread": weight_bytes,
@@ -140,6 +142,7 @@ def analyze_sass(text: str, offsets: dict[int, int], roles: dict[int, str]) -> d
             "weight_loads_before_first_use": before_use,
             "weight_loads_in_flight": most,
             "weight_bytes_in_flight_per_thread": most_bytes,
+            "weight_loads_across_iterations": across,
             "other_loads": sum(ins.base.startswith("LDG") for ins in body) - len(loads),
             "i2f": sum(ins.base.startswith("I2F") for ins in body),
             "shfl": sum(ins.base == "SHFL" for ins in body),

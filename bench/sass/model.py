@@ -8,10 +8,13 @@ resident per SM, capped by occupancy and by P/S, times warps per CTA). Per hot l
   latency  = B / bytes_in_flight_per_sm x DRAM_LATENCY,                                    (Little's law)
              bytes_in_flight_per_sm = weight bytes in flight per thread (the SASS order; cp.async: num_stages - 1
              iterations of them) x 32 x W
-  loop     = max(issue + DRAM_LATENCY, hbm + DRAM_LATENCY, latency)   (the steady-state bounds pay one round trip
+The bounds add up over the loops of a part of the kernel (all of it; for a programmatic dependent launch, the part
+before its griddepcontrol.wait and the part after), with the non-loop instructions of every warp / 4 schedulers
+added to the issue bound of the last part, and
+  part     = max(issue + DRAM_LATENCY, hbm + DRAM_LATENCY, latency)   (the steady-state bounds pay one round trip
              to fill the pipe; the latency bound already counts every round trip)
-  kernel   = sum of its loops + non-loop instructions of every warp / 4 schedulers + other bytes (x, scales, output)
-             at HBM + one DRAM_LATENCY more when it has global atomics (the reduction's and the ticket's round trip)
+  kernel   = its parts + other bytes (x, scales, output) at HBM + one DRAM_LATENCY more when it has global atomics
+             (the reduction's and the ticket's round trip)
 A plan (the kernels of one layer call, in launch order) under CUDA graphs:
   GRAPH_LAUNCH_US + kernel 1, then for each programmatic dependent launch (PDL) k, launched as kernel k-1 starts (at
   s): end = max(end of k-1 + PDL_GAP_US, s + pre_k, s + bytes of k-1 and of pre_k at HBM) + post_k,
@@ -65,7 +68,7 @@ def estimate_kernel(r: dict) -> dict:
     per_sm_programs = math.ceil(programs / SMS)
     share = per_sm_programs / max(programs / SMS, 1e-9) / SMS  # this SM's fraction of the grid's work
     warps = resident_warps(r)
-    issue = hbm = latency = pre = post = 0.0
+    parts = {False: [0.0, 0.0, 0.0], True: [0.0, 0.0, 0.0]}  # before / after the wait: issue, HBM, latency bounds
     for loop in r["hot_loops"]:
         b = loop["weight_bytes_streamed"] * share
         if loop.get("async_copies"):  # cp.async stages: num_stages - 1 iterations of copies ahead of the dot
@@ -73,26 +76,26 @@ def estimate_kernel(r: dict) -> dict:
             loop["weight_bytes_in_flight_per_thread"] = loop["weight_bytes_per_thread"] * ahead
             loop["weight_loads_before_first_use"] = sum(loop["weight_loads"].values()) * ahead
         loop["bytes_in_flight_per_sm"] = int(loop["weight_bytes_in_flight_per_thread"] * 32 * warps)
-        t_issue = loop["instructions_per_weight_byte"] * b / ISSUE_PER_CLK / CLOCKS_PER_US
-        t_hbm = b / HBM_SHARE
-        t_lat = b / max(loop["bytes_in_flight_per_sm"], 1) * LATENCY_US
-        t = max(t_issue + LATENCY_US, t_hbm + LATENCY_US, t_lat)
-        loop.update(issue_us=round(t_issue, 3), hbm_us=round(t_hbm, 3), latency_us=round(t_lat, 3),
-                    estimate_us=round(t, 3))
-        issue, hbm, latency = issue + t_issue, hbm + t_hbm, latency + t_lat
-        if loop.get("after_wait"):
-            post += t
-        else:
-            pre += t
+        bounds = (loop["instructions_per_weight_byte"] * b / ISSUE_PER_CLK / CLOCKS_PER_US, b / HBM_SHARE,
+                  b / max(loop["bytes_in_flight_per_sm"], 1) * LATENCY_US)
+        loop.update(issue_us=round(bounds[0], 3), hbm_us=round(bounds[1], 3), latency_us=round(bounds[2], 3))
+        part = parts[bool(r.get("launch_pdl") and loop.get("after_wait"))]
+        for k in range(3):
+            part[k] += bounds[k]
     non_loop = r["non_loop_instructions"] * r["num_warps"] * per_sm_programs / 4 / CLOCKS_PER_US
+    parts[any(parts[True])][0] += non_loop  # prologue and epilogue: with the part that ends the kernel
+
+    def bound(issue: float, hbm: float, latency: float) -> float:
+        return max(issue + LATENCY_US, hbm + LATENCY_US, latency) if issue or hbm or latency else 0.0
+
+    pre, post = bound(*parts[False]), bound(*parts[True])
+    if r.get("launch_pdl") and r.get("weight_loads_before_wait") and post:
+        pre, post = pre + LATENCY_US, post - LATENCY_US  # the first round trip overlaps the kernel before
     weight_unique = sum(lp["weight_bytes_streamed"] for lp in r["hot_loops"]) - r["weight_reread_bytes"]
     other = max(0.0, r["unique_bytes"] - weight_unique) * share / HBM_SHARE + r["weight_reread_bytes"] / (L2_TBS * 1e6)
-    tail = non_loop + other + LATENCY_US * (r["global_atomics"] > 0) + LATENCY_US * (not r["hot_loops"])
-    if r.get("weight_loads_before_wait") and r.get("launch_pdl"):
-        pre += LATENCY_US  # the first round trip of the weight loads issued before the wait overlaps
-        post -= LATENCY_US
-    body = pre + post + tail
-    return {"issue_bound_us": round(issue + non_loop, 2), "hbm_floor_us": round(r["unique_bytes"] / (HBM_TBS * 1e6), 2),
+    body = pre + post + other + LATENCY_US * (r["global_atomics"] > 0)
+    issue, hbm, latency = (parts[False][k] + parts[True][k] for k in range(3))
+    return {"issue_bound_us": round(issue, 2), "hbm_floor_us": round(r["unique_bytes"] / (HBM_TBS * 1e6), 2),
             "latency_bound_us": round(latency, 2), "estimate_us": round(body, 2),
             "pre_wait_us": round(pre if r.get("launch_pdl") else 0.0, 2)}
 
