@@ -235,40 +235,39 @@ def _int8_words_step(acc0, acc1, acc2, acc3, h_total, chunk, h, magic):
 
 
 @triton.jit
-def _int8_correction_words(hidden_row_ptr, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N: tl.constexpr,
-                           BLOCK_R: tl.constexpr):
-    """fp32 [BLOCK_N]: Σ_r hidden[r] · s_r · up_t[r, n0 .. n0 + BLOCK_N] for int8 up_t rows read as 32-bit words.
-    The bytes keep int8_lane's RAW offset (SHF + LOP3 + FFMA per value); offset · Σ h·s comes off once at the end.
-    Whole BLOCK_R row blocks run with pointer increments and no row masks (the column mask is loop-invariant), then
-    one masked block of the last rows."""
+def _int8_up_words(up_ptr, r0, n0, N, R, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """int32 words [BLOCK_R, BLOCK_N / 4] of int8 up_t rows r0 .. r0 + BLOCK_R, columns n0 .. n0 + BLOCK_N: rows past
+    R and words past the row masked (no traffic, zeros)."""
     W: tl.constexpr = BLOCK_N // 4
     row_words = N // 4
     words = n0 // 4 + tl.arange(0, W)  # [W] word columns of this block
-    col_ok = (words < row_words)[None, :]  # [1, W]
+    r = r0 + tl.arange(0, BLOCK_R)
+    mask = (r < R)[:, None] & (words < row_words)[None, :]
+    return tl.load(up_ptr.to(tl.pointer_type(tl.int32)) + r[:, None] * row_words + words[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _int8_correction_words(first, hidden_row_ptr, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+    """fp32 [BLOCK_N]: Σ_r hidden[r] · s_r · up_t[r, n0 .. n0 + BLOCK_N] for int8 up_t rows read as 32-bit words.
+    `first` is the first row block (_int8_up_words at row 0, loaded before the dependent-launch wait: up_t does not
+    depend on phase 1); each iteration loads the next block before it consumes the current one. The bytes keep
+    int8_lane's RAW offset (SHF + LOP3 + FFMA per value); offset · Σ h·s comes off once at the end. Rows past R are
+    masked (h = 0)."""
+    W: tl.constexpr = BLOCK_N // 4
     r = tl.arange(0, BLOCK_R)
-    w_ptrs = up_ptr.to(tl.pointer_type(tl.int32)) + r[:, None] * row_words + words[None, :]  # [BR, W]
-    h_ptrs = hidden_row_ptr + r
-    s_ptrs = up_scale_ptr + r
     acc0 = tl.zeros((BLOCK_R, W), dtype=tl.float32)
     acc1 = tl.zeros_like(acc0)
     acc2 = tl.zeros_like(acc0)
     acc3 = tl.zeros_like(acc0)
     h_total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    r_full = R // BLOCK_R * BLOCK_R
-    for _ in range(0, r_full, BLOCK_R):
-        h = tl.load(h_ptrs) * tl.load(s_ptrs)  # [BR]
-        chunk = tl.load(w_ptrs, mask=col_ok, other=0)  # [BR, W]
+    chunk = first
+    for r0 in range(0, R, BLOCK_R):
+        nxt = _int8_up_words(up_ptr, r0 + BLOCK_R, n0, N, R, BLOCK_N, BLOCK_R)
+        ok = r0 + r < R
+        h = tl.load(hidden_row_ptr + r0 + r, mask=ok, other=0.0) * tl.load(up_scale_ptr + r0 + r, mask=ok, other=0.0)
         acc0, acc1, acc2, acc3, h_total = _int8_words_step(acc0, acc1, acc2, acc3, h_total, chunk, h, magic)
-        w_ptrs += BLOCK_R * row_words
-        h_ptrs += BLOCK_R
-        s_ptrs += BLOCK_R
-    if r_full < R:  # the last rows: clamped addresses, h = 0 past R
-        tail = r_full + r
-        rows = tl.minimum(tail, R - 1)
-        h = tl.load(hidden_row_ptr + tail, mask=tail < R, other=0.0) * tl.load(up_scale_ptr + rows)
-        chunk = tl.load(up_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * row_words + words[None, :], mask=col_ok,
-                        other=0)
-        acc0, acc1, acc2, acc3, h_total = _int8_words_step(acc0, acc1, acc2, acc3, h_total, chunk, h, magic)
+        chunk = nxt
     offset = INT8_RAW_OFFSET * tl.sum(h_total, axis=0)
     c0 = tl.sum(acc0, axis=0) - offset  # [W]: columns 4w
     c1 = tl.sum(acc1, axis=0) - offset
@@ -322,13 +321,16 @@ def hybrid_gemv_kernel(
         if k_full < K:
             acc = _zero_point_tile_cc(acc, x_row_ptr, w_rows_ptr, scale_rows_ptr, zero_rows_ptr, k_full, K, K, magic,
                                       BASE_BITS, BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, True)
+    if BITS == 8 and UP_WORDS:  # the correction's first up_t block: it does not depend on phase 1
+        first = _int8_up_words(up_ptr, 0, n0, N, R, BLOCK_N, BLOCK_R)
     y = tl.sum(acc, axis=1)  # [BN]: the one cross-thread reduction of the base
     if USE_PDL:  # phase 1 must be complete before hidden is read
         gdc_wait()
     # The correction: per-thread partial sums over r, reduced across threads once after the loop (no shuffles in it);
     # int8 row scales go on h, not on every element.
     if BITS == 8 and UP_WORDS:
-        y += _int8_correction_words(hidden_ptr + m * R, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N, BLOCK_R)
+        y += _int8_correction_words(first, hidden_ptr + m * R, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N,
+                                    BLOCK_R)
     else:
         corr = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):

@@ -156,6 +156,8 @@ def analyze_sass(text: str, offsets: dict[int, int], roles: dict[int, str]) -> d
     return {
         "sass_instructions": sum(ins.base != "NOP" for ins in instrs),
         "non_loop_instructions": sum(ins.base != "NOP" for i, ins in enumerate(instrs) if i not in in_loops),
+        "non_loop_instructions_after_wait": 0 if wait is None else sum(
+            ins.base != "NOP" for i, ins in enumerate(instrs) if i not in in_loops and i > wait),
         "global_atomics": sum(ins.base in ("RED", "ATOMG", "ATOM") or ins.base.startswith("REDG") for ins in instrs),
         "has_wait": wait is not None,
         "weight_loads_before_wait": 0 if wait is None else sum(i < wait for i in weight_loads),

@@ -1,18 +1,19 @@
 """The H100 SXM time model. EVERY TIME IT GIVES IS AN ESTIMATE, from constants stated here, not a measurement; where
 bench/results/<gpu>/kernels.json measured the same problem the report prints it beside the estimate.
 
-Per kernel, with P programs over S SMs, this SM's share of the grid's work, and W warps resident per SM (CTAs
-resident per SM, capped by occupancy and by P/S, times warps per CTA). Per hot loop, with B its weight bytes per SM:
+Per kernel, with P programs over S SMs, the busiest SM's share of the grid's work (ceil(P / S) programs), and W warps
+resident per SM (CTAs resident per SM, capped by occupancy and by ceil(P / S), times warps per CTA). Per hot loop,
+with B its weight bytes on the busiest SM:
   issue    = thread-instructions per weight byte x B / ISSUE_PER_CLK                       (the issue bound)
-  hbm      = B / (HBM_TBS / S)                                                             (the HBM floor)
+  hbm      = all its weight bytes / HBM_TBS         (the HBM floor: HBM is shared, an SM may draw more than 1/S)
   latency  = B / bytes_in_flight_per_sm x DRAM_LATENCY,                                    (Little's law)
              bytes_in_flight_per_sm = weight bytes in flight per thread (the SASS order; cp.async: num_stages - 1
              iterations of them) x 32 x W
 The bounds add up over the loops of a part of the kernel (all of it; for a programmatic dependent launch, the part
 before its griddepcontrol.wait and the part after), with the non-loop instructions of every warp / 4 schedulers
-added to the issue bound of the last part, and
+added to the issue bound of the part they sit in, and
   part     = max(issue + DRAM_LATENCY, hbm + DRAM_LATENCY, latency)   (the steady-state bounds pay one round trip
-             to fill the pipe; the latency bound already counts every round trip)
+             to fill the pipe; the latency bound already counts every round trip); a part without hot loops: issue
   kernel   = its parts + other bytes (x, scales, output) at HBM + one DRAM_LATENCY more when it has global atomics
              (the reduction's and the ticket's round trip)
 A plan (the kernels of one layer call, in launch order) under CUDA graphs:
@@ -42,7 +43,6 @@ EAGER_LAUNCH_US = 2.0  # GPU-side gap between eager launches when the host keeps
 HOST_LAUNCH_US = 6.0  # host time of one Triton launch from Python (a guess; the eager GPU run corrects it)
 REGS_PER_SM, MAX_WARPS_PER_SM, MAX_CTAS_PER_SM = 65536, 64, 32
 SMEM_PER_SM, SMEM_RESERVED_PER_CTA = 233472, 1024
-HBM_SHARE = HBM_TBS * 1e6 / SMS  # bytes per microsecond per SM
 LATENCY_US = DRAM_LATENCY_NS * 1e-3
 CLOCKS_PER_US = CLOCK_GHZ * 1e3
 
@@ -61,6 +61,10 @@ def resident_warps(r: dict) -> int:
     return max(1, min(r["ctas_per_sm"], per_sm_programs)) * r["num_warps"]
 
 
+def _after_wait(r: dict, loop: dict) -> bool:
+    return bool(r.get("launch_pdl") and loop.get("after_wait"))
+
+
 def estimate_kernel(r: dict) -> dict:
     """The bounds and times of one kernel record (analyze_launch's), in microseconds; ESTIMATES. Adds each hot loop's
     bytes_in_flight_per_sm and its bounds to the loop's dict."""
@@ -76,23 +80,27 @@ def estimate_kernel(r: dict) -> dict:
             loop["weight_bytes_in_flight_per_thread"] = loop["weight_bytes_per_thread"] * ahead
             loop["weight_loads_before_first_use"] = sum(loop["weight_loads"].values()) * ahead
         loop["bytes_in_flight_per_sm"] = int(loop["weight_bytes_in_flight_per_thread"] * 32 * warps)
-        bounds = (loop["instructions_per_weight_byte"] * b / ISSUE_PER_CLK / CLOCKS_PER_US, b / HBM_SHARE,
+        bounds = (loop["instructions_per_weight_byte"] * b / ISSUE_PER_CLK / CLOCKS_PER_US,
+                  loop["weight_bytes_streamed"] / (HBM_TBS * 1e6),
                   b / max(loop["bytes_in_flight_per_sm"], 1) * LATENCY_US)
         loop.update(issue_us=round(bounds[0], 3), hbm_us=round(bounds[1], 3), latency_us=round(bounds[2], 3))
-        part = parts[bool(r.get("launch_pdl") and loop.get("after_wait"))]
+        part = parts[_after_wait(r, loop)]
         for k in range(3):
             part[k] += bounds[k]
-    non_loop = r["non_loop_instructions"] * r["num_warps"] * per_sm_programs / 4 / CLOCKS_PER_US
-    parts[any(parts[True])][0] += non_loop  # prologue and epilogue: with the part that ends the kernel
+    per_instruction = r["num_warps"] * per_sm_programs / 4 / CLOCKS_PER_US  # every warp, 4 schedulers
+    after = r.get("non_loop_instructions_after_wait", 0) if r.get("launch_pdl") else 0
+    parts[False][0] += (r["non_loop_instructions"] - after) * per_instruction  # prologue and epilogue, by position
+    parts[True][0] += after * per_instruction
 
-    def bound(issue: float, hbm: float, latency: float) -> float:
-        return max(issue + LATENCY_US, hbm + LATENCY_US, latency) if issue or hbm or latency else 0.0
+    def bound(issue: float, hbm: float, latency: float, loads: bool) -> float:
+        return max(issue + LATENCY_US, hbm + LATENCY_US, latency) if loads else issue
 
-    pre, post = bound(*parts[False]), bound(*parts[True])
+    pre, post = (bound(*parts[after], any(_after_wait(r, lp) == after for lp in r["hot_loops"]))
+                 for after in (False, True))
     if r.get("launch_pdl") and r.get("weight_loads_before_wait") and post:
         pre, post = pre + LATENCY_US, post - LATENCY_US  # the first round trip overlaps the kernel before
     weight_unique = sum(lp["weight_bytes_streamed"] for lp in r["hot_loops"]) - r["weight_reread_bytes"]
-    other = max(0.0, r["unique_bytes"] - weight_unique) * share / HBM_SHARE + r["weight_reread_bytes"] / (L2_TBS * 1e6)
+    other = max(0.0, r["unique_bytes"] - weight_unique) / (HBM_TBS * 1e6) + r["weight_reread_bytes"] / (L2_TBS * 1e6)
     body = pre + post + other + LATENCY_US * (r["global_atomics"] > 0)
     issue, hbm, latency = (parts[False][k] + parts[True][k] for k in range(3))
     return {"issue_bound_us": round(issue, 2), "hbm_floor_us": round(r["unique_bytes"] / (HBM_TBS * 1e6), 2),
