@@ -5,6 +5,7 @@
     python bench/sass_report.py --proxy         # only the proxy-target problems; exit 1 if a target fails
     python bench/sass_report.py --hybrid        # only the hybrid problems
     python bench/sass_report.py --json PATH     # also write one record per compiled kernel
+    python bench/sass_report.py --dry-run       # one small problem, seconds: the plumbing
 
 The parts live in bench/sass/ (see its __init__): compile, disassemble, hot-loop analysis, the time model (every
 time it prints is an ESTIMATE, not a measurement), the targets, the report. SASS_REPORT_DUMP=DIR keeps each
