@@ -253,7 +253,7 @@ def main(argv=None, description: str | None = None) -> int:
         problems = [s for s in HYBRID_PROBLEMS if s.m == 1 or not args.all]
     else:
         problems = default_problems(DEFAULT_SHAPES if args.shapes == "default" else [*GPT2_SMALL, *GPT2_XL, LLAMA])
-        problems += [s for s in PROXY_PROBLEMS + HYBRID_PROBLEMS if s not in problems]
+        problems += [s for s in dict.fromkeys(PROXY_PROBLEMS + HYBRID_PROBLEMS) if s not in problems]
     with tempfile.TemporaryDirectory(prefix="sass-report-") as workdir:
         jobs = [(s, i, args.all, workdir) for s in problems for i in range(len(configs_for(s, args.all)))]
         if args.jobs > 1:
