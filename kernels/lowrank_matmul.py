@@ -15,7 +15,9 @@ Kernels:
   each thread loads 16 contiguous bytes per row (LDG.128) and keeps fp32 partial sums per (row, word):
   no shuffles or barriers in the hot loops, one cross-thread reduction at the end. In phase 1 the x
   values a thread loads serve all its rows (8 where the grid allows); in phase 2 each thread owns one
-  row per sub-tile and per-lane accumulators, and loads several sub-tiles per iteration.
+  row per sub-tile and per-lane accumulators; a block of up to 4 sub-tiles (one 128-bit load per thread each) is
+  loaded one block ahead of its use (two blocks, A and B, per iteration: no register copies), the first block
+  before the dependent-launch wait, so 8 weight loads per thread are in flight at a first use.
   BLOCK_M >= 16 pads M to 16 rows and uses tl.dot (tensor cores).
 - shrink_kernel / expand_kernel: the two-launch prefill path. hidden[M, r] is fp32 in global memory;
   plain tiled GEMMs on tensor cores.
