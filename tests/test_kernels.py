@@ -242,18 +242,18 @@ def test_rejects_unknown_factor_container():
 COMPILE_SM90 = r"""
 import sys
 sys.path.insert(0, "bench")
-import sass_report as sr
+from sass import compile as sc, problems as sp
 
 # every kernel and branch, specialized as the launcher launches them: decode on CUDA cores and tensor cores,
 # split; int8, int4 and float factors
-SPECS = (sr.spec(1, 1600, 6400, 8, 400), sr.spec(1, 4096, 11008, 4, 1024), sr.spec(1, 768, 3072, None),
-         sr.spec(16, 768, 3072, 4), sr.spec(16, 768, 3072, None), sr.spec(4096, 768, 3072, 8),
-         sr.spec(300, 768, 3072, 4), sr.hybrid_spec(1, 768, 3072, 4), sr.hybrid_spec(1, 768, 3072, 3),
-         sr.hybrid_spec(1, 768, 3072, 2, bits=4), sr.hybrid_spec(16, 768, 3072, 3, bits=4),
-         sr.hybrid_spec(300, 768, 3072, 2, bits=None))
+SPECS = (sp.spec(1, 1600, 6400, 8, 400), sp.spec(1, 4096, 11008, 4, 1024), sp.spec(1, 768, 3072, None),
+         sp.spec(16, 768, 3072, 4), sp.spec(16, 768, 3072, None), sp.spec(4096, 768, 3072, 8),
+         sp.spec(300, 768, 3072, 4), sp.hybrid_spec(1, 768, 3072, 4), sp.hybrid_spec(1, 768, 3072, 3),
+         sp.hybrid_spec(1, 768, 3072, 2, bits=4), sp.hybrid_spec(16, 768, 3072, 3, bits=4),
+         sp.hybrid_spec(300, 768, 3072, 2, bits=None))
 for s in SPECS:
-    for launch in sr.record_launches(s, sr.configs_for(s, False)[0]):
-        sr.compile_launch(launch)
+    for launch in sc.record_launches(s, sp.configs_for(s, False)[0]):
+        sc.compile_launch(launch)
 print("compiled")
 """
 
