@@ -87,8 +87,11 @@ def analyze_launch(s: Spec, launch: Launch, workdir: str) -> dict:
         loop["weight_bytes_streamed"] = sum(
             _tensor_bytes(launch.args[pnames.index(p)]) * rereads(name, p, launch)
             / sum(p in lp["weight_tensors"] for lp in loops) for p in loop["weight_tensors"])
-    unique = sum(_tensor_bytes(a) for i, a in enumerate(launch.args)
-                 if isinstance(a, torch.Tensor) and launch.roles.get(i) in ("weight", "scale", "x", "out", "bias"))
+    # each tensor once: a stand-in for an absent argument (the int4 base's zero point is its scale tensor) is the same
+    # memory
+    counted = {id(a): a for i, a in enumerate(launch.args)
+               if isinstance(a, torch.Tensor) and launch.roles.get(i) in ("weight", "scale", "x", "out", "bias")}
+    unique = sum(_tensor_bytes(a) for a in counted.values())
     record = {
         "kernel": name, "grid": list(launch.grid), "programs": programs, "num_warps": warps,
         "num_stages": getattr(meta, "num_stages", None), "launch_pdl": bool(getattr(meta, "launch_pdl", False)),
