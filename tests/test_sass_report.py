@@ -63,6 +63,22 @@ def test_loads_in_flight_follow_the_sass_order():
     assert loop_one["weight_loads_before_first_use"] == 1 and loop_one["weight_loads_in_flight"] == 1
 
 
+def test_plans_overlap_a_dependent_launch_instead_of_summing():
+    """Phase 2 (PDL) starts as phase 1 does: its pre-wait part overlaps, the rest follows phase 1 and the hand-off;
+    eager launches are never faster than the host can issue them."""
+    first = {"estimate_us": 3.0, "pre_wait_us": 0.0, "unique_bytes": 0, "launch_pdl": False}
+    second = {"estimate_us": 5.0, "pre_wait_us": 4.0, "unique_bytes": 0, "launch_pdl": True}
+    plan = model.estimate_plan([first, second])
+    # the pre-wait part (4 us) outlasts phase 1 + hand-off (3.5 us): 1 us launch + 4 + the remaining 1
+    assert plan["plan_graph_us"] == pytest.approx(model.GRAPH_LAUNCH_US + 4.0 + 1.0)
+    short = dict(second, pre_wait_us=1.0)
+    assert model.estimate_plan([first, short])["plan_graph_us"] == pytest.approx(
+        model.GRAPH_LAUNCH_US + 3.0 + model.PDL_GAP_US + 4.0)
+    unpdl = dict(second, launch_pdl=False)
+    assert model.estimate_plan([first, unpdl])["plan_graph_us"] == pytest.approx(2 * model.GRAPH_LAUNCH_US + 8.0)
+    assert plan["plan_eager_us"] >= 2 * model.HOST_LAUNCH_US
+
+
 def test_loops_without_weight_loads_are_not_hot():
     assert hotloops.analyze_sass(SASS.replace("c[0x0][0x218]", "c[0x0][0x210]"), OFFSETS, ROLES)["hot_loops"] == []
 
