@@ -22,7 +22,8 @@ PACKAGE = "triton_lowrank"
 
 LAYERS = [
     ("core: storage and reference math", ["core.quant", "core.nbytes", "core.factors", "core.reference"]),
-    ("kernels", ["kernels.configs", "kernels.lowrank_matmul", "kernels.hybrid_matmul", "kernels.launch"]),
+    ("kernels", ["kernels.configs", "kernels.utils", "kernels.lowrank_matmul", "kernels.hybrid_matmul",
+                 "kernels.launch"]),
     ("core: launcher, format contract, config, tuner", ["core.ops", "core.format", "core.config", "core.autotune"]),
     ("core: fitting math", ["core.calibration", "core.factorize", "core.gptq"]),
     ("formats (each imports the core, never another format)",

@@ -6,17 +6,10 @@ import json
 import pytest
 import torch
 from torch import nn
-from triton_lowrank.kernels.configs import (
-    Problem,
-    TileConfig,
-    candidate_configs,
-    default_config,
-    m_bucket,
-    smem_bytes,
-)
+from triton_lowrank.kernels.configs import Problem, TileConfig, m_bucket, smem_bytes
 
 from triton_lowrank.compression.pretune import pretune_model
-from triton_lowrank.core.autotune import Autotuner, problem_key, resolve_mode
+from triton_lowrank.core.autotune import Autotuner, candidate_configs, default_config, problem_key, resolve_mode
 from triton_lowrank.formats.lowrank.layer import LowRankLinear
 
 PROBLEM = Problem(m=1, n=6400, k=1600, rank=400, bits=8, group_size=0)

@@ -133,9 +133,8 @@ TOY_FORMAT = WeightFormat(
     reference=row_int8_reference,
     problem=row_int8_problem,
     problem_key=lambda p: "rowint8-",
-    default_config=lambda p, num_sms=132, interpret=False: TileConfig("split", 16, 32, 32, 16),
-    candidates=lambda p, mode, num_sms=132, smem_limit=0: [TileConfig("split", 16, 32, 32, 16),
-                                                           TileConfig("split", 64, 64, 64, 16)],
+    default_config=lambda p, *sizes: TileConfig("split", 16, 32, 32, 16),
+    candidates=lambda p, mode, *sizes: [TileConfig("split", 16, 32, 32, 16), TileConfig("split", 64, 64, 64, 16)],
     random_storage=lambda p, dtype, device: RowInt8Weights(
         torch.randint(-127, 128, (p.n, p.k), dtype=torch.int8, device=device),
         torch.rand(p.n, device=device) + 0.5, None),

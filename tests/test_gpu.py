@@ -7,10 +7,10 @@ import time
 
 import pytest
 import torch
-from triton_lowrank.kernels.configs import Problem, default_config
+from triton_lowrank.kernels.configs import Problem
 from triton_lowrank.kernels.launch import launch
 
-from triton_lowrank.core.autotune import Autotuner
+from triton_lowrank.core.autotune import Autotuner, default_config
 from triton_lowrank.core.factors import round_factors
 from triton_lowrank.core.reference import lowrank_reference
 from triton_lowrank.formats.hybrid.layer import HybridLinear

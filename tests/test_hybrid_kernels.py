@@ -12,10 +12,10 @@ import test_kernels
 import torch
 from test_kernels import DEVICE
 from triton_lowrank.kernels import launch as kernel_launch
-from triton_lowrank.kernels.configs import TileConfig, candidate_configs, default_config
+from triton_lowrank.kernels.configs import TileConfig
 
 from triton_lowrank.core import ops
-from triton_lowrank.core.autotune import problem_key
+from triton_lowrank.core.autotune import candidate_configs, default_config, problem_key
 from triton_lowrank.core.format import FORMATS
 from triton_lowrank.formats.hybrid.op import hybrid_matmul, hybrid_problem_for
 from triton_lowrank.formats.hybrid.storage import HybridWeights, hybrid_reference, random_hybrid_weights

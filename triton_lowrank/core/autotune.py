@@ -38,6 +38,7 @@ from triton_lowrank.core.ops import use_config_selector
 from triton_lowrank.kernels.configs import (
     DEFAULT_NUM_SMS,
     DEFAULT_SMEM_BYTES,
+    FUSED_MAX_M,
     Problem,
     TileConfig,
     m_bucket,
@@ -51,6 +52,19 @@ CACHE_VERSION = 2  # 2: the decode path of issue 9 replaced the fused one; older
 _DTYPE_NAMES = {2: "float16", 4: "float32"}  # when a caller gives no dtype
 
 Timer = Callable[[Problem, TileConfig], float]  # -> milliseconds
+
+
+def default_config(p: Problem, num_sms: int = DEFAULT_NUM_SMS, interpret: bool = False,
+                   fused_max_m: int = FUSED_MAX_M) -> TileConfig:
+    """The no-benchmark heuristic (CI, the interpreter, any untuned shape): the problem's format's own."""
+    return format_for_problem(p).default_config(p, num_sms, interpret, fused_max_m)
+
+
+def candidate_configs(p: Problem, mode: str, num_sms: int = DEFAULT_NUM_SMS, smem_limit: int = DEFAULT_SMEM_BYTES,
+                      fused_max_m: int = FUSED_MAX_M) -> list[TileConfig]:
+    """Deterministically ordered, deduplicated candidates for `mode` ("default", "fast", "max"), the heuristic
+    first (ties resolve to it): the problem's format's own."""
+    return format_for_problem(p).candidates(p, mode, num_sms, smem_limit, fused_max_m)
 
 
 def resolve_mode(mode: str | None = None) -> str:
@@ -211,7 +225,7 @@ class Autotuner:
             return cached
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         if self.mode == "default" or capturing:
-            return format_for_problem(p).default_config(p, self.num_sms)
+            return default_config(p, self.num_sms)
         return self.tune(p, dtype)
 
     def tune(self, p: Problem, dtype: torch.dtype | str | None = None, mode: str | None = None,
@@ -219,7 +233,7 @@ class Autotuner:
         """Benchmark the candidates of `mode`; fastest median wins, ties go to the earlier candidate."""
         mode = mode or self.mode
         dtype = dtype or _DTYPE_NAMES[p.x_bytes]
-        candidates = format_for_problem(p).candidates(p, mode, self.num_sms, self.smem_bytes)
+        candidates = candidate_configs(p, mode, self.num_sms, self.smem_bytes)
         if mode == "default" or len(candidates) == 1:
             best, best_ms = candidates[0], float("nan")
         else:

@@ -134,8 +134,8 @@ class WeightFormat:
     problem: Callable | None = None  # (storage, m, x_bytes) -> the kernel Problem of m activation rows
     # --- kernels: problems, tile configs, launch
     problem_key: Callable | None = None  # (Problem) -> the autotune key's format part ("" for the default)
-    default_config: Callable | None = None  # (Problem, num_sms, interpret) -> TileConfig
-    candidates: Callable | None = None  # (Problem, mode, num_sms, smem_limit) -> [TileConfig], the default first
+    default_config: Callable | None = None  # (Problem, num_sms, interpret, fused_max_m) -> TileConfig
+    candidates: Callable | None = None  # (Problem, mode, num_sms, smem_limit, fused_max_m) -> [TileConfig], default first
     launch: Callable | None = None  # (x2d, storage, config, out2d) -> None; None where Triton is missing
     random_storage: Callable | None = None  # (Problem, dtype, device) -> storage, for tests, benches, the tuner
 

@@ -19,8 +19,9 @@ def problem_key(problem) -> str:
     return f"base-int{problem.base_bits}-g{problem.base_group_size}-"
 
 
-def candidates(problem, mode, num_sms=configs.DEFAULT_NUM_SMS, smem_limit=configs.DEFAULT_SMEM_BYTES):
-    first = configs.hybrid_default_config(problem, num_sms)
+def candidates(problem, mode, num_sms=configs.DEFAULT_NUM_SMS, smem_limit=configs.DEFAULT_SMEM_BYTES,
+               fused_max_m=configs.FUSED_MAX_M):
+    first = configs.hybrid_default_config(problem, num_sms, fused_max_m=fused_max_m)
     if mode == "default":
         return [first]
     return configs.hybrid_candidate_configs(problem, first, mode == "max", num_sms, smem_limit)

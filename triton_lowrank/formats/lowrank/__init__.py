@@ -20,6 +20,14 @@ def problem_key(problem) -> str:
     return ""  # the default format's keys carry no prefix (cache entries written before formats had one stay valid)
 
 
+def candidates(problem, mode, num_sms=configs.DEFAULT_NUM_SMS, smem_limit=configs.DEFAULT_SMEM_BYTES,
+               fused_max_m=configs.FUSED_MAX_M):
+    first = configs.lowrank_default_config(problem, num_sms, fused_max_m=fused_max_m)
+    if mode == "default":
+        return [first]
+    return configs.lowrank_candidate_configs(problem, first, mode == "max", num_sms, smem_limit, fused_max_m)
+
+
 def random_storage(problem, dtype, device) -> LowRankFactors:
     return random_factors(problem.k, problem.n, problem.rank, problem.bits, problem.group_size, dtype, device=device)
 
@@ -40,8 +48,8 @@ LOWRANK = register_weight_format(WeightFormat(
     reference=lowrank_reference,
     problem=problem_for,
     problem_key=problem_key,
-    default_config=configs.default_config,
-    candidates=configs.candidate_configs,
+    default_config=configs.lowrank_default_config,
+    candidates=candidates,
     launch=launch,
     random_storage=random_storage,
 ))
