@@ -20,7 +20,7 @@ PACKAGE = "triton_lowrank"
 LAYERS = [
     ("storage and reference math", ["quant", "factors", "reference", "hybrid_storage"]),
     ("kernels", ["kernels", "kernels.configs", "kernels.lowrank_matmul", "kernels.hybrid_matmul", "kernels.launch"]),
-    ("launcher and custom op", ["ops"]),
+    ("launcher and custom op", ["cpu_ops", "ops"]),
     ("autotuner", ["autotune"]),
     ("modules", ["formats", "layers", "hybrid_layers", "pretune"]),
     ("compression", ["config", "calibration", "factorize", "gptq", "sequential", "compress", "hybrid_fit"]),

@@ -5,7 +5,8 @@ torch.compile(fullgraph=True) and CUDA-graph capture treat it as one opaque node
 is the one switch between the Triton kernels and the PyTorch reference:
   CUDA tensors                      -> Triton kernels
   CPU tensors, TRITON_INTERPRET=1   -> the same kernels through the Triton interpreter (how CI tests them)
-  CPU tensors otherwise             -> lowrank_reference
+  CPU tensors otherwise             -> cpu_ops: PyTorch's weight-only int8/int4 CPU kernels on storage packed once
+                                       per layer (bf16 activations), else lowrank_reference / hybrid_reference
 Activations may be float16, bfloat16 or float32 (fp32 runs the kernels with IEEE fp32 dots).
 Inference only: the op has no autograd formula.
 
@@ -21,11 +22,11 @@ from collections.abc import Callable
 
 import torch
 
+from .cpu_ops import hybrid_cpu, lowrank_cpu
 from .factors import LowRankFactors
-from .hybrid_storage import HybridWeights, hybrid_reference
+from .hybrid_storage import HybridWeights
 from .kernels.configs import Problem, TileConfig, default_config
 from .quant import BASE_BITS, SUPPORTED_BITS, ZERO_POINT_BITS, storage_group_size
-from .reference import lowrank_reference
 
 try:
     from .kernels.launch import launch, launch_hybrid
@@ -108,9 +109,10 @@ def problem_for(f: LowRankFactors, m: int, x_bytes: int) -> Problem:
 
 def run_format(op: str, x: torch.Tensor, stored, config: TileConfig | None, out: torch.Tensor | None,
                reference: Callable, problem_of: Callable, launcher: Callable | None) -> torch.Tensor:
-    """The path every weight format shares once its inputs are checked: validate `out`; the reference where
-    kernels do not run; else x as row-major 2-D, allocate, pick a config (the selector, or small tiles under the
-    interpreter: numpy stays fast), launch. `stored` is the format's NamedTuple (LowRankFactors, HybridWeights)."""
+    """The path every weight format shares once its inputs are checked: validate `out`; `reference` where
+    kernels do not run (the format's cpu_ops function: packed CPU kernels, else the reference); else x as
+    row-major 2-D, allocate, pick a config (the selector, or small tiles under the interpreter: numpy stays
+    fast), launch. `stored` is the format's NamedTuple (LowRankFactors, HybridWeights)."""
     lead, n = x.shape[:-1], stored.out_features
     if out is not None and (out.shape != (*lead, n) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"{op}: out must be contiguous {x.dtype} of shape {(*lead, n)}, got {out.dtype} "
@@ -135,7 +137,7 @@ def run_format(op: str, x: torch.Tensor, stored, config: TileConfig | None, out:
 def _forward(x: torch.Tensor, f: LowRankFactors, config: TileConfig | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
     check_inputs(x, f)
-    return run_format("lowrank_matmul", x, f, config, out, lowrank_reference, problem_for, launch)
+    return run_format("lowrank_matmul", x, f, config, out, lowrank_cpu, problem_for, launch)
 
 
 @torch.library.custom_op(
@@ -244,7 +246,7 @@ def hybrid_problem_for(w: HybridWeights, m: int, x_bytes: int) -> Problem:
 def _forward_hybrid(x: torch.Tensor, w: HybridWeights, config: TileConfig | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     check_hybrid_inputs(x, w)
-    return run_format("hybrid_matmul", x, w, config, out, hybrid_reference, hybrid_problem_for, launch_hybrid)
+    return run_format("hybrid_matmul", x, w, config, out, hybrid_cpu, hybrid_problem_for, launch_hybrid)
 
 
 def hybrid_matmul(x: torch.Tensor, weights: HybridWeights, *, out: torch.Tensor | None = None,
