@@ -6,11 +6,19 @@ RTOL_BF16 (bf16 roundings: the kernels' bf16 scales and intermediate, against th
 once); fp32 and fp16 activations, and bases the kernels cannot take, run the reference itself: exactly equal.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import make_tiny_gpt2
 
 from triton_lowrank import cpu_ops
 from triton_lowrank.factors import random_factors
+from triton_lowrank.generation_bench import measure_generation, speed_dtype
 from triton_lowrank.hybrid_layers import HybridLinear
 from triton_lowrank.hybrid_storage import hybrid_reference, random_hybrid_weights
 from triton_lowrank.layers import LowRankLinear
@@ -18,6 +26,7 @@ from triton_lowrank.ops import hybrid_matmul, lowrank_matmul, uses_kernels
 from triton_lowrank.quant import pack_codes
 from triton_lowrank.reference import lowrank_reference
 
+ROOT = Path(__file__).resolve().parents[1]
 BF16 = torch.bfloat16
 # bf16 keeps 8 significant bits (2^-8 = 0.4%) and the kernels round three times (scales or a bf16 factor copy,
 # the rank-r intermediate, the output): within 1.5% of the output's scale, or 2% of the value
@@ -198,3 +207,24 @@ def test_torch_compile_keeps_the_custom_op_and_its_pack():
         for _ in range(3):
             assert torch.equal(compiled(x), expected)
     assert cpu_ops.PACK_STATS["packs"] == packs  # the eager call's pack serves the compiled graph
+
+
+def test_timings_run_dense_and_compressed_in_the_cpu_speed_dtype():
+    model = make_tiny_gpt2()  # fp32, as loading.runtime loads on the CPU
+    result = measure_generation(model, torch.zeros(1, 3, dtype=torch.long), new_tokens=2, warmup=False)
+    assert result["dtype"] == str(speed_dtype("cpu")).removeprefix("torch.")
+    assert next(model.parameters()).dtype == torch.float32  # timed on a copy: the caller's model is not cast
+    assert speed_dtype("cpu") in (torch.bfloat16, torch.float32) and speed_dtype("cuda") is None
+
+
+@pytest.mark.slow
+def test_the_cpu_benchmark_dry_run_runs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "bench/cpu_bench.py", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tmp_path / "cpu_bench.json").read_text())
+    assert written["dry_run"] and written["layer"]["rows"] and len(written["decode"]) == 2
+    for case in written["decode"]:
+        assert all("kl" in row for row in case["rows"] if row["model"] not in ("dense", "floor (layers stubbed)"))
+        assert case["packs_during_timing"] == 0  # packed at the warm-up and quality passes, never while timed
