@@ -38,7 +38,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from triton_lowrank import LowRankConfig, compress_model, embedded_model_path
-from triton_lowrank.cpu_ops import CPU_DTYPE, PACK_STATS
+from triton_lowrank.cpu_ops import CPU_DTYPE, PACK_STATS, factors_matmul, factors_pack, lowrank_cpu
 from triton_lowrank.eval_data import batches, text_windows
 from triton_lowrank.factors import random_factors
 from triton_lowrank.formats import compressed_layers
@@ -122,6 +122,25 @@ def layer_bench(n_in: int, n_out: int, rank: int, rounds: int, calls: int) -> di
     rows = [{"candidate": name, "us": s * 1e6, "speedup_vs_bf16_dense": bf16 / s,
              "rel_error_vs_fp32_product": rel.get(name)} for name, s in seconds.items()]
     return {"shape": {"in": n_in, "out": n_out, "rank": rank, "m": 1, "dtype": "bfloat16"}, "rows": rows}
+
+
+@torch.no_grad()
+def overhead_bench(n_in: int, n_out: int, rank: int, rounds: int, calls: int) -> dict:
+    """Per-call cost of a small layer (the embedded GPT-2's c_fc shape) through the module and custom op, against
+    its kernels alone (cpu_ops' matmuls on the pack) and dense bf16: what a tiny model's layers pay per call."""
+    f = random_factors(n_in, n_out, rank, 8, dtype=CPU_DTYPE, bias=True)
+    layer = LowRankLinear.from_factors(f, CPU_DTYPE)
+    x = torch.randn(1, 1, n_in).to(CPU_DTYPE)
+    x2d, pack = x.reshape(1, n_in), factors_pack(f)
+    weight = layer.dequantized_weight().to(CPU_DTYPE)
+    seconds = interleaved({
+        "LowRankLinear (module, custom op, cpu_ops)": lambda: layer(x),
+        "cpu_ops.lowrank_cpu (no op, no checks)": lambda: lowrank_cpu(x, f),
+        "the two int8 kernels alone": lambda: factors_matmul(x2d, f, pack),
+        "dense bf16 F.linear": lambda: F.linear(x, weight, layer.bias),
+    }, rounds, calls)
+    return {"shape": {"in": n_in, "out": n_out, "rank": rank, "m": 1, "dtype": "bfloat16"},
+            "rows": [{"candidate": name, "us": s * 1e6} for name, s in seconds.items()]}
 
 
 # ----------------------------------------------------------------------------- (b) decode
@@ -239,6 +258,11 @@ def main(argv=None) -> int:
             err = row["rel_error_vs_fp32_product"]
             print(f"  {row['candidate']:<48} {row['us']:9.1f} us  {row['speedup_vs_bf16_dense']:5.2f}x bf16 dense"
                   + ("" if err is None else f"  rel.err {err:.2e}"))
+        small = (64, 256, 16) if dry else (256, 1024, 64)
+        results["overhead"] = overhead_bench(*small, rounds=3 if dry else 3 * rounds, calls=2 if dry else 200)
+        print(f"\n    per-call cost at {small[0]}->{small[1]} rank {small[2]} (the embedded model's c_fc), M=1, bf16")
+        for row in results["overhead"]["rows"]:
+            print(f"  {row['candidate']:<48} {row['us']:9.1f} us")
 
     cases = []
     if "embedded" not in args.skip:

@@ -193,7 +193,7 @@ def hybrid_pack(w: HybridWeights) -> HybridPack:
 # ----------------------------------------------------------------------------- the matmuls
 
 
-def _factors_matmul(x2d: torch.Tensor, f: LowRankFactors, p: FactorsPack) -> torch.Tensor:
+def factors_matmul(x2d: torch.Tensor, f: LowRankFactors, p: FactorsPack) -> torch.Tensor:
     """[M, in] bf16 -> [M, out] bf16 through the factors (no bias)."""
     if p.kind == "float":
         return F.linear(x2d, f.down) @ f.up_t  # [M, r] -> [M, out]
@@ -221,7 +221,7 @@ def lowrank_cpu(x: torch.Tensor, f: LowRankFactors) -> torch.Tensor:
     if not uses_cpu_kernels(x):
         return lowrank_reference(x, f)
     x2d = x.reshape(-1, f.in_features)
-    return _finish(_factors_matmul(x2d.contiguous(), f, factors_pack(f)), f.bias, x.shape[:-1])
+    return _finish(factors_matmul(x2d.contiguous(), f, factors_pack(f)), f.bias, x.shape[:-1])
 
 
 def hybrid_cpu(x: torch.Tensor, w: HybridWeights) -> torch.Tensor:
@@ -231,5 +231,5 @@ def hybrid_cpu(x: torch.Tensor, w: HybridWeights) -> torch.Tensor:
     p = hybrid_pack(w)
     x2d = x.reshape(-1, w.in_features).contiguous()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, p.base, w.base_group_size, p.base_scale_zero)
-    y = y[:, : w.out_features] + _factors_matmul(x2d, w.correction, p.correction)
+    y = y[:, : w.out_features] + factors_matmul(x2d, w.correction, p.correction)
     return _finish(y, w.bias, x.shape[:-1])
