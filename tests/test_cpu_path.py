@@ -22,7 +22,7 @@ from triton_lowrank.generation_bench import measure_generation, speed_dtype
 from triton_lowrank.hybrid_layers import HybridLinear
 from triton_lowrank.hybrid_storage import hybrid_reference, random_hybrid_weights
 from triton_lowrank.layers import LowRankLinear
-from triton_lowrank.ops import hybrid_matmul, lowrank_matmul, uses_kernels
+from triton_lowrank.ops import eager_cpu, hybrid_matmul, lowrank_matmul, uses_kernels
 from triton_lowrank.quant import pack_codes
 from triton_lowrank.reference import lowrank_reference
 
@@ -228,3 +228,10 @@ def test_the_cpu_benchmark_dry_run_runs(tmp_path):
     for case in written["decode"]:
         assert all("kl" in row for row in case["rows"] if row["model"] not in ("dense", "floor (layers stubbed)"))
         assert case["packs_during_timing"] == 0  # packed at the warm-up and quality passes, never while timed
+
+
+def test_eager_cpu_calls_skip_the_dispatcher_but_meta_and_traced_calls_keep_the_op():
+    x = torch.randn(1, 64).to(BF16)
+    assert eager_cpu(x) and not eager_cpu(x.to("meta")) and not eager_cpu(x.requires_grad_())
+    layer = LowRankLinear(64, 96, 8, bits=8, dtype=BF16, device="meta")
+    assert layer(torch.empty(2, 64, dtype=BF16, device="meta")).shape == (2, 96)  # the op's fake

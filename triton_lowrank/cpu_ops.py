@@ -23,7 +23,7 @@ never dequantize a whole stored matrix per call. What runs, for bfloat16 activat
 
 Packing: the first call with a layer's storage builds its pack; later calls reuse it. The cache is keyed weakly
 by the stored tensor object (`down`, or the hybrid `base`) and checked against a fingerprint of every stored tensor
-(data pointer, version counter, shape, dtype) and the format fields, so a pack never outlives its tensors and is
+(object, data pointer, version counter) and the format fields, so a pack never outlives its tensors and is
 rebuilt after an in-place change (load_state_dict copies) or when the module is moved or cast (_apply makes new
 tensors, the old pack dies with the old ones). Nothing is registered on the module: state_dict and checkpoints are
 untouched. The pack is looked up inside the custom op's real implementation, so torch.compile sees the same opaque
@@ -77,9 +77,10 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-def _fingerprint(tensors, fields) -> tuple:
-    return tuple(None if t is None else (t.data_ptr(), _version(t), tuple(t.shape), t.dtype) for t in tensors) + tuple(
-        fields)
+def _fingerprint(tensors, fields) -> list:
+    """What identifies a storage's contents without reading them: each tensor's object, address and version
+    (in-place writes bump it; a new tensor is a new object), and the format fields."""
+    return [None if t is None else (id(t), t.data_ptr(), _version(t)) for t in tensors] + list(fields)
 
 
 def _cached(key: torch.Tensor, tensors, fields, build):
@@ -212,8 +213,8 @@ def factors_matmul(x2d: torch.Tensor, f: LowRankFactors, p: FactorsPack) -> torc
 
 def _finish(y: torch.Tensor, bias: torch.Tensor | None, lead) -> torch.Tensor:
     if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.reshape(*lead, y.shape[-1])
+        y.add_(bias)  # y is the kernels' own fresh output
+    return y.view(*lead, y.shape[-1])
 
 
 def lowrank_cpu(x: torch.Tensor, f: LowRankFactors) -> torch.Tensor:

@@ -107,6 +107,14 @@ def problem_for(f: LowRankFactors, m: int, x_bytes: int) -> Problem:
     return Problem(m, f.out_features, f.in_features, f.rank, f.bits, storage_group_size(f.bits, f.group_size), x_bytes)
 
 
+def eager_cpu(x: torch.Tensor) -> bool:
+    """A plain CPU tensor outside torch.compile/export and autograd, where no kernel runs: the op's body is called
+    directly (the custom-op dispatcher costs ~20 us a call, more than a small layer's CPU kernels); traced,
+    fake, meta and CUDA calls keep going through torch.ops."""
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and not x.requires_grad
+            and not torch.compiler.is_compiling() and not uses_kernels(x))
+
+
 def run_format(op: str, x: torch.Tensor, stored, config: TileConfig | None, out: torch.Tensor | None,
                reference: Callable, problem_of: Callable, launcher: Callable | None) -> torch.Tensor:
     """The path every weight format shares once its inputs are checked: validate `out`; `reference` where
@@ -166,7 +174,7 @@ def lowrank_matmul(x: torch.Tensor, factors: LowRankFactors, *, out: torch.Tenso
     """
     if not isinstance(factors, LowRankFactors):
         raise TypeError(f"lowrank_matmul: expected LowRankFactors (layer.factors()), got {type(factors).__name__}")
-    if out is not None or config is not None:
+    if out is not None or config is not None or eager_cpu(x):
         return _forward(x, factors, config, out)
     return torch.ops.triton_lowrank.lowrank_matmul(*factors_args(x, factors))
 
@@ -259,7 +267,7 @@ def hybrid_matmul(x: torch.Tensor, weights: HybridWeights, *, out: torch.Tensor 
     """
     if not isinstance(weights, HybridWeights):
         raise TypeError(f"hybrid_matmul: expected HybridWeights (layer.weights()), got {type(weights).__name__}")
-    if out is not None or config is not None:
+    if out is not None or config is not None or eager_cpu(x):
         return _forward_hybrid(x, weights, config, out)
     c = weights.correction
     return torch.ops.triton_lowrank.hybrid_matmul(
