@@ -231,6 +231,44 @@ def embedded_case(dry: bool):
     return dense, calibration, held_out, prompt
 
 
+def markdown(results: dict) -> str:
+    """The results as README tables (bench/results/cpu/README.md is written from cpu_bench.json by this)."""
+    env = results["machine"]
+    lines = ["# CPU benchmark (`bench/cpu_bench.py`)", "",
+             f"Machine: {env['cpu']}, {env['cores']} cores shared with other jobs (load average at the start "
+             f"{env['load_average'][0]}), torch {env['torch']} ({env['cpu_capability']}), {env['threads']} torch "
+             f"thread(s), bf16 activations. The machine is shared and noisy: absolute times are inflated and vary "
+             "from run to run; every candidate is timed in interleaved rounds (medians), so read the ratios.", ""]
+    if "layer" in results:
+        shape = results["layer"]["shape"]
+        lines += [f"## One layer: {shape['in']} -> {shape['out']}, rank {shape['rank']}, M = 1, bf16", "",
+                  "| candidate | µs (median) | vs bf16 dense | rel. error vs the fp32 product |", "|---|---|---|---|"]
+        for row in results["layer"]["rows"]:
+            err = row["rel_error_vs_fp32_product"]
+            lines.append(f"| {row['candidate']} | {row['us']:.0f} | {row['speedup_vs_bf16_dense']:.2f}x | "
+                         + ("" if err is None else f"{err:.1e}") + " |")
+        small = results["overhead"]["shape"]
+        lines += ["", f"Per-call cost of a small layer ({small['in']} -> {small['out']}, rank {small['rank']}: the "
+                  "embedded GPT-2's c_fc), M = 1:", "", "| path | µs (median) |", "|---|---|"]
+        lines += [f"| {row['candidate']} | {row['us']:.1f} |" for row in results["overhead"]["rows"]]
+    for case in results.get("decode", []):
+        lines += ["", f"## Greedy decode: {case['model']}", "",
+                  f"Batch 1, {case['new_tokens']} new tokens after a {case['prompt_tokens']}-token prompt, "
+                  f"{case['dtype']}, compression method `{case['method']}`. Quality on {case['eval_windows'][0]} "
+                  f"held-out windows of {case['eval_windows'][1]} tokens, same bf16 models as timed. The floor "
+                  f"(every compressible layer stubbed out) is {case['floor_share_of_dense']:.0%} of the dense "
+                  "per-token time; 'layers vs dense' is the speed-up of what lies above it.", "",
+                  "| model | tokens/s | ms/token (median, min) | vs dense | layers vs dense | weight MB | KL | "
+                  "top-1 |", "|---|---|---|---|---|---|---|---|"]
+        for row in case["rows"]:
+            quality = (f"{row['layers_speedup']:.2f}x | {row['weight_bytes'] / 1e6:.1f} | {row['kl']:.4f} | "
+                       f"{row['top1_agreement']:.3f}") if "kl" in row else f" | {row['weight_bytes'] / 1e6:.1f} | | "
+            fastest = row.get("ms_per_token_min", float("nan"))
+            lines.append(f"| {row['model']} | {row['tokens_per_s']:.1f} | {row['ms_per_token']:.1f}, {fastest:.1f} | "
+                         f"{row['speedup_vs_dense']:.2f}x | {quality} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, one round: checks the script (seconds)")
@@ -241,9 +279,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     parser.add_argument("--skip", nargs="*", default=(), choices=("layer", "embedded", "gpt2-small"),
                         help="parts to leave out")
+    parser.add_argument("--markdown-from", type=Path, default=None, metavar="JSON",
+                        help="only print the README tables of a cpu_bench.json")
     parser.add_argument("--out", type=Path, default=None,
                         help="write cpu_bench.json here (default bench/results/cpu/; none for --dry-run)")
     args = parser.parse_args(argv)
+    if args.markdown_from is not None:
+        print(markdown(json.loads(args.markdown_from.read_text())), end="")
+        return 0
     dry = args.dry_run
     if args.threads or dry:
         torch.set_num_threads(args.threads or 1)
@@ -294,6 +337,7 @@ def main(argv=None) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "cpu_bench.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / "cpu_bench.md").write_text(markdown(results))
         print(f"\nwrote {out / 'cpu_bench.json'}")
     return 0
 

@@ -161,6 +161,7 @@ def test_packing_happens_once_per_layer_and_never_touches_the_state_dict():
     after = layer.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert not any(isinstance(v, cpu_ops.FactorsPack) for v in vars(layer).values())
+    assert cpu_ops.factors_pack(layer.factors()).down_kernel is None  # int8 down read in place: no copy
 
 
 def test_a_changed_or_moved_layer_is_packed_again():

@@ -27,11 +27,13 @@ by the stored tensor object (`down`, or the hybrid `base`) and checked against a
 rebuilt after an in-place change (load_state_dict copies) or when the module is moved or cast (_apply makes new
 tensors, the old pack dies with the old ones). Nothing is registered on the module: state_dict and checkpoints are
 untouched. The pack is looked up inside the custom op's real implementation, so torch.compile sees the same opaque
-op with the same schema and fake. Memory: a pack holds about the stored bytes again (int8 up_t transposed; int4
-codes in the kernel's layout), bf16 copies of int4 factors four times theirs.
+op with the same schema and fake. Memory: the kernels cannot read every stored tensor as it is, so a pack holds
+copies: int8 factors, up_t transposed (down is read in place when `in` is a multiple of 16); int4 factors and
+bases, the codes again in the kernel's layout; bf16 copies of int4 factors four times their bytes.
 
 The kernels need K (the reduction width) a multiple of 16 (int8: it crashes otherwise) and N a multiple of 16
-(int4): packs pad ranks and widths with zero rows/columns, and x is zero-padded per call only when `in` is not.
+(int4): packs pad ranks and widths with zero rows/columns; per call, x is zero-padded only when `in` is not a
+multiple of 16, and the int8 intermediate h when the rank is not.
 """
 
 from __future__ import annotations
@@ -131,8 +133,8 @@ class FactorsPack:
 
     kind: str  # "int8", "int4", "float"
     in_pad: int  # x's width as the first kernel reads it (a multiple of 16 for the int kernels)
-    down_kernel: torch.Tensor | None  # int8 [r_pad, in_pad] / int4 kernel layout / bf16 [r, in]
-    down_scale: torch.Tensor | None  # int8: bf16 [r_pad] s_down * s_up; int4 kernel: bf16 [in / g, r_pad, 2]
+    down_kernel: torch.Tensor | None  # int8 [r, in_pad] (None: the stored down) / int4 kernel layout / bf16 [r, in]
+    down_scale: torch.Tensor | None  # int8: bf16 [r] s_down * s_up; int4 kernel: bf16 [in / g, r_pad, 2]
     up_kernel: torch.Tensor | None  # int8 [out, r_pad] / bf16 [out, h width]
     up_scale: torch.Tensor | None  # int8: bf16 ones [out]
     group_size: int  # int4 kernel group size for down (0 when down is a bf16 copy)
@@ -144,10 +146,10 @@ def pack_factors(f: LowRankFactors) -> FactorsPack:
         return FactorsPack("float", n_in, None, None, None, None, 0)
     r_pad = _ceil(r)
     if f.bits == 8:
-        in_pad = _ceil(n_in)
-        down = None if (r_pad, in_pad) == (r, n_in) else _pad2d(f.down, r_pad, in_pad)
-        scale = F.pad(f.down_scale * f.up_t_scale, (0, r_pad - r)).to(CPU_DTYPE)
-        up = _pad2d(f.up_t.t(), n_out, r_pad)  # [out, r_pad] codes
+        in_pad = _ceil(n_in)  # the stored down is read as it is unless `in` needs padding (rank rows need none)
+        down = None if in_pad == n_in else _pad2d(f.down, r, in_pad)
+        scale = (f.down_scale * f.up_t_scale).to(CPU_DTYPE)  # [r]
+        up = _pad2d(f.up_t.t(), n_out, r_pad)  # [out, r_pad] codes: h is zero-padded to r_pad per call
         return FactorsPack("int8", in_pad, down, scale, up, torch.ones(n_out, dtype=CPU_DTYPE), 0)
     # int4
     up = dequantize(f.up_t, f.up_t_scale, 4, f.group_size).t()  # [out, r] fp32, once
@@ -202,7 +204,9 @@ def factors_matmul(x2d: torch.Tensor, f: LowRankFactors, p: FactorsPack) -> torc
         x2d = F.pad(x2d, (0, p.in_pad - x2d.shape[1]))
     if p.kind == "int8":
         down = f.down if p.down_kernel is None else p.down_kernel
-        h = torch._weight_int8pack_mm(x2d, down, p.down_scale)  # [M, r_pad], s_up folded in
+        h = torch._weight_int8pack_mm(x2d, down, p.down_scale)  # [M, r], s_up folded in
+        if h.shape[1] != p.up_kernel.shape[1]:
+            h = F.pad(h, (0, p.up_kernel.shape[1] - h.shape[1]))  # [M, r_pad]: K of the next kernel
         return torch._weight_int8pack_mm(h, p.up_kernel, p.up_scale)  # [M, out]
     if p.group_size:
         h = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, p.down_kernel, p.group_size, p.down_scale)  # [M, r_pad]
