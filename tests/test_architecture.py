@@ -19,6 +19,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "triton_lowrank"
+# The `triton-lowrank` entry point and argument parser: a top-level module beside the package (importing
+# anything inside the package runs its __init__, i.e. torch and transformers), standard library only, so that
+# --help and argument errors answer at once. It imports the package inside main(), once the arguments parse:
+# the one import of our own package allowed inside a function.
+ENTRY = "triton_lowrank_cli"
 
 LAYERS = [
     ("core: storage and reference math", ["core.quant", "core.nbytes", "core.factors", "core.reference",
@@ -36,6 +41,7 @@ LAYERS = [
     ("tools", ["embedded", "tools", "tools.loading", "tools.eval_data", "tools.metrics", "tools.realmodel",
                "tools.baselines", "tools.sweeps", "tools.generation_bench", "tools.demo", "tools.cli",
                "core", ""]),  # "" is the package's __init__, which exports from every layer; "core"'s is empty
+    ("command-line entry", [ENTRY]),
 ]
 LAYER_OF = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 # Imported inside functions on purpose: optional at import time (Triton is a Linux x86-64 dependency
@@ -50,6 +56,7 @@ def source_files() -> dict[str, Path]:
         files[".".join(p for p in parts if p != "__init__")] = path
     for path in sorted((ROOT / "kernels").glob("*.py")):  # installed as triton_lowrank.kernels
         files[".".join(["kernels"] + ([path.stem] if path.stem != "__init__" else []))] = path
+    files[ENTRY] = ROOT / f"{ENTRY}.py"
     return files
 
 
@@ -127,10 +134,19 @@ def test_no_imports_inside_functions_except_optional_dependencies(module):
                 names = ["." * node.level + (node.module or "")]
             else:
                 continue
-            assert all(n.split(".")[0] in OPTIONAL for n in names), (
+            late_entry = module == ENTRY and func.name == "main" and all(n.split(".")[0] == PACKAGE for n in names)
+            assert late_entry or all(n.split(".")[0] in OPTIONAL for n in names), (
                 f"{path.name}:{node.lineno} imports {names} inside {func.name}(): import at the top of the module "
                 "(only optional dependencies may be imported late)"
             )
+
+
+def test_the_entry_point_imports_only_the_standard_library():
+    """Module-level imports of triton_lowrank_cli are standard library (tests/test_cli.py runs --help and checks)."""
+    tree = ast.parse((ROOT / f"{ENTRY}.py").read_text())
+    top = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
+    top += [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and not n.level]
+    assert top and all(name.split(".")[0] in sys.stdlib_module_names for name in top), top
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):

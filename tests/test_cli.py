@@ -1,13 +1,23 @@
 """triton-lowrank CLI: one-line errors with nonzero exits, a compress/eval/generate round trip, the demo."""
 
+import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import make_tiny_gpt2, tiny_tokenizer
+from safetensors import safe_open
 
+import triton_lowrank_cli
 from triton_lowrank import HybridLinear, LowRankConfig, load_compressed
 from triton_lowrank.tools.baselines import compressed_bytes, dense_bytes
-from triton_lowrank.tools.cli import main
+from triton_lowrank.tools.generation_bench import GENERATION_MODES
+from triton_lowrank_cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +53,7 @@ def test_missing_model_folder(tmp_path, capsys):
 
 def test_two_rank_knobs(model_dir, tmp_path, capsys):
     code, _, err = run(["compress", model_dir, tmp_path / "out", "--rank", 4, "--budget", 0.5], capsys)
-    assert_one_line_error(code, err, "exactly one of rank, rank_ratio, energy, budget")
+    assert_one_line_error(code, err, "argument --budget: not allowed with argument --rank")
 
 
 def test_rank_too_big_fails_before_calibration(model_dir, tmp_path, capsys):
@@ -70,12 +80,53 @@ def test_existing_output_folder(model_dir, tmp_path, capsys):
         (["eval", "/nonexistent/dense", "/nonexistent/compressed"], "model folder not found"),
         (["generate", "/nonexistent/model", "--prompt", "hi"], "model folder not found"),
         (["demo", "--model", "/nonexistent/model", "--quick"], "model folder not found"),
-        (["demo", "--budget", "-1", "--quick"], "budget must be > 0"),
+        (["demo", "--budget", "-1", "--quick"], "argument --budget: must be > 0, got -1"),
+        (["compress", "a", "b", "--rank-ratio", "1.5"], "argument --rank-ratio: is the fraction kept, in (0, 1]"),
+        (["compress", "a", "b", "--energy", "nan"], "argument --energy: must be finite"),
     ],
 )
 def test_bad_arguments(argv, fragment, capsys):
     code, _, err = run(argv, capsys)
     assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["compress", "--help"], ["compress", "model"], ["demo", "--bits", "3"]])
+def test_help_and_argument_errors_never_import_torch(argv):
+    """`--help` and argument errors answer before the package (torch, transformers: 5-60 s) is imported."""
+    code = ("import sys, triton_lowrank_cli\n"
+            "try:\n    triton_lowrank_cli.main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'triton_lowrank') if m in sys.modules)\n"
+            "print('exit', code, 'imported', heavy, file=sys.stderr)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stderr.strip().splitlines()[-1] == f"exit {0 if '--help' in argv else 2} imported []", result.stderr
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    parser = triton_lowrank_cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = formatter._get_help_string(action)
+            assert action.help, f"{name} {action.dest} has no help text"
+            flag = action.nargs == 0
+            assert flag or action.required or "default" in text, f"{name} {action.dest}: no default in {text!r}"
+    assert triton_lowrank_cli.GENERATION_MODES == GENERATION_MODES
+
+
+def test_every_option_is_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    summary = readme[readme.index("## Command line"):readme.index("## Layout")]
+    parser = triton_lowrank_cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        assert f"triton-lowrank {name}" in summary
+        for action in command._actions:
+            for option in action.option_strings:
+                assert option in ("-h", "--help") or option in summary, f"{name} {option} is not in the README"
 
 
 def test_hub_id_without_a_reachable_hub(monkeypatch, capsys):
@@ -100,17 +151,29 @@ def test_compress_eval_generate_round_trip(model_dir, tmp_path, capsys):
     assert code == 0 and stdout.startswith("To be")
 
 
-def check_demo(argv, out, capsys):
+def check_demo(argv, out, capsys, saved_dtype="float32"):
     code, stdout, err = run([*argv, "--out", out, "--quick"], capsys)
     assert code == 0, err
+    assert "warning" not in err  # it calibrates as much as the package recommends
     result = json.loads((out / "demo.json").read_text())
-    assert {"quality", "speed", "samples", "layer_weight_bytes", "sweep"} <= set(result)
+    assert {"quality", "speed", "samples", "layer_weight_bytes", "sweep", "checkpoint_bytes"} <= set(result)
     assert result["layer_weight_bytes"]["compressed"] <= 0.5 * result["layer_weight_bytes"]["dense_fp16"]
+    check_saved_dtype(out / "model", result, saved_dtype)
     rows = result["sweep"]
     assert [r["method"] for r in rows] == ["whitened", "svd", "rtn", "rtn", "rtn", "gptq", "hybrid", "whitened"]
     check_demo_comparison(rows, stdout)
     assert (out / "sweep.png").is_file() and (out / "model" / "config.json").is_file()
     assert "tokens/s" in stdout and "top-1 agreement" in stdout and "reference path" in stdout
+
+
+def check_saved_dtype(folder, result, saved_dtype):
+    """Saved in the model's own dtype (scales stay float32), and said so next to the bytes."""
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        names = [k for k in f.keys() if "scale" not in k and not k.endswith(("down", "up_t"))]  # noqa: SIM118
+        floats = {f.get_slice(k).get_dtype() for k in names}
+    assert floats == {{"float32": "F32", "float16": "F16"}[saved_dtype]}
+    assert result["saved_dtype"] == saved_dtype
+    assert result["checkpoint_bytes"]["compressed"] < result["checkpoint_bytes"]["dense"]
 
 
 def check_demo_comparison(rows, stdout):
@@ -142,7 +205,17 @@ def test_demo_quick_on_the_embedded_model(tmp_path, capsys):
         embedded_model_path()
     except FileNotFoundError:
         pytest.skip("the embedded checkpoint is not trained yet")
-    check_demo(["demo"], tmp_path / "demo", capsys)
+    check_demo(["demo"], tmp_path / "demo", capsys, saved_dtype="float16")
+
+
+def test_demo_without_the_sweep(model_dir, tmp_path, capsys):
+    code, stdout, err = run(["demo", "--model", model_dir, "--group-size", 32, "--out", tmp_path, "--quick",
+                             "--no-sweep"], capsys)
+    assert code == 0 and "warning" not in err, err
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert len(result["sweep"]) == 1 and not (tmp_path / "sweep.png").exists()
+    assert "quality against weight bytes" not in stdout and "tokens/s" in stdout
+    assert "-> lowrank format " in stdout and "(int8 " in stdout and "float32 embeddings, norms and biases" in stdout
 
 
 def test_overwrite_replaces_only_an_earlier_checkpoint(model_dir, tmp_path, capsys, monkeypatch):
@@ -187,7 +260,8 @@ def test_compress_hybrid_with_a_budget(model_dir, tmp_path, capsys):
     assert len(layers) == 8 and len({m.rank for m in layers}) > 1  # ranks allocated across layers
     fp16 = dense_bytes(make_tiny_gpt2(vocab_size=loaded.config.vocab_size), LowRankConfig(budget=0.5))
     assert 0.45 * fp16 < compressed_bytes(loaded) <= 0.5 * fp16
-    assert f"of the fp16 dense weights ({fp16:,})" in out
+    assert "compressed layers (hybrid format): " in out and "(uint8 " in out and "float32 " in out
+    assert f"of their float16 dense weights ({fp16:,} bytes)" in out
     code, _, err = run(["compress", model_dir, tmp_path / "small", "--budget", 0.3, *hybrid], capsys)
     assert_one_line_error(code, err, "use budget >= 0.3")
     assert not (tmp_path / "small").exists()

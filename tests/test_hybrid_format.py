@@ -23,7 +23,7 @@ from triton_lowrank.core.format import FORMATS
 from triton_lowrank.core.quant import ZERO_POINT_BITS, quantize, quantize_zero_point
 from triton_lowrank.core.reference import dequantized_factors
 from triton_lowrank.formats.hybrid.storage import dequantize_base
-from triton_lowrank.tools.cli import main
+from triton_lowrank_cli import main
 
 
 def random_weights(in_features=64, out_features=48, base_bits=4, base_group_size=16, rank=8, bits=8,

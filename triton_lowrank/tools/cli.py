@@ -1,21 +1,17 @@
-"""`triton-lowrank`: compress, eval, generate, bench, autotune and demo from the command line.
+"""The commands behind `triton-lowrank` (compress, eval, generate, bench, autotune, demo).
 
-Every expected failure (bad arguments, missing folders, invalid ranks, an existing output
-folder, no GPU for autotune) ends as ONE line on stderr and a nonzero exit, never a traceback;
-warnings (a clamped budget, a recovered save) are one line each too. Arguments that can be checked
-without the model's weights (output folder, lengths against the model's context, text files) are
-checked before any model is loaded.
+The entry point and argument parser are `triton_lowrank_cli` (outside the package, standard library only,
+so that `--help` and argument errors never wait for torch); it imports this module once the arguments parse
+and calls `run(args)`. Expected failures raise ValueError / OSError / ImportError, which the entry point
+prints as ONE line on stderr with a nonzero exit. Arguments that can be checked without the model's weights
+(output folder, lengths against the model's context, text files) are checked before any model is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import socket
-import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,9 +31,9 @@ from triton_lowrank.compression.pretune import pretune_model
 from triton_lowrank.core.config import LowRankConfig
 from triton_lowrank.embedded import embedded_model_path
 from triton_lowrank.tools.baselines import compress_copy, compressed_bytes, dense_bytes
-from triton_lowrank.tools.demo import greedy, run_demo
+from triton_lowrank.tools.demo import describe_bytes, dtype_bytes, greedy, run_demo
 from triton_lowrank.tools.eval_data import calibration_batches, context_length
-from triton_lowrank.tools.generation_bench import GENERATION_MODES, measure_generation, weight_bytes
+from triton_lowrank.tools.generation_bench import measure_generation
 from triton_lowrank.tools.loading import (
     MissingTokenizer,
     checkpoint_dtype,
@@ -48,18 +44,8 @@ from triton_lowrank.tools.loading import (
 )
 from triton_lowrank.tools.metrics import evaluate
 
-PROG = "triton-lowrank"
 # "gpt2" or "org/name": what a hub id looks like; anything else missing locally is a missing folder.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-BITS = {"16": None, "8": 8, "4": 4}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage plus the error; the CLI promises a single line."""
-
-    def error(self, message: str):
-        print(f"{PROG}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def resolve_model(name: str) -> str:
@@ -161,7 +147,7 @@ def rank_config(args) -> LowRankConfig:
         # No default budget here: what a hybrid budget must hold depends on the base (--base-bits, its groups).
         raise ValueError("--base-bits needs the correction's rank: --rank, --rank-ratio or --budget")
     return LowRankConfig(
-        **(knobs or {"budget": 0.5}), bits=BITS[args.bits], group_size=args.group_size, method=args.method, **base
+        **(knobs or {"budget": 0.5}), bits=args.bits, group_size=args.group_size, method=args.method, **base
     )
 
 
@@ -185,16 +171,11 @@ def cmd_compress(args) -> None:
 
 def compress_and_save(args, source: str, config: LowRankConfig, calib_text: str | None, out: Path) -> None:
     model, tokenizer = load(source)
-    layers = validate_layers(model, config)  # bad ranks/bits/weights fail before calibration sampling
+    validate_layers(model, config)  # bad ranks/bits/weights fail before calibration sampling
     calibration = None
     if config.needs_calibration:
-        recommended = recommended_calib_tokens(layers)
         seq_len = args.seq_len or context_length(model)
-        tokens = args.calib_tokens or recommended
-        if tokens < recommended:
-            print(f"{PROG}: warning: --calib-tokens {tokens:,} is below the {recommended:,} recommended (8x the widest "
-                  "layer's input features); whitening falls back toward plain SVD", file=sys.stderr)
-        samples = args.calib_samples or -(-tokens // seq_len)
+        samples = args.calib_samples or calibration_windows(model, config, args.calib_tokens, seq_len)
         calibration = calibration_batches(model, tokenizer, calib_text, samples, seq_len)
     fp16_bytes = dense_bytes(model, config)
     stored_dtype = checkpoint_dtype(source)
@@ -207,9 +188,21 @@ def compress_and_save(args, source: str, config: LowRankConfig, calib_text: str 
     saved = save_compressed(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report)
     # The report's "before" is in the dtype the model was compressed in (float32 on a CPU); the budget is fp16.
-    factors = compressed_bytes(model)
-    print(f"factor + scale bytes {factors:,} = {factors / fp16_bytes:.1%} of the fp16 dense weights ({fp16_bytes:,})")
+    stored = compressed_bytes(model)
+    print(f"compressed layers ({config.weight_format.name} format): {stored:,} bytes, "
+          f"{describe_bytes(dtype_bytes(model, layers_only=True))}, = {stored / fp16_bytes:.1%} of their float16 "
+          f"dense weights ({fp16_bytes:,} bytes)")
     print(f"saved to {saved}")
+
+
+def calibration_windows(model, config: LowRankConfig, tokens: int | None = None, seq_len: int | None = None) -> int:
+    """Windows of seq_len (default: the context) that hold `tokens` (default: the recommended tokens for the
+    layers `config` selects); fewer than recommended is warned about before the (slow) sampling."""
+    recommended = recommended_calib_tokens(validate_layers(model, config))
+    if tokens is not None and tokens < recommended:
+        warnings.warn(f"--calib-tokens {tokens:,} is below the {recommended:,} recommended (8x the widest "
+                      "layer's input features); whitening falls back toward plain SVD", stacklevel=1)
+    return -(-(tokens or recommended) // (seq_len or context_length(model)))
 
 
 def cmd_eval(args) -> None:
@@ -248,15 +241,16 @@ def cmd_bench(args) -> None:
     prompt = prompt_ids(dense, tokenizer, args.prompt, args.new_tokens, source)  # [1, P]
     if args.compressed is None:  # compress in memory at the demo's default: whitened int8, budget 0.5
         config = LowRankConfig(budget=0.5, bits=8, method="whitened")
-        compressed, _ = compress_copy(dense, config, calibration_batches(dense, tokenizer), progress=True)
+        calibration = calibration_batches(dense, tokenizer, None, calibration_windows(dense, config, seq_len=128), 128)
+        compressed, _ = compress_copy(dense, config, calibration, progress=True)
     else:
         compressed, _ = load(resolve_model(args.compressed), "compressed model")
     prompt = prompt.to(next(dense.parameters()).device)
     for name, model in (("dense", dense), ("compressed", compressed)):
         r = measure_generation(model, prompt, args.new_tokens, mode=args.mode)
         print(
-            f"{name:<10} {weight_bytes(model):>12,} weight bytes  {r['tokens_per_s']:8.1f} tokens/s  "
-            f"({r['new_tokens']} new tokens, {r['mode']}, {r['seconds']:.2f} s)"
+            f"{name:<10} {r['tokens_per_s']:8.1f} tokens/s ({r['new_tokens']} new tokens, {r['mode']}, "
+            f"{r['seconds']:.2f} s)  weights as run on {prompt.device}: {describe_bytes(dtype_bytes(model))}"
         )
 
 
@@ -272,124 +266,21 @@ def cmd_autotune(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    run_demo(args.model, args.out, args.budget, BITS[args.bits], args.method, args.group_size, args.quick)
+    run_demo(args.model, args.out, args.budget, args.bits, args.method, args.group_size, args.quick, sweep=args.sweep)
 
 
-# ----------------------------------------------------------------------------- parser
+COMMANDS = {
+    "compress": cmd_compress,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "bench": cmd_bench,
+    "autotune": cmd_autotune,
+    "demo": cmd_demo,
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=PROG, description="Quantized low-rank compression of transformer weights.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("compress", help="compress a model folder or hub id and save it")
-    p.add_argument("model", metavar="MODEL", help="local model folder, or a hub id when the hub is reachable")
-    p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
-    knobs = p.add_argument_group("rank (at most one; default --budget 0.5)")
-    knobs.add_argument("--budget", type=float,
-                       help="factor bytes (with --base-bits: base + correction) as a fraction of the fp16 dense bytes")
-    knobs.add_argument("--rank-ratio", type=float, help="fraction of min(in, out) kept in every layer")
-    knobs.add_argument("--rank", type=at_least(1), help="the same rank in every layer")
-    knobs.add_argument("--energy", type=float, help="fraction of squared singular values kept per layer")
-    add_format_args(p)
-    hybrid = p.add_argument_group("hybrid format W = Q + U·D (a quantized base plus the low-rank correction above)")
-    hybrid.add_argument("--base-bits", type=int, choices=(4, 3, 2),
-                        help="store a base at 4, 3 or 2 bits (then --rank, --rank-ratio or --budget is needed)")
-    hybrid.add_argument("--base-group-size", type=at_least(1), default=128, help="base group width (default 128)")
-    hybrid.add_argument("--base-method", choices=("gptq", "rtn"), default="gptq", help="base fit (default gptq)")
-    p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: sampled from the model)")
-    p.add_argument("--calib-tokens", type=at_least(1), help="calibration tokens (default: 8x the widest inputs)")
-    p.add_argument("--calib-samples", type=at_least(1), help="calibration windows (default: enough for the tokens)")
-    p.add_argument("--seq-len", type=at_least(2), help="calibration window length (default: the model's context)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.set_defaults(func=cmd_compress)
-
-    p = sub.add_parser("eval", help="quality of a compressed model against its dense original")
-    p.add_argument("dense", metavar="DENSE")
-    p.add_argument("compressed", metavar="COMPRESSED")
-    p.add_argument("--text", metavar="FILE", help="evaluate perplexity on this text (default: sampled text)")
-    p.add_argument("--samples", type=at_least(1), default=16, help="evaluation windows (default 16)")
-    p.add_argument("--seq-len", type=at_least(2), help="window length (default: the model's context)")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("generate", help="greedy generation from a dense or compressed folder")
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=at_least(1), default=50)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("bench", help="generation tokens/sec and weight bytes, dense vs compressed")
-    p.add_argument("compressed", metavar="COMPRESSED", nargs="?", help="compressed folder (default: compress now)")
-    p.add_argument("--model", help="its dense original (default: the embedded model)")
-    p.add_argument("--prompt", default="ROMEO:")
-    p.add_argument("--new-tokens", type=at_least(1), default=64)
-    p.add_argument("--mode", choices=GENERATION_MODES, default="eager")
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("autotune", help="pre-tune the Triton kernels for a compressed model (CUDA)")
-    p.add_argument("compressed", metavar="COMPRESSED_DIR")
-    p.add_argument("--mode", choices=("fast", "max"), default="fast")
-    p.set_defaults(func=cmd_autotune)
-
-    p = sub.add_parser("demo", help="compress the embedded GPT-2 and report bytes, speed, quality, samples")
-    p.add_argument("--model", help="model folder (default: the embedded GPT-2)")
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
-    p.add_argument("--budget", type=float, default=0.5, help="factor bytes / fp16 dense bytes (default 0.5)")
-    add_format_args(p)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
-    p.set_defaults(func=cmd_demo)
-    return parser
-
-
-def at_least(minimum: int):
-    """argparse type: an integer >= minimum, refused in argparse's one line otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def add_format_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", choices=tuple(BITS), default="8", help="factor storage: 16 (float), 8 or 4 (default 8)")
-    p.add_argument("--group-size", type=at_least(1), default=128, help="int4 group width (default 128)")
-    p.add_argument("--method", choices=("svd", "whitened"), default="whitened", help="default whitened")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> None:
+    """Run the parsed command (triton_lowrank_cli.build_parser); expected failures raise ValueError, OSError, ..."""
     hf_logging.set_verbosity_error()  # keep stderr for our own messages and progress bars
     hf_logging.disable_progress_bar()
-    try:
-        with one_line_warnings():
-            args.func(args)
-    except (ValueError, TypeError, OSError, ImportError) as exc:
-        # OSError covers FileNotFoundError / FileExistsError; ImportError a missing optional part.
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-@contextmanager
-def one_line_warnings() -> Iterator[None]:
-    """Each warning as one `triton-lowrank: warning:` line, not Python's two-line source listing."""
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    COMMANDS[args.command](args)

@@ -11,25 +11,33 @@ format at the same bytes, RTN int8 / int4 / int3 and GPTQ int4, all on the same 
 
 from __future__ import annotations
 
+import copy
 import json
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from triton_lowrank.checkpoint.save_load import save_compressed
+from triton_lowrank.compression.compress import recommended_calib_tokens, validate_layers
 from triton_lowrank.core.calibration import model_device
 from triton_lowrank.core.config import LowRankConfig
+from triton_lowrank.core.format import compressed_layers
+from triton_lowrank.core.nbytes import tensor_bytes
 from triton_lowrank.embedded import embedded_model_path
 from triton_lowrank.tools.baselines import compress_copy, compressed_bytes, dense_bytes
 from triton_lowrank.tools.eval_data import batches, sample_sequences
-from triton_lowrank.tools.generation_bench import measure_generation, weight_bytes
-from triton_lowrank.tools.loading import load_model, load_tokenizer, runtime
+from triton_lowrank.tools.generation_bench import measure_generation
+from triton_lowrank.tools.loading import checkpoint_dtype, load_model, load_tokenizer, runtime
 from triton_lowrank.tools.metrics import compare_logits, model_logits
-from triton_lowrank.tools.sweeps import result_row, sweep, write_sweep
+from triton_lowrank.tools.sweeps import result_row, write_sweep
+from triton_lowrank.tools.sweeps import sweep as sweep_rows
 
 SEED = 0
 HYBRID_RANK = 16  # the demo's hybrid: int4 base in groups of `group_size` + a rank-16 correction
@@ -38,17 +46,17 @@ DEFAULT_PROMPT = "KING HENRY.\nNow, lords,"  # the corpus writes speakers as "NA
 
 @dataclass(frozen=True)
 class DemoSizes:
-    """How much work each step does: the full run fits 2 minutes on a busy 2-core CPU, quick is for CI."""
+    """How much work each step does: the full run fits a minute on an idle 2-core CPU, quick is for CI.
+    Calibration takes the tokens the package recommends (compress.recommended_calib_tokens), in windows of seq_len."""
 
-    calib_samples: int
     eval_samples: int
     seq_len: int
     speed_tokens: int  # timed by measure_generation (after an untimed warm-up run)
     sample_tokens: int  # greedy continuation shown side by side
 
 
-FULL = DemoSizes(calib_samples=32, eval_samples=32, seq_len=128, speed_tokens=64, sample_tokens=48)
-QUICK = DemoSizes(calib_samples=4, eval_samples=4, seq_len=16, speed_tokens=4, sample_tokens=4)
+FULL = DemoSizes(eval_samples=32, seq_len=128, speed_tokens=64, sample_tokens=48)
+QUICK = DemoSizes(eval_samples=4, seq_len=16, speed_tokens=4, sample_tokens=4)
 
 
 @torch.no_grad()
@@ -88,9 +96,12 @@ def run_demo(
     quick: bool = False,
     prompt: str = DEFAULT_PROMPT,
     progress: bool = True,
+    sweep: bool = True,
 ) -> dict:
-    """Run the demo, print its report, write demo.json + sweep files into `out_dir`; returns the numbers."""
+    """Run the demo, print its report, write demo.json (+ the sweep's files) into `out_dir`; returns the numbers.
+    sweep=False leaves out the comparison with the other formats and baselines (most of the run's time)."""
     started = time.perf_counter()
+    seconds = {}  # each step's wall time, in demo.json
     sizes = QUICK if quick else FULL
     # Built first: a bad knob fails before any slow step.
     config = LowRankConfig(budget=budget, bits=bits, group_size=group_size, method=method)
@@ -98,65 +109,140 @@ def run_demo(
         model_path = embedded_model_path()
     if not Path(model_path).is_dir():
         raise FileNotFoundError(f"model folder not found: {model_path}")
-    device, dtype = runtime(model_path)
-    compute = "Triton kernels (CUDA)" if device.type == "cuda" else "PyTorch reference path (CPU, no Triton)"
-    dense = load_model(model_path, device, dtype)
-    tokenizer = load_tokenizer(model_path)
-    print(f"model: {model_path}  ({sum(p.numel() for p in dense.parameters()) / 1e6:.2f}M parameters)")
-    print(f"device: {device}, {str(dtype).removeprefix('torch.')}; low-rank layers run on: {compute}")
+    with timed(seconds, "load"):
+        device, dtype = runtime(model_path)
+        compute = "Triton kernels (CUDA)" if device.type == "cuda" else "PyTorch reference path (CPU, no Triton)"
+        dense = load_model(model_path, device, dtype)
+        tokenizer = load_tokenizer(model_path)
+        layers = validate_layers(dense, config)  # bad ranks or group sizes fail before sampling
+    stored = checkpoint_dtype(model_path)
+    saved_dtype = stored if stored in (torch.float16, torch.bfloat16) else dtype
+    print(f"model: {model_path}  ({sum(p.numel() for p in dense.parameters()) / 1e6:.2f}M parameters, "
+          f"stored as {dtype_name(stored or dtype)})")
+    print(f"device: {device}, {dtype_name(dtype)}; low-rank layers run on: {compute}")
 
-    # One sampling run (its cost is per decode step, hardly per row), split into disjoint halves:
-    # evaluation sequences are never among the calibration ones.
-    sampled = sample_sequences(dense, sizes.eval_samples + sizes.calib_samples, sizes.seq_len, SEED, 32, progress)
-    tokens, calibration = sampled[: sizes.eval_samples], batches(sampled[sizes.eval_samples :], 8)
-    compressed, report = compress_copy(dense, config, calibration, progress)
-    saved = save_compressed(compressed, Path(out_dir) / "model", tokenizer=tokenizer, overwrite=True)
+    # As many calibration tokens as the package recommends (no warning about the demo's own data). One sampling
+    # run (rows decode together), split into disjoint parts: evaluation sequences are never calibration ones.
+    calib_samples = -(-recommended_calib_tokens(layers) // sizes.seq_len)
+    with timed(seconds, "sampling"):
+        sampled = sample_sequences(dense, sizes.eval_samples + calib_samples, sizes.seq_len, SEED, progress=progress)
+    tokens, calibration = sampled[: sizes.eval_samples], batches(sampled[sizes.eval_samples :], 32)
+    with timed(seconds, "compress"):
+        compressed, report = compress_for_saving(dense, config, calibration, saved_dtype, progress)
+    with timed(seconds, "save"):
+        compressed.to(saved_dtype)  # saved in the model's own dtype (embeddings, norms, biases); scales stay fp32
+        saved = save_compressed(compressed, Path(out_dir) / "model", tokenizer=tokenizer, overwrite=True)
+        compressed.to(dtype)  # run as the dense model runs: what is measured is what was saved
 
-    quality = compare_logits(model_logits(dense, tokens), model_logits(compressed, tokens), tokens)
+    with timed(seconds, "quality"):
+        dense_logits = model_logits(dense, tokens, progress=progress)  # [N, T, vocab], the sweep's reference too
+        quality = compare_logits(dense_logits, model_logits(compressed, tokens, progress=progress), tokens)
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # [1, P]
-    speed = {
-        name: measure_generation(model, prompt_ids, sizes.speed_tokens, mode="eager")
-        for name, model in (("dense", dense), ("compressed", compressed))
-    }
-    samples = {
-        name: greedy(model, tokenizer, prompt, sizes.sample_tokens)
-        for name, model in (("dense", dense), ("compressed", compressed))
-    }
-    # The plot: this compression beside the other method, the baselines and the hybrid format, then the
-    # pure low-rank format again at the hybrid's bytes, so the two formats meet at equal bytes.
+    pair = (("dense", dense), ("compressed", compressed))
+    with timed(seconds, "speed"):
+        speed = {name: measure_generation(model, prompt_ids, sizes.speed_tokens, mode="eager")
+                 for name, model in tqdm(pair, desc="tokens/s", unit="model", disable=not progress)}
+    with timed(seconds, "samples"):
+        samples = {name: greedy(model, tokenizer, prompt, sizes.sample_tokens)
+                   for name, model in tqdm(pair, desc="greedy samples", unit="model", disable=not progress)}
     layer_bytes = {"dense_fp16": dense_bytes(dense, config), "compressed": compressed_bytes(compressed)}
     rows = [result_row(method, bits, budget, layer_bytes["compressed"], layer_bytes["dense_fp16"], quality)]
-    other = [m for m in ("svd", "whitened") if m != method]
-    rows += sweep(dense, tokens, calibration, (budget,), other, (bits,), group_size, progress=progress,
-                  rtn_bits=((8, group_size), (4, group_size), (3, group_size // 2)), gptq=((4, group_size),),
-                  hybrid=((4, group_size, HYBRID_RANK),))
-    hybrid_fraction = next(r["bytes_fraction"] for r in rows if r["method"] == "hybrid")
-    rows += sweep(dense, tokens, calibration, (hybrid_fraction,), (method,), (bits,), group_size,
-                  progress=progress, rtn_bits=())
-    paths = write_sweep(rows, out_dir, f"{Path(model_path).name}: quality vs weight bytes")
+    paths = {}
+    if sweep:
+        with timed(seconds, "sweep"):
+            rows += comparison_rows(dense, tokens, dense_logits, calibration, budget, method, bits, group_size,
+                                    progress)
+            paths = write_sweep(rows, out_dir, f"{Path(model_path).name}: quality vs weight bytes")
 
-    model_bytes = {"dense": weight_bytes(dense), "compressed": weight_bytes(compressed)}
     result = {
         "model": str(model_path),
         "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
+        "saved_dtype": dtype_name(saved_dtype),
         "compute": compute,
         "config": config.to_dict(),
-        "calibration": f"{sizes.calib_samples} sequences x {sizes.seq_len} tokens sampled from the dense model",
+        "calibration": f"{calib_samples} sequences x {sizes.seq_len} tokens sampled from the dense model "
+                       f"({calib_samples * sizes.seq_len:,} tokens, {recommended_calib_tokens(layers):,} recommended)",
         "evaluation": f"{sizes.eval_samples} other sequences from the same sampling run (seed {SEED})",
         "layer_weight_bytes": layer_bytes,
-        "model_weight_bytes": model_bytes,
+        "layer_storage": {"format": config.weight_format.name, **dtype_bytes(compressed, layers_only=True)},
+        "model_weight_bytes": {"dense": dtype_bytes(dense), "compressed": dtype_bytes(compressed)},
+        "checkpoint_bytes": {"dense": checkpoint_bytes(model_path), "compressed": checkpoint_bytes(saved)},
         "speed": speed,
         "quality": quality,
         "samples": {"prompt": prompt, **samples},
         "sweep": rows,
         "saved_model": str(saved),
+        "step_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "demo.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print_report(result, report)
-    print(f"wrote {saved}, {Path(out_dir) / 'demo.json'}, {paths['png']}, {paths['csv']}, {paths['json']}")
+    written = [saved, Path(out_dir) / "demo.json", *(paths[k] for k in ("png", "csv", "json") if k in paths)]
+    print(f"wrote {', '.join(map(str, written))}")
     return result
+
+
+@contextmanager
+def timed(seconds: dict, step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[step] = time.perf_counter() - start
+
+
+def compress_for_saving(dense: nn.Module, config: LowRankConfig, calibration, saved_dtype: torch.dtype,
+                        progress: bool = True):
+    """(compressed copy of `dense`, report), as `triton-lowrank compress` makes it: float factors (bits=None)
+    are computed in the dtype they are saved in, so that the budget counts the bytes they are saved as."""
+    source = dense
+    if config.bits is None and saved_dtype != next(dense.parameters()).dtype:
+        source = copy.deepcopy(dense).to(saved_dtype)
+    return compress_copy(source, config, calibration, progress)
+
+
+def comparison_rows(dense, tokens, dense_logits, calibration, budget, method, bits, group_size, progress):
+    """The plot: this compression beside the other method, the baselines and the hybrid format, then the pure
+    low-rank format again at the hybrid's bytes, so the two formats meet at equal bytes."""
+    other = [m for m in ("svd", "whitened") if m != method]
+    rows = sweep_rows(dense, tokens, calibration, (budget,), other, (bits,), group_size, progress=progress,
+                      rtn_bits=((8, group_size), (4, group_size), (3, group_size // 2)), gptq=((4, group_size),),
+                      hybrid=((4, group_size, HYBRID_RANK),), dense_logits=dense_logits)
+    hybrid_fraction = next(r["bytes_fraction"] for r in rows if r["method"] == "hybrid")
+    return rows + sweep_rows(dense, tokens, calibration, (hybrid_fraction,), (method,), (bits,), group_size,
+                             progress=progress, rtn_bits=(), dense_logits=dense_logits)
+
+
+# ----------------------------------------------------------------------------- bytes, each with its dtype
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_bytes(model: nn.Module, layers_only: bool = False) -> dict[str, int]:
+    """{dtype: bytes} of the model's stored tensors (parameters and persistent buffers, tied ones once), largest
+    first; layers_only: the stored tensors of its compressed layers (codes, factors, scales; no biases), the bytes
+    compressed_bytes counts."""
+    if layers_only:
+        tensors = [b for m in compressed_layers(model).values() for b in m.buffers()]
+    else:
+        tensors = list(model.state_dict().values())
+    groups: dict[str, list] = {}
+    for tensor in tensors:
+        groups.setdefault(dtype_name(tensor.dtype), []).append(tensor)
+    return {name: tensor_bytes(group) for name, group in sorted(groups.items(), key=lambda g: -tensor_bytes(g[1]))}
+
+
+def describe_bytes(by_dtype: dict[str, int]) -> str:
+    """"8.83 MiB (int8 4.47 + float32 4.36)": the total and what each dtype holds."""
+    parts = " + ".join(f"{name} {n / 2**20:.2f}" for name, n in by_dtype.items())
+    return f"{sum(by_dtype.values()) / 2**20:.2f} MiB ({parts})"
+
+
+def checkpoint_bytes(folder: str | Path) -> int:
+    """Bytes of a checkpoint's weight files (*.safetensors, *.bin) on disk."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
 
 
 def comparison_table(rows: list[dict]) -> str:
@@ -170,17 +256,18 @@ def comparison_table(rows: list[dict]) -> str:
 
 def print_report(result: dict, report) -> None:
     mib = lambda n: f"{n / 2**20:.2f} MiB"
-    layers, whole = result["layer_weight_bytes"], result["model_weight_bytes"]
+    layers, whole, disk = result["layer_weight_bytes"], result["model_weight_bytes"], result["checkpoint_bytes"]
     ranks = report.ranks().values()
     print(f"\n{len(report.layers)} compressed layers, ranks {min(ranks)}..{max(ranks)}")
+    storage = dict(result["layer_storage"])
     print(
-        f"block weight bytes: fp16 dense {mib(layers['dense_fp16'])} -> low-rank {mib(layers['compressed'])} "
-        f"({layers['compressed'] / layers['dense_fp16']:.1%})"
+        f"their weight bytes: {mib(layers['dense_fp16'])} as float16 dense -> {storage.pop('format')} format "
+        f"{describe_bytes(storage)} ({layers['compressed'] / layers['dense_fp16']:.1%})"
     )
-    print(
-        f"whole model as loaded ({result['device']}, {result['dtype']} embeddings/biases): "
-        f"{mib(whole['dense'])} -> {mib(whole['compressed'])}"
-    )
+    print(f"checkpoint on disk ({result['saved_dtype']} embeddings, norms and biases): "
+          f"{mib(disk['dense'])} -> {mib(disk['compressed'])}")
+    print(f"whole model in memory as run ({result['device']}): {describe_bytes(whole['dense'])} -> "
+          f"{describe_bytes(whole['compressed'])}")
     dense, comp = result["speed"]["dense"], result["speed"]["compressed"]
     print(
         f"greedy generation ({dense['mode']}, {dense['new_tokens']} new tokens, {result['compute']}): "
@@ -194,9 +281,11 @@ def print_report(result: dict, report) -> None:
         f"(ratio {q['ppl_ratio']:.3f}), KL {q['kl']:.4f} nats/token, top-1 agreement {q['top1_agreement']:.1%}, "
         f"logits cosine {q['cosine']:.4f}, MSE {q['mse']:.4f}"
     )
-    print(f"\nquality against weight bytes (the {q['tokens']} held-out tokens; sweep.png plots it):")
-    print(comparison_table(result["sweep"]))
+    if len(result["sweep"]) > 1:
+        print(f"\nquality against weight bytes (the {q['tokens']} held-out tokens; sweep.png plots it):")
+        print(comparison_table(result["sweep"]))
     samples = result["samples"]
     print(f"\ngreedy continuation of {samples['prompt']!r}:")
     print(side_by_side(samples["dense"], samples["compressed"]))
-    print(f"\ndone in {result['seconds']} s")
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in result["step_seconds"].items())
+    print(f"\ndone in {result['seconds']} s ({steps})")

@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from triton_lowrank.core.calibration import model_device
 
 EVAL_SEED = 1  # sampled evaluation sequences
 CALIB_SEED = 0  # sampled calibration sequences: a different seed keeps evaluation held out
 MAX_DEFAULT_WINDOW = 2048  # long-context models (128k positions) would otherwise sample 128k-token windows
+SAMPLING_TOKENS = 32768  # tokens of KV cache per sampling batch: 16 rows of 2048, 256 rows of 128
 
 
 def context_length(model: nn.Module) -> int:
@@ -39,23 +41,45 @@ def text_windows(tokenizer, text: str, length: int, max_windows: int | None = No
     return windows[torch.linspace(0, len(windows) - 1, max_windows).round().long()]  # [max_windows, length]
 
 
+class _Ticks(LogitsProcessor):
+    """Advances a progress bar once per decode step of generate() (the scores pass through unchanged)."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.bar.update(1)
+        return scores
+
+
+def sampling_rows(num: int, length: int) -> int:
+    """Rows decoded together: all of them up to SAMPLING_TOKENS tokens of cache per batch (16 rows of 2048)."""
+    return max(1, min(num, SAMPLING_TOKENS // length))
+
+
 @torch.no_grad()
 def sample_sequences(
-    model: nn.Module, num: int, length: int, seed: int, batch_size: int = 16, progress: bool = True
+    model: nn.Module, num: int, length: int, seed: int, batch_size: int | None = None, progress: bool = True
 ) -> torch.Tensor:
-    """[num, length] token ids sampled (temperature 1, no top-k) from `model`, starting at BOS."""
+    """[num, length] token ids sampled (temperature 1, no top-k, EOS held back) from `model`, starting at BOS.
+
+    Rows are decoded together, `batch_size` at a time (default: sampling_rows): a decode step costs about the
+    same for 1 row as for 100 on a small model, so one wide batch makes sampling cost seconds, not minutes.
+    The progress bar counts decode steps."""
     config = model.config
     start_id = config.bos_token_id if config.bos_token_id is not None else 0
     if not 0 <= start_id < config.vocab_size:
         start_id = 0
     device = model_device(model)
+    rows = batch_size or sampling_rows(num, length)
+    firsts = range(0, num, rows)
     chunks = []
+    bar = tqdm(total=len(firsts) * (length - 1), desc="sampling", unit="step", disable=not progress or length < 2)
     # fork_rng leaves the caller's global RNG state untouched; the seed makes the data reproducible.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with bar, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for first in tqdm(range(0, num, batch_size), desc="sampling", unit="batch", disable=not progress):
-            rows = min(batch_size, num - first)
-            start = torch.full((rows, 1), start_id, dtype=torch.long, device=device)  # [rows, 1]
+        for first in firsts:
+            start = torch.full((min(rows, num - first), 1), start_id, dtype=torch.long, device=device)  # [rows, 1]
             out = model.generate(
                 start,
                 attention_mask=torch.ones_like(start),
@@ -66,6 +90,7 @@ def sample_sequences(
                 max_new_tokens=length - 1,
                 min_new_tokens=length - 1,  # never stop early at EOS: every row has `length` tokens
                 pad_token_id=start_id,
+                logits_processor=LogitsProcessorList([_Ticks(bar)]),
             )
             chunks.append(out.cpu())  # [rows, length]
     return torch.cat(chunks)

@@ -99,6 +99,7 @@ def sweep(
     gptq: Iterable[int | tuple[int, int]] = (),
     hybrid: Iterable[tuple[int, int, int]] = (),
     hybrid_bits: int | None = 8,
+    dense_logits: torch.Tensor | None = None,
 ) -> list[dict]:
     """Rows of {method, label, bits, group_size, budget, rank, base_bits, base_group_size, weight_bytes,
     bytes_fraction, metrics...} on the windows `tokens` [N, T], in this order:
@@ -109,6 +110,7 @@ def sweep(
     - hybrid points (base_bits, base_group_size, rank) of `hybrid` (default none): GPTQ base, whitened
       correction with `hybrid_bits` factors (int8 by default, int4 in groups of `group_size`).
     A width in `rtn_bits` / `gptq` is an int (grouped by `group_size`) or a (bits, group_size) pair.
+    `dense_logits`: the dense model's logits on `tokens` when the caller has them already (else computed here).
     """
     bits = tuple(bits)
     if rtn_bits is None:
@@ -116,7 +118,8 @@ def sweep(
     rtn_points, gptq_points, hybrid_points = _pairs(rtn_bits, group_size), _pairs(gptq, group_size), list(hybrid)
     selection = LowRankConfig(budget=1.0)  # default include/exclude: the layers every method compresses
     reference = dense_bytes(dense_model, selection)
-    dense_logits = model_logits(dense_model, tokens, batch_size)  # computed once, compared many times
+    if dense_logits is None:
+        dense_logits = model_logits(dense_model, tokens, batch_size)  # computed once, compared many times
 
     def row(method, bit, budget, model, stored, **info) -> dict:
         metrics = compare_logits(dense_logits, model_logits(model, tokens, batch_size), tokens)
@@ -125,7 +128,7 @@ def sweep(
     points = [("lowrank", (m, b, bud)) for m in methods for b in bits for bud in budgets]
     points += [("rtn", p) for p in rtn_points] + [("gptq", p) for p in gptq_points]
     points += [("hybrid", p) for p in hybrid_points]
-    grams = layer_grams(dense_model, calibration, selection) if gptq_points else None
+    grams = None  # the GPTQ baselines' Grams, collected at the first of them (inside the progress bar)
     rows = []
     for family, point in tqdm(points, desc="sweep", unit="point", disable=not progress):
         if family == "lowrank":
@@ -139,6 +142,7 @@ def sweep(
             if family == "rtn":
                 model, stored = rtn_baseline(dense_model, bit, g, selection)
             else:
+                grams = grams or layer_grams(dense_model, calibration, selection)
                 model, stored = gptq_baseline(dense_model, bit, g, config=selection, grams=grams)
             grouped = None if bit == 8 else g
             rows.append(row(family, bit, None, model, stored, group_size=grouped, label=baseline_label(family, bit, g)))
