@@ -30,5 +30,7 @@ fi
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q torch==2.13.0
 fi
-.venv/bin/python -m pip install -q "${pins[@]}" -e ".[dev]"
+# setuptools prints an information-only notice (as a 10-line BuildBackendWarning) on every editable install that
+# uses its import finder, which the package-dir mapping of kernels/ needs; nothing in it is actionable here.
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q "${pins[@]}" -e ".[dev]"
 echo "triton_lowrank installed in .venv$([ "$latest" -eq 1 ] && echo ' (latest versions)')"
