@@ -31,7 +31,7 @@ from triton_lowrank.compression.pretune import pretune_model
 from triton_lowrank.core.config import LowRankConfig
 from triton_lowrank.embedded import embedded_model_path
 from triton_lowrank.tools.baselines import compress_copy, compressed_bytes, dense_bytes
-from triton_lowrank.tools.demo import describe_bytes, dtype_bytes, greedy, run_demo
+from triton_lowrank.tools.demo import describe_bytes, dtype_bytes, dtype_name, greedy, run_demo
 from triton_lowrank.tools.eval_data import calibration_batches, context_length
 from triton_lowrank.tools.generation_bench import measure_generation
 from triton_lowrank.tools.loading import (
@@ -182,12 +182,14 @@ def compress_and_save(args, source: str, config: LowRankConfig, calib_text: str 
     saved_as_source = stored_dtype in (torch.float16, torch.bfloat16)
     if saved_as_source and config.bits is None:
         model.to(stored_dtype)  # float factors are sized (for --budget) and stored in the source dtype
+    compute_dtype = next(model.parameters()).dtype
     report = compress_model(model, config, calibration)
     if saved_as_source:
         model.to(stored_dtype)  # computed in fp32 on a CPU, saved as the source was; scales keep their values
     saved = save_compressed(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report)
-    # The report's "before" is in the dtype the model was compressed in (float32 on a CPU); the budget is fp16.
+    print(f"(the table's bytes before are the dense layers in {dtype_name(compute_dtype)}, the dtype they were "
+          "compressed in; the budget counts float16)")
     stored = compressed_bytes(model)
     print(f"compressed layers ({config.weight_format.name} format): {stored:,} bytes, "
           f"{describe_bytes(dtype_bytes(model, layers_only=True))}, = {stored / fp16_bytes:.1%} of their float16 "
