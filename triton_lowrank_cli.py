@@ -63,9 +63,12 @@ def at_least(minimum: int):
 
 def positive(text: str) -> float:
     """argparse type: a finite number > 0 (LowRankConfig checks the same; this answers before any import)."""
-    value = _number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {text}")
     return value
 
 

@@ -80,7 +80,7 @@ def test_existing_output_folder(model_dir, tmp_path, capsys):
         (["eval", "/nonexistent/dense", "/nonexistent/compressed"], "model folder not found"),
         (["generate", "/nonexistent/model", "--prompt", "hi"], "model folder not found"),
         (["demo", "--model", "/nonexistent/model", "--quick"], "model folder not found"),
-        (["demo", "--budget", "-1", "--quick"], "argument --budget: must be > 0, got -1"),
+        (["demo", "--budget", "-1", "--quick"], "argument --budget: must be > 0 and finite, got -1"),
         (["compress", "a", "b", "--rank-ratio", "1.5"], "argument --rank-ratio: is the fraction kept, in (0, 1]"),
         (["compress", "a", "b", "--energy", "nan"], "argument --energy: must be finite"),
     ],

@@ -46,7 +46,7 @@ DEFAULT_PROMPT = "KING HENRY.\nNow, lords,"  # the corpus writes speakers as "NA
 
 @dataclass(frozen=True)
 class DemoSizes:
-    """How much work each step does: the full run fits a minute on an idle 2-core CPU, quick is for CI.
+    """How much work each step does: the full run aims at a minute on an idle 2-core CPU, quick is for CI.
     Calibration takes the tokens the package recommends (compress.recommended_calib_tokens), in windows of seq_len."""
 
     eval_samples: int
