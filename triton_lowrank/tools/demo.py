@@ -40,6 +40,7 @@ from triton_lowrank.tools.sweeps import result_row, write_sweep
 from triton_lowrank.tools.sweeps import sweep as sweep_rows
 
 SEED = 0
+CALIB_BATCH_TOKENS = 4096  # calibration tokens per batch
 HYBRID_RANK = 16  # the demo's hybrid: int4 base in groups of `group_size` + a rank-16 correction
 DEFAULT_PROMPT = "KING HENRY.\nNow, lords,"  # the corpus writes speakers as "NAME." on their own line
 
@@ -126,7 +127,8 @@ def run_demo(
     calib_samples = -(-recommended_calib_tokens(layers) // sizes.seq_len)
     with timed(seconds, "sampling"):
         sampled = sample_sequences(dense, sizes.eval_samples + calib_samples, sizes.seq_len, SEED, progress=progress)
-    tokens, calibration = sampled[: sizes.eval_samples], batches(sampled[sizes.eval_samples :], 32)
+    rows = max(1, CALIB_BATCH_TOKENS // sizes.seq_len)  # a few wide batches: block-by-block calibration pays per batch
+    tokens, calibration = sampled[: sizes.eval_samples], batches(sampled[sizes.eval_samples :], rows)
     with timed(seconds, "compress"):
         compressed, report = compress_for_saving(dense, config, calibration, saved_dtype, progress)
     with timed(seconds, "save"):
