@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "triton_lowrank"
 
 LAYERS = [
-    ("storage and reference math", ["quant", "factors", "reference", "hybrid_storage"]),
+    ("storage and reference math", ["safe_io", "quant", "factors", "reference", "hybrid_storage"]),
     ("kernels", ["kernels", "kernels.configs", "kernels.lowrank_matmul", "kernels.hybrid_matmul", "kernels.launch"]),
     ("launcher and custom op", ["ops"]),
     ("autotuner", ["autotune"]),
