@@ -280,6 +280,8 @@ def _read_header(path: Path) -> tuple[dict, dict, int, int]:
         if 8 + length > size:
             raise CheckpointError(f"{path}: truncated, header needs {length} bytes but the file has {size - 8}")
         raw = f.read(length)
+    if not raw.startswith(b"{"):  # safetensors' own rule (no BOM, no leading space)
+        raise CheckpointError(f"{path}: the safetensors header does not start with '{{'")
     try:
         header = parse_json(raw, f"{path}: safetensors header")
     except UnsafeInput as error:

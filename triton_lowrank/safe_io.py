@@ -105,6 +105,11 @@ def _no_constants(name):
 
 def parse_json(text: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH):
     """JSON with duplicate keys, NaN/Infinity and nesting past max_depth refused: UnsafeInput naming `where`."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")  # strictly: a byte-order mark or bad UTF-8 is not JSON here
+        except UnicodeDecodeError as error:
+            raise UnsafeInput(f"{where}: not UTF-8 ({error.reason} at byte {error.start})") from None
     problem = json_depth_problem(text, max_depth)
     if problem is None:
         try:
