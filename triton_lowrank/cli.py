@@ -35,6 +35,7 @@ from .generation_bench import GENERATION_MODES, measure_generation, weight_bytes
 from .loading import MissingTokenizer, checkpoint_dtype, load_model, load_tokenizer, max_context, runtime
 from .metrics import evaluate
 from .pretune import pretune_model
+from .safe_io import MAX_NEW_TOKENS, MAX_SAMPLES, MAX_TOKENS, count_arg, read_text_file
 
 PROG = "triton-lowrank"
 # "gpt2" or "org/name": what a hub id looks like; anything else missing locally is a missing folder.
@@ -98,15 +99,7 @@ def load(source: str, what: str = "model", keep_dtype: bool = False):
 
 
 def read_text(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not text.strip():
-        raise ValueError(f"{path} is empty")
-    return text
+    return None if path is None else read_text_file(path)  # a regular UTF-8 file under safe_io.MAX_TEXT_BYTES
 
 
 def context_of(source: str) -> int | None:
@@ -286,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     hybrid.add_argument("--base-group-size", type=at_least(1), default=128, help="base group width (default 128)")
     hybrid.add_argument("--base-method", choices=("gptq", "rtn"), default="gptq", help="base fit (default gptq)")
     p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: sampled from the model)")
-    p.add_argument("--calib-tokens", type=at_least(1), help="calibration tokens (default: 8x the widest inputs)")
-    p.add_argument("--calib-samples", type=at_least(1), help="calibration windows (default: enough for the tokens)")
+    p.add_argument("--calib-tokens", type=count_arg(1, MAX_TOKENS), help="calibration tokens (default 8x widest input)")
+    p.add_argument("--calib-samples", type=count_arg(1, MAX_SAMPLES), help="calibration windows (default: as needed)")
     p.add_argument("--seq-len", type=at_least(2), help="calibration window length (default: the model's context)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_compress)
@@ -296,21 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dense", metavar="DENSE")
     p.add_argument("compressed", metavar="COMPRESSED")
     p.add_argument("--text", metavar="FILE", help="evaluate perplexity on this text (default: sampled text)")
-    p.add_argument("--samples", type=at_least(1), default=16, help="evaluation windows (default 16)")
+    p.add_argument("--samples", type=count_arg(1, MAX_SAMPLES), default=16, help="evaluation windows (default 16)")
     p.add_argument("--seq-len", type=at_least(2), help="window length (default: the model's context)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="greedy generation from a dense or compressed folder")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=at_least(1), default=50)
+    p.add_argument("--max-new-tokens", type=count_arg(1, MAX_NEW_TOKENS), default=50)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="generation tokens/sec and weight bytes, dense vs compressed")
     p.add_argument("compressed", metavar="COMPRESSED", nargs="?", help="compressed folder (default: compress now)")
     p.add_argument("--model", help="its dense original (default: the embedded model)")
     p.add_argument("--prompt", default="ROMEO:")
-    p.add_argument("--new-tokens", type=at_least(1), default=64)
+    p.add_argument("--new-tokens", type=count_arg(1, MAX_NEW_TOKENS), default=64)
     p.add_argument("--mode", choices=GENERATION_MODES, default="eager")
     p.set_defaults(func=cmd_bench)
 

@@ -20,8 +20,8 @@ MAX_JSON_BYTES = 16 * 2**20  # config.json, generation_config.json, model.safete
 MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header (safetensors' own limit)
 MAX_JSON_DEPTH = 64  # nesting of any JSON we parse (a config.json is 3-4 deep)
 # Upper bounds of the counts a user gives (checked before any work, with the limit named in the error).
-MAX_TOKENS = 100_000_000  # --calib-tokens
-MAX_SAMPLES = 1_000_000  # --calib-samples, eval --samples
+MAX_TOKENS = 10_000_000  # --calib-tokens (the recommended 8x widest input: ~230k for a 70B model)
+MAX_SAMPLES = 100_000  # --calib-samples, eval --samples
 MAX_NEW_TOKENS = 1_000_000  # --max-new-tokens, bench --new-tokens
 
 
