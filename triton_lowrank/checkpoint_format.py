@@ -299,6 +299,13 @@ def _read_header(path: Path) -> tuple[dict, dict, int, int]:
 
 def _check_tiling(path: Path, header: dict, data_size: int) -> None:
     """safetensors' own rule: sorted by offset, the entries cover the data section exactly once."""
+    seen: dict[tuple, str] = {}
+    for name, info in header.items():
+        offsets = tuple(info["data_offsets"])
+        if offsets[1] > offsets[0] and offsets in seen:
+            raise CheckpointError(f"tensor {name!r} in {path}: data_offsets {list(offsets)} alias those of "
+                                  f"{seen[offsets]!r}")
+        seen[offsets] = name
     end = 0
     for name, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
         begin, stop = info["data_offsets"]
