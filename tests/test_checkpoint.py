@@ -205,7 +205,7 @@ def test_a_failing_rename_keeps_the_old_folder(tmp_path, monkeypatch, model8, fa
 def _exit_at(step: str) -> None:
     """In a forked child: make the save die (os._exit: no cleanup, no finally) at `step`."""
     die = lambda *args, **kwargs: os._exit(9)
-    rename, rmtree = os.rename, shutil.rmtree
+    rename, remove = os.rename, checkpoint._remove_leftover
     if step == "writing":  # the new checkpoint is (partly) written in .OUT.tmp-*
         checkpoint.verify_checkpoint = die
     elif step in ("before_park", "parked"):  # killed before rename 1, or between renames 1 and 2
@@ -219,15 +219,16 @@ def _exit_at(step: str) -> None:
 
         os.rename = rename_then_die
     elif step == "swapped":  # the new one is in place, the old one not yet deleted
-        shutil.rmtree = lambda path, *a, **k: os._exit(9) if ".old-" in str(path) else rmtree(path, *a, **k)
-    elif step == "deleting":  # killed halfway through deleting the old one
+        checkpoint._remove_leftover = lambda p, *a, **k: os._exit(9) if ".old-" in str(p) else remove(p, *a, **k)
+    elif step == "deleting":  # killed halfway through deleting the old one (its marker goes last)
         def half_then_die(path, *args, **kwargs):
             if ".old-" in str(path):
                 (Path(path) / "model.safetensors").unlink()
+                (Path(path) / "config.json").unlink()
                 os._exit(9)
-            rmtree(path, *args, **kwargs)
+            remove(path, *args, **kwargs)
 
-        shutil.rmtree = half_then_die
+        checkpoint._remove_leftover = half_then_die
 
 
 def save_killed_at(step: str, model, out: Path) -> None:

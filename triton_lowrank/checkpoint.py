@@ -111,7 +111,8 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
             _use_default_permissions(tmp)
             _swap_into_place(tmp, out_dir)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.exists():
+                _remove_leftover(tmp, ignore_errors=True)
             raise
     return out_dir
 
@@ -383,13 +384,30 @@ def recover_interrupted_save(out_dir: str | os.PathLike) -> list[str]:
     if out_dir.is_dir() and not out_dir.is_symlink():
         _unmark(out_dir)  # a kill just before parking OUT, or just after moving the new one in, left it
     for leftover in olds + tmps:
-        shutil.rmtree(leftover)  # a real folder (is_our_leftover): rmtree never follows a link inside it
+        _remove_leftover(leftover)
     if olds or tmps:
         done.append(f"removed {len(olds) + len(tmps)} leftover folder(s) of an interrupted save: "
                     + ", ".join(p.name for p in olds + tmps))
     if done:
         warnings.warn(f"{out_dir.parent}: " + "; ".join(done), RuntimeWarning, stacklevel=2)
     return done
+
+
+def _remove_leftover(folder: Path, ignore_errors: bool = False) -> None:
+    """Remove a save's working folder, its marker last: interrupted halfway, what is left is still known as ours."""
+    try:
+        for entry in folder.iterdir():
+            if entry.name == LEFTOVER_MARKER:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        (folder / LEFTOVER_MARKER).unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:
+        if not ignore_errors:
+            raise
 
 
 def _use_default_permissions(folder: Path) -> None:
@@ -422,7 +440,7 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         _unmark(out_dir)
         raise
     _unmark(out_dir)
-    shutil.rmtree(old, ignore_errors=True)  # killed (or failing) here: the next save removes what is left
+    _remove_leftover(old, ignore_errors=True)  # killed (or failing) here: the next save removes what is left
 
 
 def _overlaps(a: Path, b: Path) -> bool:
