@@ -903,3 +903,13 @@ def test_the_lock_file_is_removed_on_sigterm_and_sigint(tmp_path, signal_name):
     assert not (tmp_path / ".out.lock").exists(), f"{signal_name} left the lock file"
     with output_lock(out):  # and the next run takes it
         pass
+
+
+def test_a_failed_demo_run_leaves_what_it_wrote_replaceable(paths):
+    out = paths["tmp"] / "demo_out"
+    with pytest.raises(RuntimeError), output_folder(out, option="--overwrite"):
+        (out / "sweep.json").write_text("[]")
+        raise RuntimeError("the run failed halfway")
+    with output_folder(out, overwrite=True, option="--overwrite"):
+        (out / "demo.json").write_text("{}")
+    assert json.loads((out / MANIFEST).read_text())["files"] == {"demo.json": "file", "sweep.json": "file"}

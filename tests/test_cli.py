@@ -170,6 +170,8 @@ def test_an_interrupted_save_is_recovered_and_said_in_one_line(model_dir, tmp_pa
     out.rename(tmp_path / ".out.old-abcd1234")
     (tmp_path / ".out.tmp-wxyz5678").mkdir()
     (tmp_path / ".out.tmp-wxyz5678" / "model.safetensors").write_bytes(b"half")
+    for name in (".out.old-abcd1234", ".out.tmp-wxyz5678"):  # the marker a save writes before it can be killed
+        (tmp_path / name / ".triton_lowrank-leftover").write_text(json.dumps({"leftover": name}))
     code, _, err = run(["compress", model_dir, out, "--rank", 4, "--method", "svd"], capsys)
     warning, error = err.strip().splitlines()
     assert warning.startswith("triton-lowrank: warning:") and "restored out from .out.old-abcd1234" in warning

@@ -230,13 +230,15 @@ def _manifest(folder: Path) -> dict[str, str] | None:
     return None
 
 
-def write_manifest(folder: str | os.PathLike) -> None:
-    """Record every entry now in `folder` as written by this package (the proof an overwrite asks for)."""
+def write_manifest(folder: str | os.PathLike, keep: dict | None = None, only_new_since: set | None = None) -> None:
+    """Record the entries of `folder` as written by this package (the proof an overwrite asks for): all of them,
+    or those not in `only_new_since` plus those `keep` listed before (and still there)."""
     folder = Path(folder)
     files = {
         p.name: "dir" if p.is_dir() and not p.is_symlink() else "file"
         for p in sorted(folder.iterdir())
         if p.name not in (MANIFEST, LEFTOVER_MARKER)
+        and (only_new_since is None or p.name not in only_new_since or p.name in (keep or {}))
     }
     (folder / MANIFEST).write_text(json.dumps({"written_by": "triton_lowrank", "files": files}, indent=1) + "\n")
 
@@ -280,9 +282,12 @@ def output_folder(
         recover_interrupted_save(out_dir)
         check_output_folder(out_dir, overwrite, source, option, checkpoint=False)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MANIFEST).unlink(missing_ok=True)  # until the run ends, what is in it is not proven ours
-        yield out_dir
-        write_manifest(out_dir)
+        before = {p.name for p in out_dir.iterdir()}
+        listed = _manifest(out_dir) or {}
+        try:
+            yield out_dir
+        finally:  # also after a failure: what this run created is ours, what the manifest listed stays listed
+            write_manifest(out_dir, keep=listed, only_new_since=before)
 
 
 @contextmanager
