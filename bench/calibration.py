@@ -55,8 +55,8 @@ def real() -> None:
     import warnings
 
     from triton_lowrank import LowRankConfig, realmodel
-    from triton_lowrank.baselines import compress_copy, dense_bytes, rtn_baseline
-    from triton_lowrank.baselines import compressed_bytes as lowrank_bytes
+    from triton_lowrank.tools.baselines import compress_copy, dense_bytes, rtn_baseline
+    from triton_lowrank.tools.baselines import compressed_bytes as lowrank_bytes
 
     warnings.filterwarnings("ignore", message="calibration saw fewer tokens")  # the pooler: one token a row
     dense, tokenizer = realmodel.load_model()
@@ -118,11 +118,11 @@ def embedded() -> None:
     import warnings
 
     from triton_lowrank import LowRankConfig
-    from triton_lowrank.baselines import compress_copy
-    from triton_lowrank.demo import load_model, load_tokenizer
     from triton_lowrank.embedded import embedded_model_path
-    from triton_lowrank.eval_data import calibration_batches, eval_tokens
-    from triton_lowrank.metrics import compare_logits, model_logits
+    from triton_lowrank.tools.baselines import compress_copy
+    from triton_lowrank.tools.demo import load_model, load_tokenizer
+    from triton_lowrank.tools.eval_data import calibration_batches, eval_tokens
+    from triton_lowrank.tools.metrics import compare_logits, model_logits
 
     warnings.filterwarnings("ignore", message="calibration saw fewer tokens")
     path = embedded_model_path()

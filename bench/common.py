@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -28,8 +29,9 @@ def slug(name: str) -> str:
 
 
 def results_dir(name: str | None = None) -> Path:
-    """bench/results/<gpu-name-slug>/, created."""
-    path = BENCH_DIR / "results" / slug(name or device_name())
+    """bench/results/<gpu-name-slug>/, created; $BENCH_RESULTS_DIR instead where set (gpu_check.sh --dry-run, tests)."""
+    override = os.environ.get("BENCH_RESULTS_DIR")
+    path = Path(override) if override else BENCH_DIR / "results" / slug(name or device_name())
     path.mkdir(parents=True, exist_ok=True)
     return path
 

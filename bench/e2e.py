@@ -13,6 +13,7 @@ local checkpoint via --model PATH (dense, or already compressed by triton_lowran
 
     python3 bench/e2e.py --quick                  # ~2 min on an H100 (gpu_check.sh)
     python3 bench/e2e.py --quick --device cpu     # smoke test: tiny model, no compile
+    python3 bench/e2e.py --dry-run                # CPU smoke run in seconds: tiny model, batch 1, 4 tokens, eager
     python3 bench/e2e.py                          # gpt2 .. gpt2-xl, batch 1 and 16
 """
 
@@ -32,8 +33,8 @@ from common import copy_bandwidth_gbs, environment, results_dir, write_csv, writ
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from triton_lowrank import LowRankConfig, compress_model, load_compressed, save_compressed
-from triton_lowrank.generation_bench import GENERATION_MODES, measure_generation, weight_bytes
-from triton_lowrank.metrics import compare_logits
+from triton_lowrank.tools.generation_bench import GENERATION_MODES, measure_generation, weight_bytes
+from triton_lowrank.tools.metrics import compare_logits
 
 GPT2_SHAPES = {  # (n_layer, n_embd, n_head)
     "tiny": (2, 128, 4),
@@ -53,6 +54,7 @@ FORMATS = {"compressed": KEEP, "hybrid": HYBRID}
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small model, batch 1 (CPU: tiny model, 16 tokens)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, batch 1, 4 tokens, eager modes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", choices=list(GPT2_SHAPES), help="GPT-2 shapes, random weights")
     parser.add_argument("--model", type=Path, help="a local checkpoint folder instead of GPT-2 shapes")
@@ -63,6 +65,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
                         help="compressed: pure low rank (budget 1/3, int8); hybrid: int4 g64 base + r32 int8")
     args = parser.parse_args()
+    if args.dry_run:  # the plumbing, in seconds: no compile, the fewest tokens that still time a decode step
+        args.quick, args.device = True, "cpu"
+        args.batches, args.new_tokens, args.prompt_tokens = args.batches or [1], args.new_tokens or 4, 8
+        args.modes = [mode for mode in args.modes if "compiled" not in mode] or args.modes
     on_cpu = torch.device(args.device).type == "cpu"
     quick_models = ["tiny"] if on_cpu else ["gpt2"]
     args.models = args.models or (quick_models if args.quick else list(GPT2_SHAPES)[1:])
@@ -216,6 +222,16 @@ def main() -> None:
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"{environment()['device']}: copy bandwidth {copy_gbs:.0f} GB/s")
     rows, per_model = [], {}
+    out = results_dir() / f"e2e{'-quick' if args.quick else ''}"
+    settings = {k: str(v) if isinstance(v, (Path, torch.dtype)) else v for k, v in vars(args).items()}
+    settings["keep"] = KEEP.to_dict()
+    settings["hybrid"] = HYBRID.to_dict()
+    payload = {"environment": environment(), "copy_bandwidth_gbs": copy_gbs, "settings": settings}
+
+    def save(partial: bool = True) -> None:  # after every variant: a run cut short keeps what it measured
+        write_json(out.with_suffix(".json"), {**payload, "models": per_model, "runs": rows, "partial": partial})
+        write_csv(out.with_suffix(".csv"), rows)
+
     for name in [None] if args.model is not None else args.models:
         name, model = build_model(name, args)
         print(f"{name}:")
@@ -234,6 +250,8 @@ def main() -> None:
                 dense_logits = model(quality_ids).logits
             summary["dense_weight_bytes"] = weight_bytes(model)
             rows += run_modes(model, name, "dense", prompts, args)
+        per_model[name] = summary
+        save()
         for variant in args.formats if dense_logits is not None else ():
             if variant != args.formats[0]:  # compress_model replaced the dense weights: build them again
                 del model
@@ -253,18 +271,13 @@ def main() -> None:
                                load=figures["load"], compress_s=figures["compress_s"])
             else:
                 summary[variant] = figures
+            save()
         per_model[name] = summary
         del model
         torch._dynamo.reset()  # the next model must not inherit this one's graphs or recompile limits
         gc.collect()
 
-    out = results_dir() / f"e2e{'-quick' if args.quick else ''}"
-    settings = {k: str(v) if isinstance(v, (Path, torch.dtype)) else v for k, v in vars(args).items()}
-    settings["keep"] = KEEP.to_dict()
-    settings["hybrid"] = HYBRID.to_dict()
-    payload = {"environment": environment(), "copy_bandwidth_gbs": copy_gbs, "settings": settings}
-    write_json(out.with_suffix(".json"), {**payload, "models": per_model, "runs": rows})
-    write_csv(out.with_suffix(".csv"), rows)
+    save(partial=False)
     plot(rows, copy_gbs, out.with_suffix(".png"))
     print(f"wrote {out}.json, .csv, .png")
 

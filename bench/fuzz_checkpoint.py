@@ -33,7 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from triton_lowrank import CheckpointError, LowRankConfig, compress_model, load_compressed, save_compressed
-from triton_lowrank.hf_quantizer import TritonLowRankHfQuantizer, mark_compressed
+from triton_lowrank.checkpoint.hf_quantizer import TritonLowRankHfQuantizer, mark_compressed
 
 PROMPT = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 8, 16, 32, 60, 3, 7]])
 TIMEOUT_S = 30.0

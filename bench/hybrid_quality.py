@@ -30,16 +30,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from triton_lowrank.baselines import compress_copy, layer_grams, quantized_weight
-from triton_lowrank.baselines import compressed_bytes as lowrank_bytes
-from triton_lowrank.compress import select_layers
-from triton_lowrank.config import LowRankConfig
-from triton_lowrank.eval_data import CALIB_SEED, EVAL_SEED, batches, sample_sequences
-from triton_lowrank.factorize import whitening_cholesky
-from triton_lowrank.formats import dense_weight
-from triton_lowrank.hybrid_fit import allocate_correction_ranks, base_bytes, fit_hybrid, hybrid_bytes
-from triton_lowrank.metrics import compare_logits, model_logits
-from triton_lowrank.quant import matrix_bytes
+from triton_lowrank.compression.compress import select_layers
+from triton_lowrank.core.config import LowRankConfig
+from triton_lowrank.core.factorize import whitening_cholesky
+from triton_lowrank.core.format import dense_weight
+from triton_lowrank.core.nbytes import base_bytes, hybrid_bytes, matrix_bytes
+from triton_lowrank.formats.hybrid.fit import allocate_correction_ranks, fit_hybrid
+from triton_lowrank.tools.baselines import compress_copy, layer_grams, quantized_weight
+from triton_lowrank.tools.baselines import compressed_bytes as lowrank_bytes
+from triton_lowrank.tools.eval_data import CALIB_SEED, EVAL_SEED, batches, sample_sequences
+from triton_lowrank.tools.metrics import compare_logits, model_logits
 
 OUT = Path(__file__).resolve().parent / "results" / "hybrid"
 # One torch thread by default: on the shared 2-core machine a second thread made GPTQ's column loop
@@ -98,7 +98,7 @@ def gpt2_task(eval_seqs: int, calib_seqs: int, seq_len: int) -> Task:
 
 
 def bert_task(calib_tokens: int) -> Task:
-    from triton_lowrank import realmodel
+    from triton_lowrank.tools import realmodel
 
     model, tokenizer = realmodel.load_model()
     sentences = realmodel.heldout_sentences()

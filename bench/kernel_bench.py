@@ -6,10 +6,13 @@ format's kernels vs the same kernels with a rank-1 correction, cuBLAS and unfuse
     python bench/kernel_bench.py --full     # every shape, M, rank ratio and bit width
     python bench/kernel_bench.py --autotune # also time GPT-2 XL pretuning, cold and warm
     python bench/kernel_bench.py --dry-run  # CPU, tiny shapes, Triton interpreter: checks the plumbing
+    python bench/kernel_bench.py --budget 150  # stop starting new cases after 150 s (gpu_check.sh's time box)
 
 Writes kernels.json / kernels.csv / kernels_*.png (and autotune_timing.json, tuned_winners.json) under
-bench/results/<gpu-slug>/. Bandwidth counts factor + scale + bias bytes plus activations. Each path runs its
-default config (what bench/sass_report.py compiles), so the report prints its estimates beside these times.
+bench/results/<gpu-slug>/ ($BENCH_RESULTS_DIR where set), kernels.json rewritten after every case (marked "partial"
+until the end), so a run cut short still leaves its numbers. Cases run M = 1 first. Bandwidth counts factor + scale +
+bias bytes plus activations. Each path runs its default config (what bench/sass_report.py compiles), so the report
+prints its estimates beside these times.
 """
 
 # Named kernel_bench, not kernels: as a script its folder is on sys.path, and a module named
@@ -42,17 +45,21 @@ from common import (  # noqa: E402
     write_csv,
     write_json,
 )
-from triton_lowrank.kernels.configs import Problem, default_config  # noqa: E402
+from triton_lowrank.kernels.configs import Problem
 from triton_lowrank.kernels.launch import launch, launch_hybrid  # noqa: E402
 
-from triton_lowrank.autotune import Autotuner  # noqa: E402
-from triton_lowrank.factors import lowrank_bytes as factor_bytes  # noqa: E402
-from triton_lowrank.factors import random_factors  # noqa: E402
-from triton_lowrank.hybrid_storage import hybrid_reference, random_hybrid_weights  # noqa: E402
-from triton_lowrank.layers import LowRankLinear  # noqa: E402
-from triton_lowrank.ops import hybrid_matmul, hybrid_problem_for, lowrank_matmul  # noqa: E402
-from triton_lowrank.pretune import pretune_model  # noqa: E402
-from triton_lowrank.reference import dequantized_factors, lowrank_reference  # noqa: E402
+from triton_lowrank.compression.pretune import pretune_model  # noqa: E402
+from triton_lowrank.core.autotune import (
+    Autotuner,  # noqa: E402
+    default_config,
+)
+from triton_lowrank.core.factors import random_factors  # noqa: E402
+from triton_lowrank.core.nbytes import lowrank_bytes as factor_bytes
+from triton_lowrank.core.reference import dequantized_factors, lowrank_reference  # noqa: E402
+from triton_lowrank.formats.hybrid.op import hybrid_matmul, hybrid_problem_for
+from triton_lowrank.formats.hybrid.storage import hybrid_reference, random_hybrid_weights  # noqa: E402
+from triton_lowrank.formats.lowrank.layer import LowRankLinear  # noqa: E402
+from triton_lowrank.formats.lowrank.op import lowrank_matmul
 
 GPT2_SHAPES = [(768, 2304), (768, 3072), (3072, 768), (1024, 4096), (1280, 5120), (1600, 6400), (6400, 1600)]
 LLAMA_SHAPE = (4096, 11008)
@@ -176,15 +183,27 @@ def copy_weights(value):
     return type(value)(*(copy_weights(v) if isinstance(v, (torch.Tensor, tuple)) else v for v in value))
 
 
-def hybrid_sweep(args, device, dtype) -> list[dict]:
+def out_of_time(args) -> bool:
+    """--budget: no new case once this many seconds have passed since the start."""
+    return args.budget is not None and time.monotonic() - START > args.budget
+
+
+START = time.monotonic()
+
+
+def hybrid_sweep(args, device, dtype, save=lambda rows: None) -> list[dict]:
     cases = [(64, 96, 4, 8, 8), (64, 96, 3, 8, 4)] if args.dry_run else HYBRID_CASES
     ms = (1, 20) if args.dry_run else HYBRID_M
     rows = []
-    for k, n, base_bits, rank, bits in cases:
-        for m in ms:
+    for case_index, (k, n, base_bits, rank, bits) in enumerate(cases):
+        for m in ms[case_index % 2:case_index % 2 + 1] if args.dry_run else ms:  # dry run: int4 M=1, int3 M=20
+            if out_of_time(args):
+                print(f"--budget {args.budget}s spent: hybrid {k}x{n} int{base_bits} M={m} and later cases skipped")
+                return rows
             group = 32 if args.dry_run else 128 if k % 128 == 0 else 64  # 128 does not divide GPT-2 XL's 1600
             row = bench_hybrid_case(k, n, base_bits, rank, bits, m, device, dtype, group)
             rows.append(row)
+            save(rows)
             print(f"hybrid {k}x{n} int{base_bits} base + r={rank} int{bits} M={m} ({row['path']}, "
                   f"block_m {row['block_m']}): hybrid={row['hybrid_us']:.1f}us base_only={row['base_only_us']:.1f}us "
                   f"cublas={row['cublas_us']:.1f}us unfused={row['unfused_us']:.1f}us  "
@@ -193,9 +212,9 @@ def hybrid_sweep(args, device, dtype) -> list[dict]:
     return rows
 
 
-def sweep(args, device, dtype):
+def sweep(args, device, dtype, save=lambda rows: None):
     if args.dry_run:
-        shapes, ms, ratios, bit_list = [(64, 96)], (1, 20), (0.25,), (8, 4)
+        shapes, ms, ratios, bit_list = [(64, 96)], (1, 20), (0.25,), (8, 4)  # int8 M=1 and int4 M=20, below
     elif args.full:
         shapes, ms, ratios, bit_list = [*GPT2_SHAPES, LLAMA_SHAPE], M_VALUES, RATIOS, (8, 4)
     else:
@@ -205,13 +224,19 @@ def sweep(args, device, dtype):
         # every rank ratio at the largest M (the "no slower than unfused at every rank" target)
         for ratio in (RATIOS if m == max(ms) and not args.dry_run else ratios):
             cases.append((k, n, max(1, int(ratio * min(k, n))), bits, m))
-    cases = list(dict.fromkeys(cases))
+    if args.dry_run:
+        cases = [c for c in cases if (c[3], c[4]) in ((8, 1), (4, 20))]
+    cases = sorted(dict.fromkeys(cases), key=lambda c: c[4])  # M = 1 first: what a cut-short run should have
     rows = []
     for i, (k, n, rank, bits, m) in enumerate(cases):
+        if out_of_time(args):
+            print(f"--budget {args.budget}s spent: {len(cases) - i} of {len(cases)} cases skipped")
+            break
         paths = ("decode", "split") if m <= 64 else ("split",)  # decode's phase-1 work scales with M
         group = 32 if args.dry_run else 128
         row = bench_case(k, n, rank, bits, m, device, dtype, group, paths)
         rows.append(row)
+        save(rows)
         print(f"[{i + 1}/{len(cases)}] {k}x{n} r={rank} int{bits} M={m}: "
               + "  ".join(f"{p}={row[f'{p}_us']:.1f}us" for p in (*paths, "auto", "cublas", "unfused")
                           if f"{p}_us" in row)
@@ -280,6 +305,7 @@ def main(argv=None) -> int:
     parser.add_argument("--autotune-only", action="store_true", help="only the autotune timing")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--budget", type=float, help="seconds: start no new case after this (results kept)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if device.type != "cuda" and not args.dry_run:
@@ -293,13 +319,18 @@ def main(argv=None) -> int:
             return 0
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"device-to-device copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
-    rows = sweep(args, device, dtype)
-    for row in rows:
-        row["best_pct_copy_bw"] = round(100 * max(row[f"{p}_gbs"] for p in ("decode", "split", "auto")
-                                                  if f"{p}_gbs" in row) / copy_gbs, 1)
-    hybrid_rows = hybrid_sweep(args, device, dtype)
-    write_json(out_dir / "kernels.json", {"env": environment(), "copy_gbs": round(copy_gbs, 1), "rows": rows,
-                                          "hybrid_rows": hybrid_rows})
+    env = environment()
+
+    def save(rows: list[dict], hybrid_rows: list[dict], partial: bool = True) -> None:
+        for row in rows:
+            row["best_pct_copy_bw"] = round(100 * max(row[f"{p}_gbs"] for p in ("decode", "split", "auto")
+                                                      if f"{p}_gbs" in row) / copy_gbs, 1)
+        write_json(out_dir / "kernels.json", {"env": env, "copy_gbs": round(copy_gbs, 1), "rows": rows,
+                                              "hybrid_rows": hybrid_rows, "partial": partial})
+
+    rows = sweep(args, device, dtype, lambda done: save(done, []))
+    hybrid_rows = hybrid_sweep(args, device, dtype, lambda done: save(rows, done))
+    save(rows, hybrid_rows, partial=False)
     write_csv(out_dir / "kernels.csv", rows)
     write_csv(out_dir / "hybrid_kernels.csv", hybrid_rows)
     if not args.no_plots:

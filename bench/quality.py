@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from triton_lowrank.eval_data import calibration_batches, eval_tokens
-from triton_lowrank.loading import load_model, load_tokenizer, runtime
-from triton_lowrank.sweeps import ALL_GPTQ, ALL_HYBRID, ALL_RTN, sweep, write_sweep
+from triton_lowrank.tools.eval_data import calibration_batches, eval_tokens
+from triton_lowrank.tools.loading import load_model, load_tokenizer, runtime
+from triton_lowrank.tools.sweeps import ALL_GPTQ, ALL_HYBRID, ALL_RTN, sweep, write_sweep
 
 OUT = Path(__file__).resolve().parent / "results" / "quality"
 

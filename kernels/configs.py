@@ -53,6 +53,7 @@ class Problem:
     x_bytes: int = 2  # bytes per activation element (fp16/bf16: 2, fp32: 4)
     base_bits: int | None = None  # None: the pure low-rank format
     base_group_size: int = 0
+    format: str = "lowrank"  # the registered weight format whose kernels run it (core/format.py)
 
     @property
     def factor_elem_bytes(self) -> float:
@@ -163,7 +164,8 @@ def _realized_split(k: int, block_k: int, split_k: int) -> int:
     return _cdiv(k, k_per_split)
 
 
-def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_per_thread: int = 8) -> TileConfig:
+def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_per_thread: int = 8,
+                            row_chunks: int = 2) -> TileConfig:
     """The CUDA-core decode plan (block_m = 1), sized from what bench/sass_report.py shows.
 
     Phase 1: a thread holds 16-byte chunks of `rows_per_thread` rows; 8 threads along K make a 128-byte
@@ -171,8 +173,10 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
     cost per weight is 1 / rows_per_thread: keep 8 rows per thread and shrink the CTA (4, 2, 1 warps), then the
     rows (not below 4), until the grid has WAVE_CTAS CTAs per SM (two resident CTAs hide each other's load
     latency); a phase too small for that gets fewer CTAs.
-    Phase 2: one thread per row and per 16-byte chunk of columns, so the grid is as wide as the columns
-    allow; each iteration loads up to 4 sub-tiles of rows (independent 128-bit loads in flight).
+    Phase 2: one thread per row and per 16-byte chunk of columns, `row_chunks` chunks per CTA row (2: 32 bytes,
+    whole sectors; 1 doubles the grid but leaves each warp half of every sector, for a neighbouring CTA to read);
+    each block of rows is up to 4 sub-tiles (one 128-bit load per thread each), loaded a block ahead of its use
+    (bench/sass_report.py: 8 weight loads in flight at a first use, from 4 warps).
     """
     chunk = decode_chunk(p.bits)
     target = WAVE_CTAS * num_sms
@@ -191,19 +195,19 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
     split_k = max(1, min(k_tiles, _cdiv(target, r_blocks)))
     while split_k < k_tiles and r_blocks * _realized_split(p.k, block_k, split_k) < target:
         split_k += 1
-    block_n = chunk
-    sub_r = 32 * num_warps
+    # two threads per row chunk pair: a warp reads 16 rows x 32 bytes, whole sectors (one thread per 16-byte chunk
+    # would read half of each 32-byte sector)
+    block_n = row_chunks * chunk
+    sub_r = 32 * num_warps // row_chunks
     units = 4 if p.rank >= 4 * sub_r else 2 if p.rank >= 2 * sub_r else 1
     return TileConfig("decode", 1, block_n, block_k, block_r, split_k, num_warps=num_warps,
                       expand_block_r=sub_r * units, shrink_warps=shrink_warps)
 
 
-def default_config(
+def lowrank_default_config(
     p: Problem, num_sms: int = DEFAULT_NUM_SMS, interpret: bool = False, fused_max_m: int = FUSED_MAX_M
 ) -> TileConfig:
-    """The no-benchmark heuristic (CI, the interpreter, and any untuned shape)."""
-    if p.base_bits is not None:
-        return hybrid_default_config(p, num_sms, interpret, fused_max_m)
+    """The no-benchmark heuristic for the pure low-rank format."""
     decode = p.m <= fused_max_m and decode_supported(p)
     if interpret:  # small tiles keep the numpy interpreter fast; >= 16 where tl.dot needs it
         if decode:
@@ -362,35 +366,19 @@ def _fits(c: TileConfig, p: Problem, smem_limit: int) -> bool:
     return smem_bytes(c, p) <= smem_limit
 
 
-def candidate_configs(
-    p: Problem,
-    mode: str,
-    num_sms: int = DEFAULT_NUM_SMS,
-    smem_limit: int = DEFAULT_SMEM_BYTES,
-    fused_max_m: int = FUSED_MAX_M,
-) -> list[TileConfig]:
-    """Deterministically ordered, deduplicated candidates for `mode` ("default", "fast", "max").
-
-    The default config is always first, so ties resolve to the heuristic. Every path that can win
-    (decode on CUDA cores, decode on tensor cores, split) is among the "fast" candidates wherever it
-    applies; "max" widens the tile and split choices.
-    """
-    first = default_config(p, num_sms, fused_max_m=fused_max_m)
-    if mode == "default":
-        return [first]
-    if p.base_bits is not None:
-        return hybrid_candidate_configs(p, first, mode == "max", num_sms, smem_limit)
-    wide = mode == "max"
+def lowrank_candidate_configs(p: Problem, first: TileConfig, wide: bool, num_sms: int, smem_limit: int,
+                              fused_max_m: int = FUSED_MAX_M) -> list[TileConfig]:
+    """The pure low-rank format's search: CUDA-core and tensor-core decode plans, split tiles."""
     out: list[TileConfig] = [first]
     # decode competes up to 4x the threshold so tuning can move the crossover from data
     if p.m <= 4 * fused_max_m and decode_supported(p):
         if p.m <= 4:  # CUDA cores: one program per activation row
-            for warps, rows, wider in itertools.product((4, 2, 8) if wide else (4, 2), (8, 4) if wide else (8,),
-                                                        (1, 2) if wide else (1,)):
-                c = decode_cuda_core_config(p, num_sms, warps, rows)
-                out.append(dataclasses.replace(c, block_n=c.block_n * wider))
+            for warps, rows, chunks in itertools.product((4, 2, 8) if wide else (4, 2), (8, 4) if wide else (8,),
+                                                         (2, 1, 4) if wide else (2, 1)):
+                c = decode_cuda_core_config(p, num_sms, warps, rows, chunks)
+                out.append(c)
                 if wide:
-                    out.append(dataclasses.replace(c, block_n=c.block_n * wider, split_k=max(1, c.split_k // 2)))
+                    out.append(dataclasses.replace(c, split_k=max(1, c.split_k // 2)))
         for block_r, block in itertools.product((32, 64) if wide else (32,), (32, 64, 128) if wide else (64,)):
             bk = _int4_block(p.k, p.group_size, block) if p.bits == 4 else block
             bn = _int4_block(p.n, p.group_size, block) if p.bits == 4 else block

@@ -2,7 +2,7 @@
 
 Storage (triton_lowrank/quant.py, hybrid_storage.py): the base Q [out, in] is quantized in groups along `in`.
   int4: (q + 8) nibbles, column 2j low / 2j+1 high, [out, in/2] uint8, fp32 scale per group: the layout of an int4
-        factor, so it is read by the same routines (int4_lane, dequant_tile, _shrink_tile_cc).
+        factor, so it is read by the same routines (int4_lane, dequant_tile, shrink_tile_cc).
   int2: codes 0..3, column 4j + l at bits 2l, [out, in/4] uint8.
   int3: per row an int2 plane of the low two bits ([in/4] bytes), then a plane of the high bit (column 8j + l at
         bit l, [in/8] bytes): [out, 3 in/8] uint8.
@@ -16,7 +16,7 @@ store. Under programmatic dependent launch (sm_90) it starts while phase 1 runs 
 epilogue, so phase 1 (r·in factor bytes against out·in·bits/8 base bytes) hides behind the base's stream.
 
 - hybrid_gemv_kernel: M = 1, int4 base, CUDA cores. Each program owns BLOCK_N base rows; each thread multiply-adds
-  16-byte chunks of its rows (the low-rank phase-1 tile, _shrink_tile_cc), one cross-thread reduction per row.
+  16-byte chunks of its rows (the low-rank phase-1 tile, utils.shrink_tile_cc), one cross-thread reduction per row.
 - hybrid_tile_kernel: tensor cores for everything else (M > 1, int3 and int2 bases, rows that are not whole 16-byte
   chunks): [BLOCK_M, BLOCK_N] output tiles, the base codes of each [BLOCK_N, BLOCK_K] tile exact in the activation
   dtype, the group scale applied to the partial product when BLOCK_K divides the group (per element otherwise).
@@ -26,16 +26,16 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from .lowrank_matmul import (
+from .utils import (
     INT8_RAW_OFFSET,
-    _dot,
-    _shrink_tile_cc,
-    _store_output,
-    _x_pair,
     dequant_tile,
+    dot,
     int4_halves_fp16,
     int8_lane,
     release_hidden,
+    shrink_tile_cc,
+    store_output,
+    x_pair,
 )
 
 
@@ -211,7 +211,7 @@ def _zero_point_tile_cc(acc, x_row_ptr, low_rows_ptr, scale_rows_ptr, zero_rows_
     tile_off = tl.zeros(words.shape, dtype=tl.float32)
     x_sum = tl.zeros(words.shape, dtype=tl.float32)
     for pair in tl.static_range(8):  # columns 16 w + 2 pair, 16 w + 2 pair + 1 of each word w
-        lo, hi = _x_pair(x_row_ptr, words * 8 + pair, k_hi, X_PAIRS, MASKED)
+        lo, hi = x_pair(x_row_ptr, words * 8 + pair, k_hi, X_PAIRS, MASKED)
         t, tile_off, x_sum = _zero_point_lane(t, tile_off, x_sum, lo, s0, s1, s2, s3, h0, h1, 2 * pair, magic,
                                               BASE_BITS, PRECISE)
         t, tile_off, x_sum = _zero_point_lane(t, tile_off, x_sum, hi, s0, s1, s2, s3, h0, h1, 2 * pair + 1, magic,
@@ -235,40 +235,39 @@ def _int8_words_step(acc0, acc1, acc2, acc3, h_total, chunk, h, magic):
 
 
 @triton.jit
-def _int8_correction_words(hidden_row_ptr, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N: tl.constexpr,
-                           BLOCK_R: tl.constexpr):
-    """fp32 [BLOCK_N]: Σ_r hidden[r] · s_r · up_t[r, n0 .. n0 + BLOCK_N] for int8 up_t rows read as 32-bit words.
-    The bytes keep int8_lane's RAW offset (SHF + LOP3 + FFMA per value); offset · Σ h·s comes off once at the end.
-    Whole BLOCK_R row blocks run with pointer increments and no row masks (the column mask is loop-invariant), then
-    one masked block of the last rows."""
+def _int8_up_words(up_ptr, r0, n0, N, R, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """int32 words [BLOCK_R, BLOCK_N / 4] of int8 up_t rows r0 .. r0 + BLOCK_R, columns n0 .. n0 + BLOCK_N: rows past
+    R and words past the row masked (no traffic, zeros)."""
     W: tl.constexpr = BLOCK_N // 4
     row_words = N // 4
     words = n0 // 4 + tl.arange(0, W)  # [W] word columns of this block
-    col_ok = (words < row_words)[None, :]  # [1, W]
+    r = r0 + tl.arange(0, BLOCK_R)
+    mask = (r < R)[:, None] & (words < row_words)[None, :]
+    return tl.load(up_ptr.to(tl.pointer_type(tl.int32)) + r[:, None] * row_words + words[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _int8_correction_words(first, hidden_row_ptr, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+    """fp32 [BLOCK_N]: Σ_r hidden[r] · s_r · up_t[r, n0 .. n0 + BLOCK_N] for int8 up_t rows read as 32-bit words.
+    `first` is the first row block (_int8_up_words at row 0, loaded before the dependent-launch wait: up_t does not
+    depend on phase 1); each iteration loads the next block before it consumes the current one. The bytes keep
+    int8_lane's RAW offset (SHF + LOP3 + FFMA per value); offset · Σ h·s comes off once at the end. Rows past R are
+    masked (h = 0)."""
+    W: tl.constexpr = BLOCK_N // 4
     r = tl.arange(0, BLOCK_R)
-    w_ptrs = up_ptr.to(tl.pointer_type(tl.int32)) + r[:, None] * row_words + words[None, :]  # [BR, W]
-    h_ptrs = hidden_row_ptr + r
-    s_ptrs = up_scale_ptr + r
     acc0 = tl.zeros((BLOCK_R, W), dtype=tl.float32)
     acc1 = tl.zeros_like(acc0)
     acc2 = tl.zeros_like(acc0)
     acc3 = tl.zeros_like(acc0)
     h_total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    r_full = R // BLOCK_R * BLOCK_R
-    for _ in range(0, r_full, BLOCK_R):
-        h = tl.load(h_ptrs) * tl.load(s_ptrs)  # [BR]
-        chunk = tl.load(w_ptrs, mask=col_ok, other=0)  # [BR, W]
+    chunk = first
+    for r0 in range(0, R, BLOCK_R):
+        nxt = _int8_up_words(up_ptr, r0 + BLOCK_R, n0, N, R, BLOCK_N, BLOCK_R)
+        ok = r0 + r < R
+        h = tl.load(hidden_row_ptr + r0 + r, mask=ok, other=0.0) * tl.load(up_scale_ptr + r0 + r, mask=ok, other=0.0)
         acc0, acc1, acc2, acc3, h_total = _int8_words_step(acc0, acc1, acc2, acc3, h_total, chunk, h, magic)
-        w_ptrs += BLOCK_R * row_words
-        h_ptrs += BLOCK_R
-        s_ptrs += BLOCK_R
-    if r_full < R:  # the last rows: clamped addresses, h = 0 past R
-        tail = r_full + r
-        rows = tl.minimum(tail, R - 1)
-        h = tl.load(hidden_row_ptr + tail, mask=tail < R, other=0.0) * tl.load(up_scale_ptr + rows)
-        chunk = tl.load(up_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * row_words + words[None, :], mask=col_ok,
-                        other=0)
-        acc0, acc1, acc2, acc3, h_total = _int8_words_step(acc0, acc1, acc2, acc3, h_total, chunk, h, magic)
+        chunk = nxt
     offset = INT8_RAW_OFFSET * tl.sum(h_total, axis=0)
     c0 = tl.sum(acc0, axis=0) - offset  # [W]: columns 4w
     c1 = tl.sum(acc1, axis=0) - offset
@@ -307,10 +306,10 @@ def hybrid_gemv_kernel(
         acc = tl.sum(tl.zeros((BLOCK_N, T, 4), dtype=tl.float32), axis=2)  # [BN, T] chunk sums, scaled
         xoff = tl.zeros((T, 4), dtype=tl.float32)  # unused for int4 (its offsets are removed per chunk)
         for k0 in range(0, k_full, BLOCK_K):
-            acc, xoff = _shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, K, K, magic, 4,
+            acc, xoff = shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, K, K, magic, 4,
                                         BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, False)
         if k_full < K:
-            acc, xoff = _shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k_full, K, K, magic, 4,
+            acc, xoff = shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k_full, K, K, magic, 4,
                                         BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, True)
     else:
         T2: tl.constexpr = BLOCK_K // 64  # threads along K, 64 columns each
@@ -322,13 +321,16 @@ def hybrid_gemv_kernel(
         if k_full < K:
             acc = _zero_point_tile_cc(acc, x_row_ptr, w_rows_ptr, scale_rows_ptr, zero_rows_ptr, k_full, K, K, magic,
                                       BASE_BITS, BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, True)
+    if BITS == 8 and UP_WORDS:  # the correction's first up_t block: it does not depend on phase 1
+        first = _int8_up_words(up_ptr, 0, n0, N, R, BLOCK_N, BLOCK_R)
     y = tl.sum(acc, axis=1)  # [BN]: the one cross-thread reduction of the base
     if USE_PDL:  # phase 1 must be complete before hidden is read
         gdc_wait()
     # The correction: per-thread partial sums over r, reduced across threads once after the loop (no shuffles in it);
     # int8 row scales go on h, not on every element.
     if BITS == 8 and UP_WORDS:
-        y += _int8_correction_words(hidden_ptr + m * R, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N, BLOCK_R)
+        y += _int8_correction_words(first, hidden_ptr + m * R, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N,
+                                    BLOCK_R)
     else:
         corr = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
@@ -361,7 +363,7 @@ def _phase_codes(low, high, zero16, P: tl.constexpr, BASE_BITS: tl.constexpr):
 
 
 @triton.jit
-def _zero_point_phases_dot(x, base_ptr, rows, k0, K, zero, BASE_BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _zero_point_phasesdot(x, base_ptr, rows, k0, K, zero, BASE_BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """x [BM, BK] (fp16) · (codes - zero)ᵀ over one K tile of an int2/int3 base, [BM, BN] (unscaled). Column c = 4i + p
     (int2) / 8i + p (int3): x is split into its column phases (a K permutation both operands share), and phase p's
@@ -375,10 +377,10 @@ def _zero_point_phases_dot(x, base_ptr, rows, k0, K, zero, BASE_BITS: tl.constex
         x_d0, x_d1 = tl.split(x.reshape(BLOCK_M, BLOCK_K // 4, 2, 2))  # column 4i + 2b + d
         x0, x2 = tl.split(x_d0)
         x1, x3 = tl.split(x_d1)  # [BM, BK/4] each: columns 4i + p
-        out = _dot(x0, tl.trans(_phase_codes(low, low, zero16, 0, 2)), DOT_PRECISION, DOT_UPCAST)
-        out += _dot(x1, tl.trans(_phase_codes(low, low, zero16, 1, 2)), DOT_PRECISION, DOT_UPCAST)
-        out += _dot(x2, tl.trans(_phase_codes(low, low, zero16, 2, 2)), DOT_PRECISION, DOT_UPCAST)
-        out += _dot(x3, tl.trans(_phase_codes(low, low, zero16, 3, 2)), DOT_PRECISION, DOT_UPCAST)
+        out = dot(x0, tl.trans(_phase_codes(low, low, zero16, 0, 2)), DOT_PRECISION, DOT_UPCAST)
+        out += dot(x1, tl.trans(_phase_codes(low, low, zero16, 1, 2)), DOT_PRECISION, DOT_UPCAST)
+        out += dot(x2, tl.trans(_phase_codes(low, low, zero16, 2, 2)), DOT_PRECISION, DOT_UPCAST)
+        out += dot(x3, tl.trans(_phase_codes(low, low, zero16, 3, 2)), DOT_PRECISION, DOT_UPCAST)
     else:
         row_ptr = base_ptr + rows[:, None] * row_bytes
         low = tl.load(row_ptr + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]).to(tl.uint16)  # [BN, BK/4]
@@ -393,14 +395,14 @@ def _zero_point_phases_dot(x, base_ptr, rows, k0, K, zero, BASE_BITS: tl.constex
         x2, x6 = tl.split(x_b1d0)
         x1, x5 = tl.split(x_b0d1)
         x3, x7 = tl.split(x_b1d1)  # [BM, BK/8] each: columns 8i + p
-        out = _dot(x0, tl.trans(_phase_codes(low_a, high, zero16, 0, 3)), DOT_PRECISION, DOT_UPCAST)
-        out += _dot(x1, tl.trans(_phase_codes(low_a, high, zero16, 1, 3)), DOT_PRECISION, DOT_UPCAST)
-        out += _dot(x2, tl.trans(_phase_codes(low_a, high, zero16, 2, 3)), DOT_PRECISION, DOT_UPCAST)
-        out += _dot(x3, tl.trans(_phase_codes(low_a, high, zero16, 3, 3)), DOT_PRECISION, DOT_UPCAST)
-        out += _dot(x4, tl.trans(_phase_codes(low_b, high, zero16, 4, 3)), DOT_PRECISION, DOT_UPCAST)
-        out += _dot(x5, tl.trans(_phase_codes(low_b, high, zero16, 5, 3)), DOT_PRECISION, DOT_UPCAST)
-        out += _dot(x6, tl.trans(_phase_codes(low_b, high, zero16, 6, 3)), DOT_PRECISION, DOT_UPCAST)
-        out += _dot(x7, tl.trans(_phase_codes(low_b, high, zero16, 7, 3)), DOT_PRECISION, DOT_UPCAST)
+        out = dot(x0, tl.trans(_phase_codes(low_a, high, zero16, 0, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += dot(x1, tl.trans(_phase_codes(low_a, high, zero16, 1, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += dot(x2, tl.trans(_phase_codes(low_a, high, zero16, 2, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += dot(x3, tl.trans(_phase_codes(low_a, high, zero16, 3, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += dot(x4, tl.trans(_phase_codes(low_b, high, zero16, 4, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += dot(x5, tl.trans(_phase_codes(low_b, high, zero16, 5, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += dot(x6, tl.trans(_phase_codes(low_b, high, zero16, 6, 3)), DOT_PRECISION, DOT_UPCAST)
+        out += dot(x7, tl.trans(_phase_codes(low_b, high, zero16, 7, 3)), DOT_PRECISION, DOT_UPCAST)
     return out
 
 
@@ -445,14 +447,14 @@ def hybrid_tile_kernel(
             packed = tl.load(base_ptr + rows[:, None] * (K // 2) + byte_cols[None, :])  # [BN, BK/2]
             lo, hi = int4_halves_fp16(packed)
             x_even, x_odd = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))  # [BM, BK/2] each
-            partial = _dot(x_even, tl.trans(lo), DOT_PRECISION, DOT_UPCAST) + \
-                _dot(x_odd, tl.trans(hi), DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
+            partial = dot(x_even, tl.trans(lo), DOT_PRECISION, DOT_UPCAST) + \
+                dot(x_odd, tl.trans(hi), DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
             acc += partial * tl.load(base_scale_ptr + group)[None, :]
         elif TILE_SCALE and HALVES and BASE_BITS != 4 and BLOCK_K >= PHASE_K:
             # int2 (4 phases, BLOCK_K >= 64) / int3 (8 phases, >= 128) and fp16 x: the same K permutation, by column
             # phase mod 4 / 8, so every code comes from its byte without an interleave
             group = rows * groups + k0 // BASE_GROUP  # [BN]
-            partial = _zero_point_phases_dot(x, base_ptr, rows, k0, K, tl.load(base_zero_ptr + group), BASE_BITS,
+            partial = _zero_point_phasesdot(x, base_ptr, rows, k0, K, tl.load(base_zero_ptr + group), BASE_BITS,
                                              BLOCK_M, BLOCK_K, DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
             acc += partial * tl.load(base_scale_ptr + group)[None, :]
         elif TILE_SCALE:  # small integers, exact in any activation dtype: the scale goes on the partial product
@@ -460,14 +462,14 @@ def hybrid_tile_kernel(
             zero = tl.load(base_zero_ptr + group).to(tl.float32)[:, None] if ZERO_POINT else 0.0
             codes = base_codes(base_ptr, rows[:, None], k0, K, magic, zero, BASE_BITS, BLOCK_K, WORDS,
                                x.dtype)  # [BN, BK]
-            partial = _dot(x, tl.trans(codes.to(x.dtype)), DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
+            partial = dot(x, tl.trans(codes.to(x.dtype)), DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
             acc += partial * tl.load(base_scale_ptr + group)[None, :]
         else:
             group = rows[:, None] * groups + (tl.minimum(k_offs, K - 1) // BASE_GROUP)[None, :]  # [BN, BK]
             zero = tl.load(base_zero_ptr + group).to(tl.float32) if ZERO_POINT else 0.0
             codes = base_codes(base_ptr, rows[:, None], k0, K, magic, zero, BASE_BITS, BLOCK_K, WORDS)
             w = codes * tl.load(base_scale_ptr + group)
-            acc += _dot(x, tl.trans(w.to(x.dtype)), DOT_PRECISION, DOT_UPCAST)
+            acc += dot(x, tl.trans(w.to(x.dtype)), DOT_PRECISION, DOT_UPCAST)
     if USE_PDL:  # phase 1 must be complete before hidden is read
         gdc_wait()
     for r0 in range(0, R, BLOCK_R):
@@ -475,7 +477,7 @@ def hybrid_tile_kernel(
         h = tl.load(hidden_ptr + m_offs[:, None] * R + r_offs[None, :],
                     mask=(m_offs[:, None] < M) & (r_offs < R)[None, :], other=0.0)  # [BM, BR] fp32
         u = scaled_up_tile(up_ptr, up_scale_ptr, tl.minimum(r_offs, R - 1), n0, N, magic, BITS, GROUP_SIZE, BLOCK_N)
-        acc += _dot(h, u, DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
-    _store_output(y_ptr, stride_ym, acc, bias_ptr, m_offs, n_offs, M, N, HAS_BIAS)
+        acc += dot(h, u, DOT_PRECISION, DOT_UPCAST)  # [BM, BN]
+    store_output(y_ptr, stride_ym, acc, bias_ptr, m_offs, n_offs, M, N, HAS_BIAS)
     if RELEASE_HIDDEN:
         release_hidden(hidden_ptr, ticket_ptr, pid_m, tl.num_programs(1), pid_m * BLOCK_M, M, R, BLOCK_M, BLOCK_R)

@@ -128,8 +128,11 @@ def launch(x2d: torch.Tensor, f, config, out: torch.Tensor) -> torch.Tensor:
         hidden, tickets, m_blocks = decode_phase1(x2d, f, c)
         precise, pdl = x2d.dtype == torch.float32, pdl_supported(x2d)  # see decode_phase1
         block_r = c.rows_per_expand_step
-        # CUDA cores: a sub-tile gives each thread one row of its chunk across block_n
+        # CUDA cores: a sub-tile gives each thread one row of its chunk across block_n; up to 4 sub-tiles per
+        # iteration (each one 128-bit load per thread, all issued before the first is used)
         sub_r = min(block_r, max(1, 32 * c.num_warps * decode_chunk(f.bits) // c.block_n))
+        if not c.uses_dot:
+            block_r = min(block_r, 4 * sub_r)
         kern.decode_expand_kernel[(triton.cdiv(N, c.block_n), m_blocks)](
             hidden, f.up_t, up_scale, bias, out, tickets, M, N, R, out.stride(0), MAGIC,
             BITS=bits, GROUP_SIZE=group, HAS_BIAS=f.bias is not None, USE_DOT=c.uses_dot,
@@ -163,7 +166,8 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
     bits, group, _, up_scale = _pointers(f)
     bias = w.bias if w.bias is not None else w.base_scale  # never read without HAS_BIAS
     precision, dot_upcast = _dot_flags(x2d)
-    problem = Problem(M, N, K, R, f.bits, group, x2d.element_size(), w.base_bits, w.base_group_size)
+    problem = Problem(M, N, K, R, f.bits, group, x2d.element_size(), w.base_bits, w.base_group_size,
+                      "hybrid")
     decode = c.path == "decode"
     if decode and not hybrid_decode_supported(problem):
         raise ValueError(f"launch_hybrid: the decode path needs 16-byte `down` rows and int4 groups of 32k columns; "

@@ -29,10 +29,10 @@ from transformers import AutoModelForCausalLM
 from triton_lowrank.kernels.configs import Problem
 
 from triton_lowrank import CheckpointError, LowRankConfig, compress_model, load_compressed, save_compressed
-from triton_lowrank.autotune import Autotuner, problem_key
-from triton_lowrank.checkpoint import MANIFEST, output_folder, output_lock
-from triton_lowrank.factorize import whitening_cholesky
-from triton_lowrank.safe_io import MAX_SAMPLES, MAX_TOKENS, UnsafeInput, parse_json, read_text_file
+from triton_lowrank.checkpoint.save_load import MANIFEST, output_folder, output_lock
+from triton_lowrank.core.autotune import Autotuner, problem_key
+from triton_lowrank.core.factorize import whitening_cholesky
+from triton_lowrank.core.safe_io import MAX_SAMPLES, MAX_TOKENS, UnsafeInput, parse_json, read_text_file
 
 # --------------------------------------------------------------------------------------------- folders
 
@@ -193,7 +193,7 @@ def test_cli_bad_input_gets_one_line(paths, argv, fragment, setup, early, capsys
     if setup is not None:
         setup(paths)
     if early:  # the check must come before the (slow) load
-        monkeypatch.setattr("triton_lowrank.cli.load", lambda *a, **k: pytest.fail("loaded a model first"))
+        monkeypatch.setattr("triton_lowrank.tools.cli.load", lambda *a, **k: pytest.fail("loaded a model first"))
     try:
         code, _, err = run([str(a).format(**paths) for a in argv], capsys)
     finally:
@@ -352,7 +352,7 @@ def test_report_error_is_the_true_error_with_an_outlier(outlier):
 
 
 def test_report_error_is_nan_or_inf_when_the_result_is(monkeypatch):
-    monkeypatch.setattr("triton_lowrank.compress.truncated_factors",
+    monkeypatch.setattr("triton_lowrank.formats.lowrank.fit.truncated_factors",
                         lambda w, r, chol=None: (torch.full((w.shape[0], r), float("inf")), torch.ones(r, w.shape[1])))
     report = compress_model(nn.Sequential(nn.Linear(32, 32)), LowRankConfig(rank=4, bits=None), progress=False)
     assert not math.isfinite(report.layers[0].rel_error)
@@ -550,7 +550,7 @@ def test_output_folder_for_the_demo_follows_the_out_rules(paths):
 
 
 def test_an_out_name_too_long_for_the_temp_folder_is_refused_before_any_work(paths, capsys, monkeypatch):
-    monkeypatch.setattr("triton_lowrank.cli.load", lambda *a, **k: pytest.fail("loaded a model first"))
+    monkeypatch.setattr("triton_lowrank.tools.cli.load", lambda *a, **k: pytest.fail("loaded a model first"))
     code, _, err = run(["compress", paths["model"], paths["tmp"] / ("x" * 250)], capsys)
     assert "is too long" in one_line_error(code, err)
 
@@ -681,7 +681,7 @@ def directory(paths):
                                              (directory, "is a directory")], ids=["fifo", "dev-zero", "directory"])
 def test_text_inputs_must_be_regular_files(paths, capsys, monkeypatch, command, setup, fragment):
     setup(paths)
-    monkeypatch.setattr("triton_lowrank.cli.load", lambda *a, **k: pytest.fail("loaded a model first"))
+    monkeypatch.setattr("triton_lowrank.tools.cli.load", lambda *a, **k: pytest.fail("loaded a model first"))
     argv = {"compress": ["compress", paths["model"], paths["out"], "--calib-text"],
             "eval": ["eval", paths["model"], paths["compressed"], "--text"]}[command]
     code, _, err = within(30, lambda: run([*argv, paths["tmp"] / "calib.txt"], capsys))
@@ -703,7 +703,7 @@ def test_a_text_file_over_the_limit_is_refused(tmp_path):
     (["generate", "{model}", "--prompt", "x", "--max-new-tokens", "10000000000"], "is above the limit"),
 ], ids=["calib-tokens", "calib-samples", "eval-samples", "max-new-tokens"])
 def test_counts_have_upper_bounds_checked_before_any_work(paths, capsys, monkeypatch, argv, fragment):
-    monkeypatch.setattr("triton_lowrank.cli.load", lambda *a, **k: pytest.fail("loaded a model first"))
+    monkeypatch.setattr("triton_lowrank.tools.cli.load", lambda *a, **k: pytest.fail("loaded a model first"))
     code, _, err = run([a.format(**paths) for a in argv], capsys)
     assert code != 0 and fragment in err and len(err.strip().splitlines()) == 1, err
 
@@ -881,7 +881,7 @@ def test_saving_a_loaded_model_does_not_warn_about_offloaded_modules(paths):
 
 HOLD_LOCK = """
 import sys, time
-from triton_lowrank.checkpoint import output_lock
+from triton_lowrank.checkpoint.save_load import output_lock
 with output_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(120)

@@ -1,5 +1,7 @@
-"""The package's imports run one way: storage math -> kernels -> launcher -> autotuner -> modules ->
-compression -> on-disk format and HF -> tools. Read with `ast`, so it holds without importing anything.
+"""The package's imports run one way, down the floors of LAYERS (core storage math -> kernels -> core launcher,
+format contract, config and tuner -> core fitting math -> formats -> compression -> on-disk format and HF -> tools),
+formats never import each other, and no format's knobs are branched on outside its own package. Read with `ast`
+and text, so it holds without importing anything.
 
 LAYERS is the one place the order is written. A new module must be added to it (the test fails until
 it is), at the lowest layer whose modules it needs.
@@ -7,6 +9,7 @@ it is), at the lowest layer whose modules it needs.
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,15 +21,21 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "triton_lowrank"
 
 LAYERS = [
-    ("storage and reference math", ["safe_io", "quant", "factors", "reference", "hybrid_storage"]),
-    ("kernels", ["kernels", "kernels.configs", "kernels.lowrank_matmul", "kernels.hybrid_matmul", "kernels.launch"]),
-    ("launcher and custom op", ["ops"]),
-    ("autotuner", ["autotune"]),
-    ("modules", ["formats", "layers", "hybrid_layers", "pretune"]),
-    ("compression", ["config", "calibration", "factorize", "gptq", "sequential", "compress", "hybrid_fit"]),
-    ("on-disk format and HF", ["checkpoint_format", "hf_quantizer", "checkpoint"]),
-    ("tools", ["embedded", "loading", "eval_data", "metrics", "realmodel", "baselines", "sweeps", "generation_bench",
-               "demo", "cli", ""]),  # "" is the package's __init__, which exports from every layer
+    ("core: storage and reference math",
+     ["core.safe_io", "core.quant", "core.nbytes", "core.factors", "core.reference"]),
+    ("kernels", ["kernels.configs", "kernels.utils", "kernels.lowrank_matmul", "kernels.hybrid_matmul",
+                 "kernels.launch"]),
+    ("core: launcher, format contract, config, tuner", ["core.ops", "core.format", "core.config", "core.autotune"]),
+    ("core: fitting math", ["core.calibration", "core.factorize", "core.gptq"]),
+    ("formats (each imports the core, never another format)",
+     ["formats", "formats.lowrank", "formats.lowrank.op", "formats.lowrank.layer", "formats.lowrank.fit",
+      "formats.hybrid", "formats.hybrid.storage", "formats.hybrid.op", "formats.hybrid.layer",
+      "formats.hybrid.fit"]),
+    ("compression", ["compression", "compression.sequential", "compression.compress", "compression.pretune"]),
+    ("on-disk format and HF", ["checkpoint", "checkpoint.format", "checkpoint.hf_quantizer", "checkpoint.save_load"]),
+    ("tools", ["embedded", "tools", "tools.loading", "tools.eval_data", "tools.metrics", "tools.realmodel",
+               "tools.baselines", "tools.sweeps", "tools.generation_bench", "tools.demo", "tools.cli",
+               "core", ""]),  # "" is the package's __init__, which exports from every layer; "core"'s is empty
 ]
 LAYER_OF = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 # Imported inside functions on purpose: optional at import time (Triton is a Linux x86-64 dependency
@@ -127,9 +136,9 @@ def test_no_imports_inside_functions_except_optional_dependencies(module):
 def test_the_checker_sees_an_upward_import(tmp_path):
     """The checker itself can fail: an upward import written into a copy of a low module is caught."""
     fake = tmp_path / "quant.py"
-    fake.write_text("from .compress import compress_model\n")
-    (name, _, _), = package_imports("quant", fake)
-    assert LAYER_OF[resolve(name, source_files())] > LAYER_OF["quant"]
+    fake.write_text("from triton_lowrank.compression.compress import compress_model\n")
+    (name, _, _), = package_imports("core.quant", fake)
+    assert LAYER_OF[resolve(name, source_files())] > LAYER_OF["core.quant"]
 
 
 def test_a_plain_checkout_imports_without_installing(tmp_path):
@@ -139,8 +148,59 @@ def test_a_plain_checkout_imports_without_installing(tmp_path):
     for part in ("triton_lowrank", "kernels"):
         shutil.copytree(ROOT / part, copy / part, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
     shutil.copy(ROOT / "pyproject.toml", copy)
-    code = "import triton_lowrank.kernels.launch as m, triton_lowrank.ops as o; print(m.__file__); print(o.__file__)"
+    code = ("import triton_lowrank.kernels.launch as m, triton_lowrank.core.ops as o; print(m.__file__); "
+            "print(o.__file__)")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(copy)})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == [str(copy / "kernels" / "launch.py"), str(copy / "triton_lowrank" / "ops.py")]
+    assert result.stdout.split() == [str(copy / "kernels" / "launch.py"),
+                                     str(copy / "triton_lowrank" / "core" / "ops.py")]
+
+
+@pytest.mark.parametrize("where", ["repo root", "elsewhere"])
+def test_the_kernels_folder_never_shadows_an_installed_kernels_package(where, tmp_path):
+    """kernels/ has no __init__.py, so a Python started in the checkout still imports an installed regular
+    package named `kernels` (Hugging Face's, which transformers imports) and not our folder."""
+    code = ("import importlib.util, transformers, triton_lowrank, triton_lowrank.kernels.launch as k; "
+            "spec = importlib.util.find_spec('kernels'); "
+            "print(k.__file__); print(spec.origin if spec else 'absent')")
+    cwd = ROOT if where == "repo root" else tmp_path
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ours, installed = result.stdout.split()
+    assert ours == str(ROOT / "kernels" / "launch.py")
+    assert installed == "absent" or not installed.startswith(str(ROOT / "kernels")), installed
+    assert not (ROOT / "kernels" / "__init__.py").exists(), "kernels/__init__.py makes the folder shadow `kernels`"
+
+
+def test_formats_never_import_each_other():
+    files = source_files()
+    for module, path in files.items():
+        parts = module.split(".")
+        if parts[0] != "formats" or len(parts) < 2:
+            continue
+        for name, line, _ in package_imports(module, path):
+            target = resolve(name, files).split(".")
+            assert target[0] != "formats" or len(target) < 2 or target[1] == parts[1], (
+                f"{path.name}:{line} ({module}) imports {'.'.join(target)}: a format imports the core, never "
+                "another format"
+            )
+
+
+# The fork this layout removed: code outside the hybrid format branching on whether a config or problem has a base.
+FORK = re.compile(r"""base_bits\b["')\]]*\s+is\s+(not\s+)?None""")
+
+
+def test_no_format_fork_outside_its_own_package():
+    forks = []
+    for folder in ("triton_lowrank", "kernels", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if (ROOT / PACKAGE / "formats" / "hybrid") in path.parents:
+                continue
+            forks += [f"{path.relative_to(ROOT)}:{n}" for n, line in enumerate(path.read_text().splitlines(), 1)
+                      if FORK.search(line)]
+    assert not forks, f"branch on the format's object instead (core/format.py): {forks}"
+
+
+def test_the_fork_check_can_fail():
+    assert FORK.search("    if config.base_bits is not None:") and FORK.search('if base.get("base_bits") is None:')

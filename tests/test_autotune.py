@@ -6,18 +6,11 @@ import json
 import pytest
 import torch
 from torch import nn
-from triton_lowrank.kernels.configs import (
-    Problem,
-    TileConfig,
-    candidate_configs,
-    default_config,
-    m_bucket,
-    smem_bytes,
-)
+from triton_lowrank.kernels.configs import Problem, TileConfig, m_bucket, smem_bytes
 
-from triton_lowrank.autotune import Autotuner, problem_key, resolve_mode
-from triton_lowrank.layers import LowRankLinear
-from triton_lowrank.pretune import pretune_model
+from triton_lowrank.compression.pretune import pretune_model
+from triton_lowrank.core.autotune import Autotuner, candidate_configs, default_config, problem_key, resolve_mode
+from triton_lowrank.formats.lowrank.layer import LowRankLinear
 
 PROBLEM = Problem(m=1, n=6400, k=1600, rank=400, bits=8, group_size=0)
 
@@ -116,7 +109,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def broken_dump(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("triton_lowrank.autotune.json.dump", broken_dump)
+    monkeypatch.setattr("triton_lowrank.core.autotune.json.dump", broken_dump)
     with pytest.warns(RuntimeWarning, match="cannot write the autotune cache .*disk full"):  # never raises
         tuner.tune(Problem(16, 6400, 1600, 400, 8, 0), "float16")
     assert (tmp_path / "autotune.json").read_text() == before

@@ -12,11 +12,11 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from triton_lowrank import LowRankConfig, compress_model
-from triton_lowrank.calibration import GramStats, collect_grams
-from triton_lowrank.compress import select_layers
-from triton_lowrank.factorize import shrinkage_strength, shrunk_gram, whitening_cholesky
-from triton_lowrank.formats import dense_weight
-from triton_lowrank.sequential import calibrate_blockwise, find_blocks
+from triton_lowrank.compression.compress import select_layers
+from triton_lowrank.compression.sequential import calibrate_blockwise, find_blocks
+from triton_lowrank.core.calibration import GramStats, collect_grams
+from triton_lowrank.core.factorize import shrinkage_strength, shrunk_gram, whitening_cholesky
+from triton_lowrank.core.format import dense_weight
 
 
 def tiny_bert(layers: int = 2) -> BertModel:

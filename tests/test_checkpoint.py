@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import triton_lowrank.checkpoint as checkpoint
+import triton_lowrank.checkpoint.save_load as checkpoint
 from triton_lowrank import (
     CheckpointError,
     LowRankConfig,
@@ -26,9 +26,9 @@ from triton_lowrank import (
     load_compressed,
     save_compressed,
 )
-from triton_lowrank.checkpoint import output_lock, recover_interrupted_save
-from triton_lowrank.checkpoint_format import RECORD_KEY, checksum_metadata, covered_config
-from triton_lowrank.layers import LowRankLinear
+from triton_lowrank.checkpoint.format import RECORD_KEY, checksum_metadata, covered_config
+from triton_lowrank.checkpoint.save_load import output_lock, recover_interrupted_save
+from triton_lowrank.formats.lowrank.layer import LowRankLinear
 
 PROMPT = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 8, 16, 32, 64, 3, 7]])
 BITS = {None: {}, 8: {}, 4: {"group_size": 32}}
@@ -545,7 +545,7 @@ def test_no_dense_weight_is_materialised_while_loading(saved, monkeypatch):
 
 
 def test_offloaded_tensors_are_hashed_where_they_are_loaded_from_never_null():
-    from triton_lowrank.checkpoint_format import tensor_checksums
+    from triton_lowrank.checkpoint.format import tensor_checksums
 
     stored = {"b": torch.arange(3.0)}
     sums = tensor_checksums({"a": torch.arange(4.0), "b": torch.empty(3, device="meta")}, stored.__getitem__)

@@ -6,8 +6,8 @@ import pytest
 from conftest import make_tiny_gpt2, tiny_tokenizer
 
 from triton_lowrank import HybridLinear, LowRankConfig, load_compressed
-from triton_lowrank.baselines import compressed_bytes, dense_bytes
-from triton_lowrank.cli import main
+from triton_lowrank.tools.baselines import compressed_bytes, dense_bytes
+from triton_lowrank.tools.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_bad_arguments(argv, fragment, capsys):
 
 
 def test_hub_id_without_a_reachable_hub(monkeypatch, capsys):
-    monkeypatch.setattr("triton_lowrank.cli.hub_reachable", lambda timeout=3.0: False)  # never touch the network
+    monkeypatch.setattr("triton_lowrank.tools.cli.hub_reachable", lambda timeout=3.0: False)  # never touch the network
     code, _, err = run(["generate", "someorg/no-such-model", "--prompt", "hi"], capsys)
     assert_one_line_error(code, err, "not reachable")
 

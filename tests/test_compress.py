@@ -9,9 +9,8 @@ from conftest import make_tiny_gpt2
 from transformers import BertConfig, BertModel
 
 from triton_lowrank import LowRankConfig, LowRankLinear, compress_model
-from triton_lowrank.factors import lowrank_bytes
-from triton_lowrank.formats import dense_weight
-from triton_lowrank.quant import tensor_bytes
+from triton_lowrank.core.format import dense_weight
+from triton_lowrank.core.nbytes import lowrank_bytes, tensor_bytes
 
 BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 

@@ -8,12 +8,12 @@ import torch
 from conftest import TEXT, make_tiny_gpt2, tiny_tokenizer
 
 from triton_lowrank import LowRankConfig
-from triton_lowrank.baselines import compress_copy, gptq_baseline, layer_grams, quantized_weight, rtn_baseline
-from triton_lowrank.compress import select_layers
-from triton_lowrank.eval_data import sample_sequences, text_windows
-from triton_lowrank.formats import dense_weight
-from triton_lowrank.metrics import evaluate
-from triton_lowrank.sweeps import sweep, write_sweep
+from triton_lowrank.compression.compress import select_layers
+from triton_lowrank.core.format import dense_weight
+from triton_lowrank.tools.baselines import compress_copy, gptq_baseline, layer_grams, quantized_weight, rtn_baseline
+from triton_lowrank.tools.eval_data import sample_sequences, text_windows
+from triton_lowrank.tools.metrics import evaluate
+from triton_lowrank.tools.sweeps import sweep, write_sweep
 
 SMALL = {"num_samples": 4, "seq_len": 32, "progress": False}
 

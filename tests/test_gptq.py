@@ -1,4 +1,4 @@
-"""Error-feedback quantization of the factors (triton_lowrank.gptq)."""
+"""Error-feedback quantization of the factors (triton_lowrank.core.gptq)."""
 
 from collections import OrderedDict
 
@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from triton_lowrank import LowRankConfig, compress_model
-from triton_lowrank.factorize import truncated_factors
-from triton_lowrank.formats import dense_weight
-from triton_lowrank.gptq import _up_column_quantizer, gptq, quantize_factors
-from triton_lowrank.quant import dequantize, quantize, quantize_with_scale
+from triton_lowrank.core.factorize import truncated_factors
+from triton_lowrank.core.format import dense_weight
+from triton_lowrank.core.gptq import _up_column_quantizer, gptq, quantize_factors
+from triton_lowrank.core.quant import dequantize, quantize, quantize_with_scale
 
 
 def correlated_inputs(n: int, features: int, seed: int) -> torch.Tensor:

@@ -1,26 +1,46 @@
-"""GPU-only checks (bench/gpu_check.sh runs them): real sizes, torch.compile, CUDA graphs, opcheck."""
+"""The GPU checks (bench/gpu_check.sh runs them with `-m gpu`), parametrized by device so they cannot rot: on a
+CUDA device at real sizes, torch.compile, CUDA graphs and opcheck; without one, the same tests run the same kernels
+through Triton's interpreter (tests/conftest.py, the `kernels` marker) at tiny sizes, in CI. Only CUDA-graph
+capture has no CPU counterpart and skips there."""
+
+import time
 
 import pytest
 import torch
-from triton_lowrank.kernels.configs import Problem, default_config
+from triton_lowrank.kernels.configs import Problem
 from triton_lowrank.kernels.launch import launch
 
-from triton_lowrank.autotune import Autotuner
-from triton_lowrank.factors import round_factors
-from triton_lowrank.hybrid_layers import HybridLinear
-from triton_lowrank.hybrid_storage import hybrid_reference, random_hybrid_weights
-from triton_lowrank.layers import LowRankLinear
-from triton_lowrank.ops import factors_args, lowrank_matmul
-from triton_lowrank.reference import lowrank_reference
+from triton_lowrank.core.autotune import Autotuner, default_config
+from triton_lowrank.core.factors import round_factors
+from triton_lowrank.core.reference import lowrank_reference
+from triton_lowrank.formats.hybrid.layer import HybridLinear
+from triton_lowrank.formats.hybrid.storage import hybrid_reference, random_hybrid_weights
+from triton_lowrank.formats.lowrank.layer import LowRankLinear
+from triton_lowrank.formats.lowrank.op import factors_args, lowrank_matmul
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = [pytest.mark.gpu, pytest.mark.kernels]
+needs_cuda_graphs = pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA device")
 
 
-def make_layer(k, n, rank, bits, dtype=torch.float16, group_size=128, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    up = torch.randn(n, rank, device="cuda", generator=gen) / rank**0.5
-    down = torch.randn(rank, k, device="cuda", generator=gen) / k**0.5
-    bias = torch.randn(n, device="cuda", generator=gen)
+def sizes(real, tiny):
+    """Real sizes on a GPU; tiny ones (same awkwardness: odd widths, small ranks) under the interpreter."""
+    return real if ON_GPU else tiny
+
+
+# (k, n, rank): GPT-2 XL's MLP both ways, a Llama MLP, GPT-2 small's c_attn / tiny shapes with int4 groups of 16
+SHAPES = sizes([(1600, 6400, 400), (4096, 11008, 1024), (768, 2304, 96), (6400, 1600, 200)],
+               [(48, 80, 12), (80, 48, 5)])
+GROUP = sizes(128, 16)
+MS = sizes([1, 5, 64, 1000], [1, 5, 33])
+
+
+def make_layer(k, n, rank, bits, dtype=torch.float16, group_size=GROUP, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    up = torch.randn(n, rank, device=DEVICE, generator=gen) / rank**0.5
+    down = torch.randn(rank, k, device=DEVICE, generator=gen) / k**0.5
+    bias = torch.randn(n, device=DEVICE, generator=gen)
     return LowRankLinear.from_factors(round_factors(up, down, bias, bits, group_size, dtype), dtype)
 
 
@@ -29,59 +49,69 @@ def reference(x, layer):
 
 
 def assert_close_scaled(y, ref, rel=2e-2):
-    """Real sizes: compare against the output scale (fp16/bf16 output rounding dominates)."""
+    """Compare against the output scale (fp16/bf16 output rounding dominates)."""
     assert not torch.isnan(y).any()
     err = (y.float() - ref.float()).abs().max().item()
     assert err <= rel * ref.float().abs().max().item() + 1e-3, f"max error {err}"
 
 
+def num_sms() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if ON_GPU else 4
+
+
 @pytest.mark.parametrize("bits", [None, 8, 4])
-@pytest.mark.parametrize("k,n,rank", [(1600, 6400, 400), (4096, 11008, 1024), (768, 2304, 96), (6400, 1600, 200)])
-@pytest.mark.parametrize("m", [1, 5, 64, 1000])
+@pytest.mark.parametrize("k,n,rank", SHAPES)
+@pytest.mark.parametrize("m", MS)
 def test_real_sizes_both_paths(bits, k, n, rank, m):
     layer = make_layer(k, n, rank, bits)
     f = layer.factors()
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
     ref = reference(x, layer)
-    problem = Problem(m, n, k, rank, bits, 128 if bits == 4 else 0)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for fused_max_m in (1 << 30, 0) if m <= 64 else (0,):
-        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-        launch(x, f, default_config(problem, sms, fused_max_m=fused_max_m), out)
+    problem = Problem(m, n, k, rank, bits, GROUP if bits == 4 else 0)
+    for fused_max_m in (1 << 30, 0) if m <= 64 else (0,):  # the decode path and the split path
+        out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float16)
+        launch(x, f, default_config(problem, num_sms(), interpret=not ON_GPU, fused_max_m=fused_max_m), out)
         assert_close_scaled(out, ref)
-    assert_close_scaled(lowrank_matmul(x, layer), ref)
+    assert_close_scaled(lowrank_matmul(x, f), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_other_activation_dtypes(dtype):
-    layer = make_layer(1024, 4096, 256, 8, dtype=dtype)
-    for m in (1, 300):
-        x = torch.randn(m, 1024, device="cuda", dtype=dtype)
-        assert_close_scaled(lowrank_matmul(x, layer), reference(x, layer), rel=3e-2)
+    k, n, rank = sizes((1024, 4096, 256), (64, 96, 16))
+    layer = make_layer(k, n, rank, 8, dtype=dtype)
+    for m in sizes((1, 300), (1, 20)):
+        x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+        assert_close_scaled(lowrank_matmul(x, layer.factors()), reference(x, layer), rel=3e-2)
 
 
 def test_layer_forward_uses_the_op():
-    layer = make_layer(768, 3072, 192, 4, group_size=64)
-    x = torch.randn(2, 7, 768, device="cuda", dtype=torch.float16)
+    k, n, rank = sizes((768, 3072, 192), (48, 96, 12))
+    layer = make_layer(k, n, rank, 4, group_size=sizes(64, 16))
+    x = torch.randn(2, 7, k, device=DEVICE, dtype=torch.float16)
     assert_close_scaled(layer(x), reference(x, layer))
 
 
-@pytest.mark.parametrize("m", [1, 256])
+@pytest.mark.slow
+@pytest.mark.parametrize("m", [1, sizes(256, 20)])
 def test_torch_compile_fullgraph(m):
-    layer = make_layer(1600, 6400, 400, 8)
+    k, n, rank = sizes((1600, 6400, 400), (48, 80, 12))
+    layer = make_layer(k, n, rank, 8)
     compiled = torch.compile(layer, fullgraph=True)
-    x = torch.randn(m, 1600, device="cuda", dtype=torch.float16)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
     assert_close_scaled(compiled(x), reference(x, layer))
 
 
+@pytest.mark.slow
 def test_torch_compile_dynamic_m():
-    layer = make_layer(1024, 4096, 256, 8)
-    compiled = torch.compile(lambda x: lowrank_matmul(x, layer) * 2, fullgraph=True, dynamic=True)
-    for m in (3, 17, 129):
-        x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+    k, n, rank = sizes((1024, 4096, 256), (48, 80, 12))
+    layer = make_layer(k, n, rank, 8)
+    compiled = torch.compile(lambda x: lowrank_matmul(x, layer.factors()) * 2, fullgraph=True, dynamic=True)
+    for m in sizes((3, 17, 129), (3, 17)):
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
         assert_close_scaled(compiled(x), reference(x, layer) * 2)
 
 
+@needs_cuda_graphs
 @pytest.mark.parametrize("m", [1, 8, 512])
 def test_cuda_graph_capture_and_replay(m):
     layer = make_layer(1600, 6400, 400, 8)
@@ -103,6 +133,7 @@ def test_cuda_graph_capture_and_replay(m):
     assert_close_scaled(layer(static_x), reference(static_x, layer))
 
 
+@needs_cuda_graphs
 def test_two_graphs_captured_on_one_stream_replay_in_any_order():
     # The fused path's workspace must belong to each graph: a shared one would be zeroed only by
     # the first graph's captured memset, and graph B replayed first would add onto stale memory.
@@ -119,6 +150,7 @@ def test_two_graphs_captured_on_one_stream_replay_in_any_order():
         assert_close_scaled(y, reference(x, layer))
 
 
+@needs_cuda_graphs
 def test_compile_reduce_overhead_cudagraphs():
     layer = make_layer(1024, 4096, 256, 4, group_size=128)
     compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
@@ -129,26 +161,46 @@ def test_compile_reduce_overhead_cudagraphs():
 
 
 def test_opcheck():
-    layer = make_layer(256, 384, 32, 8)
-    f = layer.factors()
-    for m in (1, 40):
-        x = torch.randn(m, 256, device="cuda", dtype=torch.float16)
-        args = factors_args(x, f)
-        torch.library.opcheck(torch.ops.triton_lowrank.lowrank_matmul.default, args,
+    k, n, rank = sizes((256, 384, 32), (48, 80, 12))
+    f = make_layer(k, n, rank, 8).factors()
+    for m in (1, sizes(40, 17)):
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+        torch.library.opcheck(torch.ops.triton_lowrank.lowrank_matmul.default, factors_args(x, f),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-def test_autotune_fast_on_gpu(tmp_path):
-    tuner = Autotuner(mode="fast", cache_dir=tmp_path, progress=False)
-    problem = Problem(1, 6400, 1600, 400, 8, 0)
+def interpreter_timer(dtype: str):
+    """Without a GPU the tuner's candidates are launched through the interpreter, checked, and timed by the clock:
+    every candidate the tuner offers must run and be right."""
+    torch_dtype = getattr(torch, dtype)
+
+    def timer(p: Problem, config) -> float:
+        layer = make_layer(p.k, p.n, p.rank, p.bits, dtype=torch_dtype)
+        x = torch.randn(p.m, p.k, dtype=torch_dtype)
+        out = torch.full((p.m, p.n), float("nan"), dtype=torch_dtype)
+        start = time.perf_counter()
+        launch(x, layer.factors(), config, out)
+        elapsed = time.perf_counter() - start
+        assert_close_scaled(out, reference(x, layer))
+        return elapsed * 1e3
+
+    return timer
+
+
+def test_autotune_fast(tmp_path):
+    k, n, rank = sizes((1600, 6400, 400), (48, 80, 12))
+    problem = Problem(1, n, k, rank, 8, 0)
+    tuner = Autotuner(mode="fast", cache_dir=tmp_path, progress=False,
+                      timer=None if ON_GPU else interpreter_timer("float16"))
     config = tuner.tune(problem, "float16")
-    layer = make_layer(1600, 6400, 400, 8)
-    x = torch.randn(1, 1600, device="cuda", dtype=torch.float16)
-    out = torch.empty(1, 6400, device="cuda", dtype=torch.float16)
+    layer = make_layer(k, n, rank, 8)
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
+    out = torch.empty(1, n, device=DEVICE, dtype=torch.float16)
     assert_close_scaled(launch(x, layer.factors(), config, out), reference(x, layer))
     assert Autotuner(mode="default", cache_dir=tmp_path).lookup(problem, "float16") == config
 
 
+@pytest.mark.skipif(not ON_GPU, reason="needs a second device to mismatch against")
 def test_factors_and_device_errors():
     layer = make_layer(256, 384, 32, 8)
     f = layer.factors()
@@ -158,22 +210,26 @@ def test_factors_and_device_errors():
         lowrank_matmul(x.cpu(), f)
 
 
-# ---- the hybrid format (issue 10): real sizes, every path, torch.compile and CUDA graphs ----
-def hybrid_layer(k, n, base_bits, rank=32, bits=8, dtype=torch.float16, seed=0) -> HybridLinear:
-    group = 128 if k % 128 == 0 else 64  # GPT-2 XL's 1600 takes groups of 64
-    return HybridLinear.from_weights(random_hybrid_weights(k, n, rank, base_bits, group, bits, 128, dtype,
-                                                           seed=seed, device="cuda"), dtype)
+# ---- the hybrid format: real sizes, every path, torch.compile and CUDA graphs ----
+HYBRID_RANK = sizes(32, 4)
+
+
+def hybrid_layer(k, n, base_bits, rank=HYBRID_RANK, bits=8, dtype=torch.float16, seed=0) -> HybridLinear:
+    group = sizes(128 if k % 128 == 0 else 64, 32)  # GPT-2 XL's 1600 takes groups of 64
+    return HybridLinear.from_weights(random_hybrid_weights(k, n, rank, base_bits, group, bits, GROUP, dtype,
+                                                           seed=seed, device=DEVICE), dtype)
 
 
 @pytest.mark.parametrize("base_bits", [4, 3, 2])
-@pytest.mark.parametrize("k,n", [(4096, 11008), (1600, 6400), (6400, 1600)])
-@pytest.mark.parametrize("m", [1, 5, 300])
+@pytest.mark.parametrize("k,n", sizes([(4096, 11008), (1600, 6400), (6400, 1600)], [(128, 48), (64, 80)]))
+@pytest.mark.parametrize("m", sizes([1, 5, 300], [1, 5, 20]))
 def test_hybrid_real_sizes(base_bits, k, n, m):
     layer = hybrid_layer(k, n, base_bits)
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
     assert_close_scaled(layer(x), hybrid_reference(x, layer.weights()))
 
 
+@needs_cuda_graphs
 @pytest.mark.parametrize("m", [1, 8])
 def test_hybrid_cuda_graph_replays_and_compiles(m):
     layer = hybrid_layer(4096, 11008, 4)

@@ -15,7 +15,7 @@ from triton_lowrank import (
     mark_compressed,
     save_compressed,
 )
-from triton_lowrank.hf_quantizer import TritonLowRankHfQuantizer
+from triton_lowrank.checkpoint.hf_quantizer import TritonLowRankHfQuantizer
 
 PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35]])
 

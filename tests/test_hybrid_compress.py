@@ -9,9 +9,8 @@ from conftest import make_tiny_gpt2
 from torch import nn
 
 from triton_lowrank import HybridLinear, LowRankConfig, compress_model
-from triton_lowrank.baselines import compressed_bytes, dense_bytes
-from triton_lowrank.hybrid_fit import base_bytes, correction_rank_bytes
-from triton_lowrank.quant import tensor_bytes
+from triton_lowrank.core.nbytes import base_bytes, correction_rank_bytes, tensor_bytes
+from triton_lowrank.tools.baselines import compressed_bytes, dense_bytes
 
 # A tiny model's calibration: fewer tokens than features is expected here, and warned about elsewhere.
 pytestmark = pytest.mark.filterwarnings("ignore:calibration saw fewer tokens")

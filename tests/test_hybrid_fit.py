@@ -3,25 +3,25 @@
 import pytest
 import torch
 
-from triton_lowrank import gptq as gptq_module
-from triton_lowrank.factorize import truncated_factors
-from triton_lowrank.gptq import gptq
-from triton_lowrank.hybrid_fit import (
-    allocate_correction_ranks,
-    base_error_spectrum,
-    fit_base,
-    fit_correction,
-    fit_hybrid,
-    hybrid_bytes,
-)
-from triton_lowrank.hybrid_storage import HybridWeights, dequantize_base
-from triton_lowrank.quant import (
+from triton_lowrank.core import gptq as gptq_module
+from triton_lowrank.core.factorize import truncated_factors
+from triton_lowrank.core.gptq import gptq
+from triton_lowrank.core.nbytes import hybrid_bytes
+from triton_lowrank.core.quant import (
     check_base_bits,
     dequantize_zero_point,
     pack_codes,
     quantize_zero_point,
     unpack_codes,
 )
+from triton_lowrank.formats.hybrid.fit import (
+    allocate_correction_ranks,
+    base_error_spectrum,
+    fit_base,
+    fit_correction,
+    fit_hybrid,
+)
+from triton_lowrank.formats.hybrid.storage import HybridWeights, dequantize_base
 
 
 def correlated_inputs(n: int, features: int, seed: int) -> torch.Tensor:

@@ -16,14 +16,14 @@ from triton_lowrank import (
     load_compressed,
     save_compressed,
 )
-from triton_lowrank.checkpoint_format import CheckpointError
-from triton_lowrank.cli import main
-from triton_lowrank.factors import round_factors
-from triton_lowrank.formats import FORMATS
-from triton_lowrank.hf_quantizer import TritonLowRankConfig
-from triton_lowrank.hybrid_storage import dequantize_base
-from triton_lowrank.quant import ZERO_POINT_BITS, quantize, quantize_zero_point
-from triton_lowrank.reference import dequantized_factors
+from triton_lowrank.checkpoint.format import CheckpointError
+from triton_lowrank.checkpoint.hf_quantizer import TritonLowRankConfig
+from triton_lowrank.core.factors import round_factors
+from triton_lowrank.core.format import FORMATS
+from triton_lowrank.core.quant import ZERO_POINT_BITS, quantize, quantize_zero_point
+from triton_lowrank.core.reference import dequantized_factors
+from triton_lowrank.formats.hybrid.storage import dequantize_base
+from triton_lowrank.tools.cli import main
 
 
 def random_weights(in_features=64, out_features=48, base_bits=4, base_group_size=16, rank=8, bits=8,
@@ -95,7 +95,7 @@ def test_the_op_rejects_mismatched_storage():
 def test_module_forward_is_the_reference(base_bits, bits):
     w = random_weights(base_bits=base_bits, bits=bits, dtype=torch.float16)
     layer = HybridLinear.from_weights(w, torch.float16)
-    assert FORMATS["hybrid"] is HybridLinear
+    assert FORMATS["hybrid"].layer is HybridLinear
     x = torch.randn(3, w.in_features, dtype=torch.float16)
     torch.testing.assert_close(layer(x), hybrid_reference(x, w), rtol=0, atol=0)
     torch.testing.assert_close(layer.dequantized_weight(), dense_of(w), rtol=0, atol=0)
@@ -107,6 +107,7 @@ def test_module_forward_is_the_reference(base_bits, bits):
     assert layer.to(torch.bfloat16).base_scale.dtype == torch.float32
     (problem,) = layer.kernel_problems(4, 2)  # what pretune_model tunes: the base is part of the key
     assert (problem.m, problem.k, problem.n, problem.rank, problem.base_bits) == (4, 64, 48, 8, base_bits)
+    assert problem.format == "hybrid"
 
 
 def test_module_rejects_a_bad_base():

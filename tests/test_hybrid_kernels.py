@@ -5,17 +5,20 @@ and "split" (prefill), over base bits, base groups that a K tile divides and tha
 dtypes, rank 1 and ranks past one rank block, odd output counts, bias or none; outputs NaN-poisoned before launch.
 """
 
+import dataclasses
+
 import pytest
 import test_kernels
 import torch
 from test_kernels import DEVICE
 from triton_lowrank.kernels import launch as kernel_launch
-from triton_lowrank.kernels.configs import TileConfig, candidate_configs, default_config
+from triton_lowrank.kernels.configs import TileConfig
 
-from triton_lowrank import ops
-from triton_lowrank.autotune import problem_key
-from triton_lowrank.hybrid_storage import HybridWeights, hybrid_reference, random_hybrid_weights
-from triton_lowrank.ops import hybrid_matmul
+from triton_lowrank.core import ops
+from triton_lowrank.core.autotune import candidate_configs, default_config, problem_key
+from triton_lowrank.core.format import FORMATS
+from triton_lowrank.formats.hybrid.op import hybrid_matmul, hybrid_problem_for
+from triton_lowrank.formats.hybrid.storage import HybridWeights, hybrid_reference, random_hybrid_weights
 
 pytestmark = pytest.mark.kernels
 
@@ -118,7 +121,7 @@ def test_default_configs_are_launchable():
     for m, base_bits in ((1, 4), (1, 3), (4, 2), (40, 4)):
         w = make_weights(64, 96, 12, base_bits, 32, 8, 32, torch.float16, seed=m)
         x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
-        problem = ops.hybrid_problem_for(w, m, x.element_size())
+        problem = hybrid_problem_for(w, m, x.element_size())
         for config in {default_config(problem, interpret=DEVICE == "cpu"), default_config(problem)}:
             assert_close(run_poisoned(x, w, config), x, w)
 
@@ -146,7 +149,7 @@ def test_custom_op_passes_opcheck_and_compiles_fullgraph():
 
 def test_autotune_keys_carry_the_base():
     """Two layers that differ only in their base must not share a tuned config."""
-    keys = {problem_key(ops.hybrid_problem_for(make_weights(64, 48, 4, b, g, 8, 32, torch.float16), 1, 2), "float16")
+    keys = {problem_key(hybrid_problem_for(make_weights(64, 48, 4, b, g, 8, 32, torch.float16), 1, 2), "float16")
             for b, g in ((4, 32), (3, 32), (4, 64))}
     plain = problem_key(ops.problem_for(make_weights(64, 48, 4, 4, 32, 8, 32, torch.float16).correction, 1, 2),
                         "float16")
@@ -165,7 +168,8 @@ def test_hybrid_model_forward_runs_the_kernels_and_matches_the_reference(monkeyp
                    progress=False)
     model = model.to(DEVICE)
     launches = []
-    monkeypatch.setattr(ops, "launch_hybrid", lambda *a: launches.append(a) or kernel_launch.launch_hybrid(*a))
+    monkeypatch.setitem(FORMATS, "hybrid", dataclasses.replace(
+        FORMATS["hybrid"], launch=lambda *a: launches.append(a) or kernel_launch.launch_hybrid(*a)))
     for length in (1, 20):
         ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length)).to(DEVICE)
         with torch.no_grad(), monkeypatch.context() as patch:
@@ -183,7 +187,7 @@ def test_every_tuning_candidate_is_correct(m, base_bits, base_group):
     (groups of 128: the int3 tensor-core tiles of 128 columns that read codes by column phase)."""
     w = make_weights(256, 64, 8, base_bits, base_group, 8, 32, torch.float16, seed=m)
     x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
-    candidates = candidate_configs(ops.hybrid_problem_for(w, m, 2), "max")
+    candidates = candidate_configs(hybrid_problem_for(w, m, 2), "max")
     assert len(candidates) > 3 and any(c.block_m == 1 for c in candidates) == (m == 1)
     for config in candidates:
         assert_close(run_poisoned(x, w, config), x, w)

@@ -7,6 +7,7 @@ imports torch: by tests/conftest.py or the shell. It is set here too for a bare 
 file; if Triton was already imported without it, the module errors with instructions.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -27,13 +28,16 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from triton_lowrank.kernels import launch as kernel_launch  # noqa: E402
-from triton_lowrank.kernels.configs import TileConfig, decode_chunk, default_config  # noqa: E402
+from triton_lowrank.kernels.configs import TileConfig, decode_chunk
 
-from triton_lowrank import ops  # noqa: E402
-from triton_lowrank.factors import LowRankFactors, random_factors, round_factors  # noqa: E402
-from triton_lowrank.layers import LowRankLinear  # noqa: E402
-from triton_lowrank.ops import lowrank_matmul  # noqa: E402
-from triton_lowrank.reference import lowrank_reference  # noqa: E402
+from triton_lowrank.core import ops
+from triton_lowrank.core.autotune import default_config
+from triton_lowrank.core.factors import LowRankFactors, random_factors, round_factors  # noqa: E402
+from triton_lowrank.core.format import FORMATS  # noqa: E402
+from triton_lowrank.core.reference import lowrank_reference  # noqa: E402
+from triton_lowrank.formats.lowrank import op as lowrank_op  # noqa: E402
+from triton_lowrank.formats.lowrank.layer import LowRankLinear  # noqa: E402
+from triton_lowrank.formats.lowrank.op import lowrank_matmul
 
 pytestmark = pytest.mark.kernels
 
@@ -120,7 +124,9 @@ def test_odd_feature_counts_take_the_split_path(bits, m, k, n, rank):
     test_config("tensor-cores", 20, split_k=1),
     TileConfig("decode", 1, 128, 256, 32, split_k=1, expand_block_r=512, shrink_warps=2),  # tiles past the problem
     test_config("split", 20, lowp=True),  # expand MMA in the activation dtype
-], ids=["cuda-cores-no-split", "tensor-cores-no-split", "cuda-cores-big-tiles", "split-lowp"])
+    TileConfig("decode", 1, 64, 64, 8, split_k=2, num_warps=1, expand_block_r=8),  # phase 2: one sub-tile per block
+], ids=["cuda-cores-no-split", "tensor-cores-no-split", "cuda-cores-big-tiles", "split-lowp",
+        "cuda-cores-one-sub-tile"])
 def test_config_variants(bits, config):
     m = 20 if config.block_m >= 16 else 2
     f = make_factors(64, 96, 24, bits, 32, torch.float16, seed=3)
@@ -240,18 +246,18 @@ def test_rejects_unknown_factor_container():
 COMPILE_SM90 = r"""
 import sys
 sys.path.insert(0, "bench")
-import sass_report as sr
+from sass import compile as sc, problems as sp
 
 # every kernel and branch, specialized as the launcher launches them: decode on CUDA cores and tensor cores,
 # split; int8, int4 and float factors
-SPECS = (sr.spec(1, 1600, 6400, 8, 400), sr.spec(1, 4096, 11008, 4, 1024), sr.spec(1, 768, 3072, None),
-         sr.spec(16, 768, 3072, 4), sr.spec(16, 768, 3072, None), sr.spec(4096, 768, 3072, 8),
-         sr.spec(300, 768, 3072, 4), sr.hybrid_spec(1, 768, 3072, 4), sr.hybrid_spec(1, 768, 3072, 3),
-         sr.hybrid_spec(1, 768, 3072, 2, bits=4), sr.hybrid_spec(16, 768, 3072, 3, bits=4),
-         sr.hybrid_spec(300, 768, 3072, 2, bits=None))
+SPECS = (sp.spec(1, 1600, 6400, 8, 400), sp.spec(1, 4096, 11008, 4, 1024), sp.spec(1, 768, 3072, None),
+         sp.spec(16, 768, 3072, 4), sp.spec(16, 768, 3072, None), sp.spec(4096, 768, 3072, 8),
+         sp.spec(300, 768, 3072, 4), sp.hybrid_spec(1, 768, 3072, 4), sp.hybrid_spec(1, 768, 3072, 3),
+         sp.hybrid_spec(1, 768, 3072, 2, bits=4), sp.hybrid_spec(16, 768, 3072, 3, bits=4),
+         sp.hybrid_spec(300, 768, 3072, 2, bits=None))
 for s in SPECS:
-    for launch in sr.record_launches(s, sr.configs_for(s, False)[0]):
-        sr.compile_launch(launch)
+    for launch in sc.record_launches(s, sp.configs_for(s, False)[0]):
+        sc.compile_launch(launch)
 print("compiled")
 """
 
@@ -293,7 +299,7 @@ def test_custom_op_passes_opcheck_and_compiles_fullgraph(bits):
     stored = round_factors(torch.randn(48, 8), torch.randn(8, 32), torch.randn(48), bits, 16, torch.float32)
     f = LowRankLinear.from_factors(stored, torch.float32).half().factors()
     x = torch.randn(3, 32, dtype=torch.float16)
-    args = ops.factors_args(x, f)
+    args = lowrank_op.factors_args(x, f)
     torch.library.opcheck(torch.ops.triton_lowrank.lowrank_matmul.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     compiled = torch.compile(lambda t: lowrank_matmul(t, f) * 2, fullgraph=True, backend="aot_eager")
@@ -312,7 +318,8 @@ def test_compressed_model_forward_runs_the_kernels_and_matches_the_reference(mon
     model = model.to(DEVICE)
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     launches = []
-    monkeypatch.setattr(ops, "launch", lambda *a: launches.append(a) or kernel_launch.launch(*a))
+    monkeypatch.setitem(FORMATS, "lowrank", dataclasses.replace(
+        FORMATS["lowrank"], launch=lambda *a: launches.append(a) or kernel_launch.launch(*a)))
     with torch.no_grad():
         through_kernels = model(ids).logits
         assert len(launches) == 4  # c_attn, attn c_proj, c_fc, mlp c_proj

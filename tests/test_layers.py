@@ -9,10 +9,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from triton_lowrank import LowRankConfig, LowRankLinear, compress_model
-from triton_lowrank.factorize import refit_up, spectrum, truncated_factors
-from triton_lowrank.factors import round_factors
-from triton_lowrank.formats import dense_weight
-from triton_lowrank.quant import dequantize, quantize
+from triton_lowrank.core.factorize import refit_up, spectrum, truncated_factors
+from triton_lowrank.core.factors import round_factors
+from triton_lowrank.core.format import dense_weight
+from triton_lowrank.core.quant import dequantize, quantize
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 

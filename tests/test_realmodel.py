@@ -5,10 +5,11 @@ import warnings
 import pytest
 import torch
 
-import triton_lowrank.compress as compress
-from triton_lowrank import LowRankConfig, realmodel
-from triton_lowrank.baselines import compress_copy
-from triton_lowrank.calibration import collect_grams
+import triton_lowrank.compression.compress as compress
+from triton_lowrank import LowRankConfig
+from triton_lowrank.core.calibration import collect_grams
+from triton_lowrank.tools import realmodel
+from triton_lowrank.tools.baselines import compress_copy
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""triton_lowrank: transformer weights as quantized low-rank factors, served by Triton kernels.
+"""triton_lowrank: transformer weights as quantized low-rank factors (or a quantized base plus a low-rank
+correction), served by Triton kernels.
 
-Importing the package registers the transformers quantizer (from_pretrained loads our checkpoints)
-and the autotuner's config selector (the custom op asks it for tile configs).
+Importing the package registers the weight formats (formats/lowrank, formats/hybrid), the transformers quantizer
+(from_pretrained loads our checkpoints) and the autotuner's config selector (the ops ask it for tile configs).
 """
 
 import importlib.machinery
@@ -20,20 +21,27 @@ if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "launch
     _spec.submodule_search_locations = [str(_CHECKOUT / "kernels")]
     kernels = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # as `import` binds a subpackage
 
-from . import autotune  # noqa: F401  (installs the tuned-config selector into the launcher)
-from .checkpoint import load_compressed, save_compressed
-from .checkpoint_format import CheckpointError
-from .compress import CompressionReport, LayerReport, compress_model
-from .config import LowRankConfig
-from .embedded import embedded_model_path
-from .factors import LowRankFactors
-from .formats import CompressedLinear, dense_weight, register_format
-from .hf_quantizer import TritonLowRankConfig, mark_compressed  # registers with transformers
-from .hybrid_layers import HybridLinear
-from .hybrid_storage import HybridWeights, hybrid_reference
-from .layers import LowRankLinear
-from .ops import hybrid_matmul, lowrank_matmul
-from .reference import lowrank_reference
+from triton_lowrank.checkpoint.format import CheckpointError
+from triton_lowrank.checkpoint.hf_quantizer import TritonLowRankConfig, mark_compressed  # registers with transformers
+from triton_lowrank.checkpoint.save_load import load_compressed, save_compressed
+from triton_lowrank.compression.compress import CompressionReport, LayerReport, compress_model
+from triton_lowrank.core import autotune  # noqa: F401  (installs the tuned-config selector into the launcher)
+from triton_lowrank.core.config import LowRankConfig, QuantScheme
+from triton_lowrank.core.factors import LowRankFactors
+from triton_lowrank.core.format import (
+    CompressedLinear,
+    WeightFormat,
+    dense_weight,
+    register_format,
+    register_weight_format,
+)
+from triton_lowrank.core.reference import lowrank_reference
+from triton_lowrank.embedded import embedded_model_path
+from triton_lowrank.formats.hybrid.layer import HybridLinear
+from triton_lowrank.formats.hybrid.op import hybrid_matmul
+from triton_lowrank.formats.hybrid.storage import HybridWeights, hybrid_reference
+from triton_lowrank.formats.lowrank.layer import LowRankLinear
+from triton_lowrank.formats.lowrank.op import lowrank_matmul
 
 __all__ = [
     "CheckpointError",
@@ -45,7 +53,9 @@ __all__ = [
     "LowRankConfig",
     "LowRankFactors",
     "LowRankLinear",
+    "QuantScheme",
     "TritonLowRankConfig",
+    "WeightFormat",
     "compress_model",
     "dense_weight",
     "embedded_model_path",
@@ -56,6 +66,7 @@ __all__ = [
     "lowrank_reference",
     "mark_compressed",
     "register_format",
+    "register_weight_format",
     "save_compressed",
 ]
 __version__ = "0.1.0"
