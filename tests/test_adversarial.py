@@ -803,6 +803,8 @@ BAD_CHECKPOINTS = {
     "empty weight_map": (empty_weight_map, "weight_map is missing or empty", False),  # transformers' IndexError first
     "n_head a string": (lambda f: change_config(f, lambda c: c.update(n_head="x")), "config.json", False),
     "n_layer null": (lambda f: change_config(f, lambda c: c.update(n_layer=None)), "config.json", False),
+    "in_features 2**63": (lambda f: change_config(f, lambda c: c["quantization_config"]["layers"][
+        "transformer.h.0.attn.c_attn"].update(in_features=2**63)), "builds no layer", True),  # fuzz seed 6037
     "quantization_config a list": (lambda f: change_config(f, lambda c: c.update(quantization_config=[1])),
                                    "quantization_config is not a JSON object", False),
 }

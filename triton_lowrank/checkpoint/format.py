@@ -108,7 +108,14 @@ def expected_tensors(layers: dict[str, dict]) -> dict[str, tuple[tuple[int, ...]
     """{tensor name: (shape, allowed safetensors dtype codes)}, read off each layer's meta skeleton."""
     expected = {}
     for name, spec in layers.items():
-        layer = skeleton(spec, torch.float32)
+        try:
+            layer = skeleton(spec, torch.float32)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as error:  # sizes torch refuses
+            reason = " ".join(str(error).split())[:200]
+            raise CheckpointError(f"quantization_config.layers[{name!r}] builds no layer ({type(error).__name__}: "
+                                  f"{reason})") from None
         for key, tensor in layer.state_dict().items():
             if tensor.is_floating_point():
                 codes = ("F32",) if key in layer.FP32_BUFFERS else FLOAT_CODES
