@@ -21,15 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "triton_lowrank"
 
 LAYERS = [
-    ("core: storage and reference math",
-     ["core.safe_io", "core.quant", "core.nbytes", "core.factors", "core.reference"]),
+    ("core: storage and reference math", ["core.safe_io", "core.quant", "core.nbytes", "core.factors",
+                                          "core.reference", "core.cpu_kernels"]),
     ("kernels", ["kernels.configs", "kernels.utils", "kernels.lowrank_matmul", "kernels.hybrid_matmul",
                  "kernels.launch"]),
     ("core: launcher, format contract, config, tuner", ["core.ops", "core.format", "core.config", "core.autotune"]),
     ("core: fitting math", ["core.calibration", "core.factorize", "core.gptq"]),
     ("formats (each imports the core, never another format)",
      ["formats", "formats.lowrank", "formats.lowrank.op", "formats.lowrank.layer", "formats.lowrank.fit",
-      "formats.hybrid", "formats.hybrid.storage", "formats.hybrid.op", "formats.hybrid.layer",
+      "formats.hybrid", "formats.hybrid.storage", "formats.hybrid.cpu", "formats.hybrid.op", "formats.hybrid.layer",
       "formats.hybrid.fit"]),
     ("compression", ["compression", "compression.sequential", "compression.compress", "compression.pretune"]),
     ("on-disk format and HF", ["checkpoint", "checkpoint.format", "checkpoint.hf_quantizer", "checkpoint.save_load"]),

@@ -131,11 +131,12 @@ class WeightFormat:
     storage: type | None = None  # the NamedTuple of stored tensors the op takes (layer.stored())
     matmul: Callable | None = None  # (x, storage, *, out=None, config=None) -> y
     reference: Callable | None = None  # (x, storage) -> y, the one PyTorch reference
+    cpu: Callable | None = None  # (x, storage) -> y on the CPU without Triton (packed kernels; None: the reference)
     problem: Callable | None = None  # (storage, m, x_bytes) -> the kernel Problem of m activation rows
     # --- kernels: problems, tile configs, launch
     problem_key: Callable | None = None  # (Problem) -> the autotune key's format part ("" for the default)
     default_config: Callable | None = None  # (Problem, num_sms, interpret, fused_max_m) -> TileConfig
-    candidates: Callable | None = None  # (Problem, mode, num_sms, smem_limit, fused_max_m) -> [TileConfig], default first
+    candidates: Callable | None = None  # (Problem, mode, num_sms, smem_limit, fused_max_m) -> [TileConfig]
     launch: Callable | None = None  # (x2d, storage, config, out2d) -> None; None where Triton is missing
     random_storage: Callable | None = None  # (Problem, dtype, device) -> storage, for tests, benches, the tuner
 

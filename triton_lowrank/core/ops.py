@@ -4,7 +4,9 @@ allocate, launch. Each format's op (`formats/<name>/op.py`) checks its own stora
 `uses_kernels` is the one switch between the Triton kernels and the PyTorch reference:
   CUDA tensors                      -> Triton kernels
   CPU tensors, TRITON_INTERPRET=1   -> the same kernels through the Triton interpreter (how CI tests them)
-  CPU tensors otherwise             -> the format's reference
+  CPU tensors otherwise             -> the format's CPU implementation (PyTorch's weight-only int8/int4 CPU kernels
+                                       on storage packed once per layer, bf16 activations; core/cpu_kernels.py),
+                                       else its reference
 Activations may be float16, bfloat16 or float32 (fp32 runs the kernels with IEEE fp32 dots).
 Inference only: the ops have no autograd formula.
 
@@ -104,18 +106,26 @@ def problem_for(f: LowRankFactors, m: int, x_bytes: int) -> Problem:
     return Problem(m, f.out_features, f.in_features, f.rank, f.bits, storage_group_size(f.bits, f.group_size), x_bytes)
 
 
+def eager_cpu(x: torch.Tensor) -> bool:
+    """A plain CPU tensor outside torch.compile/export and autograd, where no kernel runs: a format's op calls its
+    body directly (the custom-op dispatcher costs ~20 us a call, more than a small layer's CPU kernels); traced,
+    fake, meta and CUDA calls keep going through torch.ops."""
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and not x.requires_grad
+            and not torch.compiler.is_compiling() and not uses_kernels(x))
+
+
 def run_format(op: str, x: torch.Tensor, stored, fmt: WeightFormat, config: TileConfig | None,
                out: torch.Tensor | None) -> torch.Tensor:
-    """The path every weight format shares once its inputs are checked: validate `out`; the format's reference
-    where kernels do not run (or it has no launcher); else x as row-major 2-D, allocate, pick a config (the
-    selector, or small tiles under the interpreter: numpy stays fast), launch. `stored` is the format's storage
+    """The path every weight format shares once its inputs are checked: validate `out`; the format's CPU
+    implementation (else its reference) where kernels do not run; else x as row-major 2-D, allocate, pick a config
+    (the selector, or small tiles under the interpreter: numpy stays fast), launch. `stored` is the format's storage
     NamedTuple (LowRankFactors, HybridWeights)."""
     lead, n = x.shape[:-1], stored.out_features
     if out is not None and (out.shape != (*lead, n) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"{op}: out must be contiguous {x.dtype} of shape {(*lead, n)}, got {out.dtype} "
                          f"{tuple(out.shape)}")
     if not uses_kernels(x) or fmt.launch is None:
-        y = fmt.reference(x, stored)
+        y = (fmt.cpu or fmt.reference)(x, stored)
         return y if out is None else out.copy_(y)
     x2d = x.reshape(-1, stored.in_features)
     if x2d.stride(-1) != 1:

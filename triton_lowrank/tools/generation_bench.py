@@ -3,10 +3,16 @@
 Shared by bench/e2e.py, the CLI and the demo. Decoding one token reads every weight once, so
 weight bytes x decode steps/s is the memory bandwidth the weights alone consume: the figure a
 low-rank model improves, and the one to set beside the GPU's copy bandwidth.
+
+On the CPU every timing runs in `speed_dtype`: bf16 where the CPU has fast bf16 matmuls (the compressed layers'
+packed int8/int4 kernels are fast for bf16 activations only, and dense bf16 beats dense fp32 at decode), so dense
+and compressed are always timed in the same dtype, whatever dtype they were loaded in (loading.runtime picks fp32
+on the CPU for quality work).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -20,6 +26,29 @@ GENERATION_MODES = ("eager", "static_compiled")
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's stored tensors (parameters and persistent buffers), tied tensors once."""
     return tensor_bytes(model.state_dict().values())
+
+
+def speed_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype decode is timed in on `device`: on the CPU bf16 where oneDNN has bf16 matmuls, else fp32;
+    None (the model's own) on a GPU, where the loader already picks a half dtype."""
+    if torch.device(device).type != "cpu":
+        return None
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+        else torch.float32
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (its activations' dtype)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def in_speed_dtype(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`model` itself if it already runs in speed_dtype(device), else a copy cast to it (the caller's model keeps
+    its dtype: a cast there and back would round fp32 weights through bf16)."""
+    dtype = speed_dtype(device)
+    if dtype is None or model_dtype(model) == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
 
 
 def generate_kwargs(model: nn.Module, new_tokens: int, mode: str) -> dict:
@@ -47,16 +76,23 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def measure_generation(
-    model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 128, mode: str = "eager", warmup: bool = True
+    model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 128, mode: str = "eager", warmup: bool = True,
+    cast: bool = True,
 ) -> dict:
     """Time one greedy generate() of `new_tokens` tokens per row of `input_ids` [batch, prompt].
+
+    With `cast` (the default) the model is timed in speed_dtype (on the CPU a bf16 copy of a model loaded in
+    another dtype), so every dense-versus-compressed comparison runs both in the same, fast dtype; `dtype` in the
+    result says which.
 
     The warm-up run (which pays for torch.compile and CUDA graph capture in "static_compiled") is
     timed separately as warmup_s. Timings include the prompt's prefill. On CUDA, peak_gpu_bytes is
     the peak allocated during the timed run (weights, cache, activations); None on CPU.
     """
-    kwargs = generate_kwargs(model, new_tokens, mode)
     device = input_ids.device
+    if cast:
+        model = in_speed_dtype(model, device)
+    kwargs = generate_kwargs(model, new_tokens, mode)
     attention_mask = torch.ones_like(input_ids)
     warmup_s = None
     if warmup:
@@ -77,6 +113,7 @@ def measure_generation(
     stored = weight_bytes(model)
     return {
         "mode": mode,
+        "dtype": str(model_dtype(model)).removeprefix("torch."),
         "batch": batch,
         "prompt_tokens": input_ids.shape[1],
         "new_tokens": steps,

@@ -5,6 +5,7 @@ A LowRankConfig asks for it with base_bits (and base_group_size, base_method).""
 import triton_lowrank.kernels.configs as configs
 from triton_lowrank.core.format import WeightFormat, register_weight_format
 from triton_lowrank.formats.hybrid import fit
+from triton_lowrank.formats.hybrid.cpu import hybrid_cpu
 from triton_lowrank.formats.hybrid.layer import HybridLinear
 from triton_lowrank.formats.hybrid.op import hybrid_matmul, hybrid_problem_for
 from triton_lowrank.formats.hybrid.storage import HybridWeights, hybrid_reference, random_hybrid_weights
@@ -48,6 +49,7 @@ HYBRID = register_weight_format(WeightFormat(
     storage=HybridWeights,
     matmul=hybrid_matmul,
     reference=hybrid_reference,
+    cpu=hybrid_cpu,
     problem=hybrid_problem_for,
     problem_key=problem_key,
     default_config=configs.hybrid_default_config,

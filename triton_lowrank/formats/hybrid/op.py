@@ -9,7 +9,7 @@ import torch
 
 from triton_lowrank.core.factors import LowRankFactors
 from triton_lowrank.core.format import weight_format
-from triton_lowrank.core.ops import check_inputs, problem_for, run_format
+from triton_lowrank.core.ops import check_inputs, eager_cpu, problem_for, run_format
 from triton_lowrank.core.quant import BASE_BITS, ZERO_POINT_BITS
 from triton_lowrank.formats.hybrid.storage import HybridWeights
 from triton_lowrank.kernels.configs import Problem, TileConfig
@@ -95,7 +95,7 @@ def hybrid_matmul(x: torch.Tensor, weights: HybridWeights, *, out: torch.Tensor 
     """
     if not isinstance(weights, HybridWeights):
         raise TypeError(f"hybrid_matmul: expected HybridWeights (layer.weights()), got {type(weights).__name__}")
-    if out is not None or config is not None:
+    if out is not None or config is not None or eager_cpu(x):
         return _forward_hybrid(x, weights, config, out)
     c = weights.correction
     return torch.ops.triton_lowrank.hybrid_matmul(

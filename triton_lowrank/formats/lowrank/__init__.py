@@ -2,6 +2,7 @@
 The default format: a LowRankConfig without another format's knobs asks for it."""
 
 import triton_lowrank.kernels.configs as configs
+from triton_lowrank.core.cpu_kernels import lowrank_cpu
 from triton_lowrank.core.factors import LowRankFactors, random_factors
 from triton_lowrank.core.format import WeightFormat, register_weight_format
 from triton_lowrank.core.ops import problem_for
@@ -46,6 +47,7 @@ LOWRANK = register_weight_format(WeightFormat(
     storage=LowRankFactors,
     matmul=lowrank_matmul,
     reference=lowrank_reference,
+    cpu=lowrank_cpu,
     problem=problem_for,
     problem_key=problem_key,
     default_config=configs.lowrank_default_config,

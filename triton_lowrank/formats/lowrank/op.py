@@ -7,7 +7,7 @@ import torch
 
 from triton_lowrank.core.factors import LowRankFactors
 from triton_lowrank.core.format import weight_format
-from triton_lowrank.core.ops import check_inputs, run_format
+from triton_lowrank.core.ops import check_inputs, eager_cpu, run_format
 from triton_lowrank.kernels.configs import TileConfig
 
 
@@ -43,7 +43,7 @@ def lowrank_matmul(x: torch.Tensor, factors: LowRankFactors, *, out: torch.Tenso
     """
     if not isinstance(factors, LowRankFactors):
         raise TypeError(f"lowrank_matmul: expected LowRankFactors (layer.factors()), got {type(factors).__name__}")
-    if out is not None or config is not None:
+    if out is not None or config is not None or eager_cpu(x):
         return _forward(x, factors, config, out)
     return torch.ops.triton_lowrank.lowrank_matmul(*factors_args(x, factors))
 
