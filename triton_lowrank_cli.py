@@ -46,7 +46,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def at_least(minimum: int):
+# Upper bounds of the counts a user gives, answered before any import (the same numbers as core/safe_io.py's, which
+# the library checks; tests/test_cli.py holds them equal).
+MAX_TOKENS = 10_000_000
+MAX_SAMPLES = 100_000
+MAX_NEW_TOKENS = 1_000_000
+
+
+def at_least(minimum: int, maximum: int | None = None):
     """argparse type: an integer >= minimum, refused in argparse's one line otherwise."""
 
     def parse(text: str) -> int:
@@ -56,6 +63,8 @@ def at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:,} (the limit), got {value:,}")
         return value
 
     return parse
@@ -130,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="base fit: GPTQ on the calibration Hessian, or round to nearest")
     calib = p.add_argument_group("calibration (for --method whitened and GPTQ bases)")
     calib.add_argument("--calib-text", metavar="FILE", help="calibration text (default: text sampled from the model)")
-    calib.add_argument("--calib-tokens", type=at_least(1), metavar="N",
+    calib.add_argument("--calib-tokens", type=at_least(1, MAX_TOKENS), metavar="N",
                        help="calibration tokens (default: the recommended 8x the widest layer's input features)")
-    calib.add_argument("--calib-samples", type=at_least(1), metavar="N",
+    calib.add_argument("--calib-samples", type=at_least(1, MAX_SAMPLES), metavar="N",
                        help="calibration windows (default: as many as the tokens need)")
     calib.add_argument("--seq-len", type=at_least(2), metavar="T",
                        help="calibration window length (default: the model's context, at most 2048)")
@@ -143,21 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dense", metavar="DENSE", help="the dense original (folder or hub id)")
     p.add_argument("compressed", metavar="COMPRESSED", help="the compressed folder")
     p.add_argument("--text", metavar="FILE", help="evaluate on windows of this text (default: text sampled from DENSE)")
-    p.add_argument("--samples", type=at_least(1), default=16, metavar="N", help="evaluation windows")
+    p.add_argument("--samples", type=at_least(1, MAX_SAMPLES), default=16, metavar="N", help="evaluation windows")
     p.add_argument("--seq-len", type=at_least(2), metavar="T",
                    help="window length (default: the model's context, at most 2048)")
 
     p = command("generate", "greedy generation from a dense or compressed folder")
     p.add_argument("model", metavar="MODEL", help="model folder (dense or compressed) or hub id")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (required)")
-    p.add_argument("--max-new-tokens", type=at_least(1), default=50, metavar="N", help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=at_least(1, MAX_NEW_TOKENS), default=50, metavar="N",
+                   help="tokens to generate")
 
     p = command("bench", "generation tokens/sec and weight bytes, dense vs compressed")
     p.add_argument("compressed", metavar="COMPRESSED", nargs="?",
                    help=f"compressed folder (default: compress --model now, whitened int8 at budget {DEFAULT_BUDGET})")
     p.add_argument("--model", metavar="MODEL", help="its dense original (default: the embedded GPT-2)")
     p.add_argument("--prompt", default="ROMEO:", metavar="TEXT", help="prompt to continue")
-    p.add_argument("--new-tokens", type=at_least(1), default=64, metavar="N", help="tokens generated per timed run")
+    p.add_argument("--new-tokens", type=at_least(1, MAX_NEW_TOKENS), default=64, metavar="N",
+                   help="tokens generated per timed run")
     p.add_argument("--mode", choices=GENERATION_MODES, default="eager",
                    help="eager, or a static cache that transformers compiles (CUDA)")
 

@@ -26,8 +26,8 @@ PACKAGE = "triton_lowrank"
 ENTRY = "triton_lowrank_cli"
 
 LAYERS = [
-    ("core: storage and reference math", ["core.quant", "core.nbytes", "core.factors", "core.reference",
-                                          "core.cpu_kernels"]),
+    ("core: storage and reference math", ["core.safe_io", "core.quant", "core.nbytes", "core.factors",
+                                          "core.reference", "core.cpu_kernels"]),
     ("kernels", ["kernels.configs", "kernels.utils", "kernels.lowrank_matmul", "kernels.hybrid_matmul",
                  "kernels.launch"]),
     ("core: launcher, format contract, config, tuner", ["core.ops", "core.format", "core.config", "core.autotune"]),

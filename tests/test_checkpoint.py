@@ -205,7 +205,7 @@ def test_a_failing_rename_keeps_the_old_folder(tmp_path, monkeypatch, model8, fa
 def _exit_at(step: str) -> None:
     """In a forked child: make the save die (os._exit: no cleanup, no finally) at `step`."""
     die = lambda *args, **kwargs: os._exit(9)
-    rename, rmtree = os.rename, shutil.rmtree
+    rename, remove = os.rename, checkpoint._remove_leftover
     if step == "writing":  # the new checkpoint is (partly) written in .OUT.tmp-*
         checkpoint.verify_checkpoint = die
     elif step in ("before_park", "parked"):  # killed before rename 1, or between renames 1 and 2
@@ -219,15 +219,16 @@ def _exit_at(step: str) -> None:
 
         os.rename = rename_then_die
     elif step == "swapped":  # the new one is in place, the old one not yet deleted
-        shutil.rmtree = lambda path, *a, **k: os._exit(9) if ".old-" in str(path) else rmtree(path, *a, **k)
-    elif step == "deleting":  # killed halfway through deleting the old one
+        checkpoint._remove_leftover = lambda p, *a, **k: os._exit(9) if ".old-" in str(p) else remove(p, *a, **k)
+    elif step == "deleting":  # killed halfway through deleting the old one (its marker goes last)
         def half_then_die(path, *args, **kwargs):
             if ".old-" in str(path):
                 (Path(path) / "model.safetensors").unlink()
+                (Path(path) / "config.json").unlink()
                 os._exit(9)
-            rmtree(path, *args, **kwargs)
+            remove(path, *args, **kwargs)
 
-        shutil.rmtree = half_then_die
+        checkpoint._remove_leftover = half_then_die
 
 
 def save_killed_at(step: str, model, out: Path) -> None:
@@ -357,7 +358,8 @@ def rewrite(path: Path, change, recompute: bool = False, metadata_change=None) -
         config = AutoConfig.from_pretrained(path.parent)
         q = config.quantization_config
         layers = TritonLowRankConfig.from_dict(q if isinstance(q, dict) else q.to_dict()).layers
-        metadata = checksum_metadata(tensors, covered_config(layers, config.tie_word_embeddings))
+        config_json = json.loads((path.parent / "config.json").read_text())
+        metadata = checksum_metadata(tensors, covered_config(layers, config.tie_word_embeddings), config_json)
     if metadata_change is not None:
         metadata_change(metadata)
     save_file(tensors, path, metadata={"format": "pt"} | {k: v for k, v in metadata.items() if k != "format"})
@@ -449,9 +451,15 @@ def test_tensor_edits_with_recomputed_checksums_are_refused_by_both_loaders(copy
     assert_both_fail(copy_of, match)
 
 
+def as_version_1_without_record(folder):
+    """What a version 1 file saved before the record existed looks like (version 2 files all have one)."""
+    rewrite(folder / "model.safetensors", lambda t: None, metadata_change=lambda m: m.pop(RECORD_KEY))
+    edit_config(folder, lambda c: c["quantization_config"].update(format_version=1))
+
+
 def test_untied_head_is_caught_against_the_model_without_a_record(copy_of):
     """A file from before the record: flipping tie_word_embeddings leaves lm_head.weight missing, and says so."""
-    rewrite(copy_of / "model.safetensors", lambda t: None, metadata_change=lambda m: m.pop(RECORD_KEY))
+    as_version_1_without_record(copy_of)
     edit_config(copy_of, CONFIG_EDITS["head untied"])
     assert_both_fail(copy_of, r"'lm_head\.weight' is missing")
 
@@ -464,8 +472,14 @@ def test_a_file_without_checksums_is_refused_unless_verify_false(copy_of, saved)
     assert torch.equal(logits_of(model), saved[8][1])
 
 
-def test_a_file_from_before_the_record_loads_with_a_warning(copy_of, saved):
+def test_a_version_2_file_without_its_record_is_refused(copy_of):
+    """Every version 2 writer wrote the record (it came first): one without it had it stripped."""
     rewrite(copy_of / "model.safetensors", lambda t: None, metadata_change=lambda m: m.pop(RECORD_KEY))
+    assert_both_fail(copy_of, r"no 'triton_lowrank\.record' record, which every format version 2 file carries")
+
+
+def test_a_file_from_before_the_record_loads_with_a_warning(copy_of, saved):
+    as_version_1_without_record(copy_of)
     for load in (load_compressed, AutoModelForCausalLM.from_pretrained):
         with pytest.warns(UserWarning, match="older triton_lowrank.*save it again"):
             model = load(copy_of)
@@ -530,8 +544,11 @@ def test_no_dense_weight_is_materialised_while_loading(saved, monkeypatch):
         assert devices and set(devices) == {"meta"}, f"{load.__name__} built dense weights on {set(devices)}"
 
 
-def test_offloaded_tensors_are_recorded_as_unchecked_not_missing():
+def test_offloaded_tensors_are_hashed_where_they_are_loaded_from_never_null():
     from triton_lowrank.checkpoint.format import tensor_checksums
 
-    sums = tensor_checksums({"a": torch.arange(4.0), "b": torch.empty(3, device="meta")})
-    assert len(sums["a"]) == 64 and "b" in sums and sums["b"] is None
+    stored = {"b": torch.arange(3.0)}
+    sums = tensor_checksums({"a": torch.arange(4.0), "b": torch.empty(3, device="meta")}, stored.__getitem__)
+    assert sums["b"] == tensor_checksums(stored)["b"] and len(sums["a"]) == 64
+    with pytest.raises(ValueError, match="'b' is on the meta device and not offloaded anywhere"):
+        tensor_checksums({"b": torch.empty(3, device="meta")})

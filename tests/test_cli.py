@@ -243,6 +243,8 @@ def test_an_interrupted_save_is_recovered_and_said_in_one_line(model_dir, tmp_pa
     out.rename(tmp_path / ".out.old-abcd1234")
     (tmp_path / ".out.tmp-wxyz5678").mkdir()
     (tmp_path / ".out.tmp-wxyz5678" / "model.safetensors").write_bytes(b"half")
+    for name in (".out.old-abcd1234", ".out.tmp-wxyz5678"):  # the marker a save writes before it can be killed
+        (tmp_path / name / ".triton_lowrank-leftover").write_text(json.dumps({"leftover": name}))
     code, _, err = run(["compress", model_dir, out, "--rank", 4, "--method", "svd"], capsys)
     warning, error = err.strip().splitlines()
     assert warning.startswith("triton-lowrank: warning:") and "restored out from .out.old-abcd1234" in warning
@@ -267,3 +269,11 @@ def test_compress_hybrid_with_a_budget(model_dir, tmp_path, capsys):
     assert not (tmp_path / "small").exists()
     code, _, err = run(["compress", model_dir, tmp_path / "energy", "--energy", 0.9, *hybrid], capsys)
     assert_one_line_error(code, err, "energy is not supported for the hybrid format")
+
+
+def test_the_entry_point_limits_are_the_library_limits():
+    import triton_lowrank_cli as entry
+    from triton_lowrank.core import safe_io
+
+    assert (entry.MAX_TOKENS, entry.MAX_SAMPLES, entry.MAX_NEW_TOKENS) == (
+        safe_io.MAX_TOKENS, safe_io.MAX_SAMPLES, safe_io.MAX_NEW_TOKENS)

@@ -38,6 +38,14 @@ from accelerate.utils import find_tied_parameters
 from torch import nn
 
 from triton_lowrank.core.format import COMMON_SPEC_FIELDS, DENSE_KINDS, dense_weight, format_class, untie_head
+from triton_lowrank.core.safe_io import (
+    MAX_HEADER_BYTES,
+    MAX_JSON_BYTES,
+    UnsafeInput,
+    open_regular,
+    parse_json,
+    read_json,
+)
 
 QUANT_METHOD = "triton_lowrank"
 FORMAT_VERSION = 2
@@ -49,10 +57,26 @@ DEFAULT_FORMAT = "lowrank"  # layer specs written before "format" existed
 FLOAT_CODES = ("F32", "F16", "BF16")  # float storage and biases follow the model's float dtype
 _DTYPE_CODES = {torch.int8: ("I8",), torch.uint8: ("U8",), torch.int32: ("I32",)}
 _ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+# config.json fields the record leaves out: they never change what the model computes. Every other field is
+# covered (heads, activation, norm epsilon, attention scaling, architectures, dtype, quantization_config, ...).
+COSMETIC_CONFIG_FIELDS = ("transformers_version", "_name_or_path")
+INDEX_NAME = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
     """A compressed checkpoint that does not match its quantization_config; the message names the field or tensor."""
+
+
+def read_checkpoint_json(path: str | os.PathLike, what: str, limit: int = MAX_JSON_BYTES):
+    """A JSON file of a checkpoint (config.json, the index, ...), read bounded (safe_io); a problem: CheckpointError."""
+    try:
+        return read_json(path, what, limit)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} is missing") from None
+    except (UnsafeInput, OSError) as error:
+        raise CheckpointError(" ".join(str(error).split())) from None
 
 
 def normalized_spec(name: str, spec) -> dict:
@@ -84,7 +108,14 @@ def expected_tensors(layers: dict[str, dict]) -> dict[str, tuple[tuple[int, ...]
     """{tensor name: (shape, allowed safetensors dtype codes)}, read off each layer's meta skeleton."""
     expected = {}
     for name, spec in layers.items():
-        layer = skeleton(spec, torch.float32)
+        try:
+            layer = skeleton(spec, torch.float32)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as error:  # sizes torch refuses
+            reason = " ".join(str(error).split())[:200]
+            raise CheckpointError(f"quantization_config.layers[{name!r}] builds no layer ({type(error).__name__}: "
+                                  f"{reason})") from None
         for key, tensor in layer.state_dict().items():
             if tensor.is_floating_point():
                 codes = ("F32",) if key in layer.FP32_BUFFERS else FLOAT_CODES
@@ -122,16 +153,35 @@ def replace_with_skeletons(model: nn.Module, layers: dict[str, dict], dtype: tor
             untie_head(model)
 
 
-def tensor_checksums(state_dict: dict[str, torch.Tensor]) -> dict[str, str | None]:
-    """sha256 of each tensor's raw bytes, exactly as safetensors writes them."""
+def tensor_checksums(state_dict: dict[str, torch.Tensor], offloaded=None) -> dict[str, str]:
+    """sha256 of each tensor's raw bytes, exactly as safetensors writes them.
+
+    A tensor on the meta device (offloaded by accelerate) is hashed where it is loaded from: `offloaded(name)`
+    returns it (transformers' load_offloaded_parameter, which save_pretrained also uses to write it). Without
+    one, or when it cannot be found, the save fails: a checksum is never left empty."""
     sums = {}
     for name, tensor in state_dict.items():
         if tensor.device.type == "meta":
-            sums[name] = None  # offloaded: no bytes to hash here; recorded as unchecked, not as missing
-            continue
+            try:
+                tensor = offloaded(name) if offloaded is not None else None
+            except (ValueError, KeyError, AttributeError):
+                tensor = None
+            if tensor is None or tensor.device.type == "meta":
+                raise ValueError(f"tensor {name!r} is on the meta device and not offloaded anywhere: "
+                                 "the model holds no bytes to save for it")
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         sums[name] = hashlib.sha256(raw).hexdigest()
     return sums
+
+
+def header_entries(state_dict: dict[str, torch.Tensor]) -> list:
+    """[name, safetensors dtype code, shape] of every tensor, sorted: what the record holds against each header."""
+    return sorted([name, _CODES.get(t.dtype, str(t.dtype)), list(t.shape)] for name, t in state_dict.items())
+
+
+def config_digest_input(config_json: dict) -> dict:
+    """config.json as the record covers it: all of it but COSMETIC_CONFIG_FIELDS."""
+    return {k: v for k, v in config_json.items() if k not in COSMETIC_CONFIG_FIELDS}
 
 
 def covered_config(layers: dict[str, dict], tie_word_embeddings, format_version: int = FORMAT_VERSION) -> dict:
@@ -143,31 +193,79 @@ def _sha256_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def integrity_record(covered: dict, names: Iterable[str]) -> dict[str, str]:
-    return {"config": _sha256_json(covered), "tensors": _sha256_json(sorted(names))}
+def integrity_record(covered: dict, names: Iterable[str], entries: list | None = None,
+                     config_json: dict | None = None) -> dict[str, str]:
+    """The record: "config" and "tensors" since issue 12; "header" (every tensor's name, dtype code and shape)
+    and "config_json" (config.json but its cosmetic fields) since issue 22. A record without the last two
+    (saved before) still loads, with a warning."""
+    record = {"config": _sha256_json(covered), "tensors": _sha256_json(sorted(names))}
+    if entries is not None:
+        record["header"] = _sha256_json(sorted(entries))
+    if config_json is not None:
+        record["config_json"] = _sha256_json(config_digest_input(config_json))
+    return record
 
 
-def checksum_metadata(state_dict: dict[str, torch.Tensor], covered: dict) -> dict[str, str]:
-    """The safetensors metadata of a checkpoint holding exactly `state_dict`, described by `covered`."""
+def checksum_metadata(state_dict: dict[str, torch.Tensor], covered: dict, config_json: dict | None = None,
+                      offloaded=None) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint holding exactly `state_dict`, described by `covered` and by
+    `config_json` (the config.json that will be written beside it)."""
     return {
-        CHECKSUM_KEY: json.dumps(tensor_checksums(state_dict)),
-        RECORD_KEY: json.dumps(integrity_record(covered, state_dict)),
+        CHECKSUM_KEY: json.dumps(tensor_checksums(state_dict, offloaded)),
+        RECORD_KEY: json.dumps(integrity_record(covered, state_dict, header_entries(state_dict), config_json)),
     }
 
 
 def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a local checkpoint folder (single file or sharded index)."""
+    """The safetensors files of a local checkpoint folder (single file or sharded index), each a regular file
+    inside the folder. Only safetensors are ever read: a pytorch_model.bin beside them is ignored."""
     folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return sorted({folder / f for f in weight_map.values()})
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise CheckpointError(f"{index}: not a safetensors index ({type(error).__name__}: {error})") from None
-    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    single, index = folder / "model.safetensors", folder / INDEX_NAME
+    if single.exists() or single.is_symlink():
+        _check_regular(single)
+        return [single]
+    if index.exists() or index.is_symlink():
+        weight_map = _weight_map(index)
+        files = sorted({folder / name for name in weight_map.values()})
+        for path in files:
+            _check_regular(path)
+        return files
+    raise CheckpointError(f"{folder}: no model.safetensors or {INDEX_NAME}")
+
+
+def _check_regular(path: Path) -> None:
+    try:
+        open_regular(path, "checkpoint file").close()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file is missing") from None
+    except (UnsafeInput, OSError) as error:
+        raise CheckpointError(" ".join(str(error).split())) from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's {tensor: shard file}, checked: a non-empty map of names to .safetensors files inside the folder."""
+    data = read_checkpoint_json(index, "safetensors index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: weight_map is missing or empty")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not shard_name_ok(file):
+            raise CheckpointError(
+                f"{index}: weight_map[{name!r}] = {file!r} is not a .safetensors file inside the folder"[:300]
+            )
+    return weight_map
+
+
+def shard_name_ok(name: str) -> bool:
+    """A shard path from an index stays inside the checkpoint folder: relative, no '..', a .safetensors file."""
+    parts = name.split("/")
+    return (
+        name.endswith(".safetensors")
+        and not name.startswith("/")
+        and "\\" not in name
+        and "\x00" not in name
+        and all(part not in ("", ".", "..") for part in parts)
+    )
 
 
 def file_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -176,21 +274,32 @@ def file_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _read_header(path: Path) -> tuple[dict, dict, int, int]:
-    """(tensor entries, metadata, byte offset of the data section, file size), every entry's fields checked."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file is missing")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    """(tensor entries, metadata, byte offset of the data section, file size), every entry's fields checked and
+    the entries tiling the data section exactly (no gap, overlap, alias or trailing byte), as safetensors does."""
+    try:
+        f = open_regular(path, "checkpoint file")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file is missing") from None
+    except (UnsafeInput, OSError) as error:
+        raise CheckpointError(" ".join(str(error).split())) from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: truncated, {size} bytes is shorter than the safetensors header length")
         length = int.from_bytes(prefix, "little")
+        if length > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: safetensors header of {length:,} bytes is above the "
+                                  f"{MAX_HEADER_BYTES:,}-byte limit")
         if 8 + length > size:
             raise CheckpointError(f"{path}: truncated, header needs {length} bytes but the file has {size - 8}")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError as error:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({error})") from None
+        raw = f.read(length)
+    if not raw.startswith(b"{"):  # safetensors' own rule (no BOM, no leading space)
+        raise CheckpointError(f"{path}: the safetensors header does not start with '{{'")
+    try:
+        header = parse_json(raw, f"{path}: safetensors header")
+    except UnsafeInput as error:
+        raise CheckpointError(str(error)) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -198,7 +307,28 @@ def _read_header(path: Path) -> tuple[dict, dict, int, int]:
         raise CheckpointError(f"{path}: safetensors __metadata__ is not a map of strings")
     for name, info in header.items():
         _check_entry(path, name, info, size - 8 - length)
+    _check_tiling(path, header, size - 8 - length)
     return header, metadata, 8 + length, size
+
+
+def _check_tiling(path: Path, header: dict, data_size: int) -> None:
+    """safetensors' own rule: sorted by offset, the entries cover the data section exactly once."""
+    seen: dict[tuple, str] = {}
+    for name, info in header.items():
+        offsets = tuple(info["data_offsets"])
+        if offsets[1] > offsets[0] and offsets in seen:
+            raise CheckpointError(f"tensor {name!r} in {path}: data_offsets {list(offsets)} alias those of "
+                                  f"{seen[offsets]!r}")
+        seen[offsets] = name
+    end = 0
+    for name, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, stop = info["data_offsets"]
+        if begin != end:
+            what = "overlaps (or aliases) another tensor's bytes" if begin < end else "leaves a gap before it"
+            raise CheckpointError(f"tensor {name!r} in {path}: data_offsets {[begin, stop]} {what}")
+        end = stop
+    if end != data_size:
+        raise CheckpointError(f"{path}: {data_size - end} trailing byte(s) after the last tensor's data")
 
 
 def _check_entry(path: Path, name: str, info, data_size: int) -> None:
@@ -207,8 +337,8 @@ def _check_entry(path: Path, name: str, info, data_size: int) -> None:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise CheckpointError(f"{where}: header entry is not {{dtype, shape, data_offsets}}: {info!r}"[:300])
     offsets, shape = info["data_offsets"], info["shape"]
-    if not isinstance(info["dtype"], str):
-        raise CheckpointError(f"{where}: header dtype is not a string: {info['dtype']!r}")
+    if not isinstance(info["dtype"], str) or info["dtype"] not in _ITEMSIZES:
+        raise CheckpointError(f"{where}: unknown header dtype {info['dtype']!r}"[:300])
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: header shape is not a list of sizes: {shape!r}")
     if (
@@ -218,8 +348,8 @@ def _check_entry(path: Path, name: str, info, data_size: int) -> None:
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise CheckpointError(f"{where}: header data_offsets is not [begin, end]: {offsets!r}")
-    itemsize = _ITEMSIZES.get(info["dtype"])
-    if itemsize is not None and offsets[1] - offsets[0] != itemsize * math.prod(shape):
+    itemsize = _ITEMSIZES[info["dtype"]]
+    if offsets[1] - offsets[0] != itemsize * math.prod(shape):
         raise CheckpointError(
             f"{where}: {offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']} "
             f"({itemsize * math.prod(shape)} expected)"
@@ -230,29 +360,41 @@ def _check_entry(path: Path, name: str, info, data_size: int) -> None:
         )
 
 
-def verify_checkpoint(files: list[Path], layers: dict[str, dict], covered: dict, verify: bool = True) -> set[str]:
+def verify_checkpoint(
+    files: list[Path], layers: dict[str, dict], covered: dict, verify: bool = True, config_json: dict | None = None
+) -> set[str]:
     """Raise CheckpointError naming the file, tensor or field if `files` do not hold what `layers` describe.
 
-    covered: `covered_config(...)` as config.json states it now, held against the checksum record.
+    covered: `covered_config(...)` as config.json states it now, held against the checksum record, and
+    config_json: config.json itself as read from the folder (the record covers it but its cosmetic fields).
     verify=False skips the checksums and the record (for a file written without them); the structure,
     shapes, dtypes and finite scales are checked either way. Returns the names of all tensors stored.
     """
+    files = [Path(f) for f in files]
+    if not files:
+        raise CheckpointError("the checkpoint has no safetensors file")
+    for path in files:
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: triton_lowrank checkpoints load from .safetensors files only")
     expected = expected_tensors(layers)
     scales = {name for name, (_, codes) in expected.items() if codes == ("F32",)}
     found: dict[str, dict] = {}
+    where: dict[str, str] = {}
     records = []
-    for path in map(Path, files):
+    for path in files:
         header, metadata, data_start, _ = _read_header(path)
         for name in header:
             if name in found:
                 raise CheckpointError(f"tensor {name!r} is stored twice ({path} and another file of the checkpoint)")
+            where[name] = path.name
         found.update(header)
         sums = _checksums(path, metadata) if verify else None
         if verify and RECORD_KEY in metadata:
             records.append((path, metadata[RECORD_KEY], sums))
         _check_data(path, header, data_start, sums, scales & header.keys())
+    _check_index(files, where)
     if verify:
-        _check_record(files, records, covered, set(found))
+        _check_record(files, records, covered, found, config_json)
     for name, (shape, codes) in expected.items():
         if name not in found:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint ({', '.join(map(str, files))})")
@@ -266,6 +408,30 @@ def verify_checkpoint(files: list[Path], layers: dict[str, dict], covered: dict,
     return set(found)
 
 
+def _check_index(files: list[Path], where: dict[str, str]) -> None:
+    """A sharded checkpoint: every shard in one folder with its index, and the index naming, for each tensor,
+    the shard that holds it (a loader reads each tensor from the shard the index names)."""
+    if len(files) == 1 and files[0].name == "model.safetensors":
+        return
+    folders = {Path(os.path.normpath(f.parent)) for f in files}
+    if len(folders) != 1:
+        raise CheckpointError(f"the shards of the checkpoint lie in different folders: {sorted(map(str, folders))}")
+    folder = folders.pop()
+    index = folder / INDEX_NAME
+    if not index.exists():
+        raise CheckpointError(f"{folder}: {len(files)} safetensors file(s) without {INDEX_NAME}")
+    weight_map = _weight_map(index)
+    listed = {folder / name for name in weight_map.values()}
+    if listed != {Path(os.path.normpath(f)) for f in files}:
+        raise CheckpointError(f"{index}: its shards are not the files being loaded")
+    for name, file in sorted(where.items()):
+        if weight_map.get(name) != file:
+            raise CheckpointError(f"{index}: tensor {name!r} is in {file}, the index says {weight_map.get(name)!r}")
+    unknown = sorted(set(weight_map) - set(where))
+    if unknown:
+        raise CheckpointError(f"{index}: names tensor {unknown[0]!r}, which no shard holds")
+
+
 def _checksums(path: Path, metadata: dict) -> dict:
     if CHECKSUM_KEY not in metadata:
         raise CheckpointError(
@@ -273,33 +439,44 @@ def _checksums(path: Path, metadata: dict) -> dict:
             "metadata was stripped; load_compressed(..., verify=False) loads it unverified"
         )
     try:
-        sums = json.loads(metadata[CHECKSUM_KEY])
-    except ValueError:
+        sums = parse_json(metadata[CHECKSUM_KEY], CHECKSUM_KEY)
+    except UnsafeInput:
         sums = None
     if not isinstance(sums, dict):
         raise CheckpointError(f"{path}: metadata field {CHECKSUM_KEY!r} is not a JSON map of checksums")
+    for name, digest in sums.items():
+        if digest is None:
+            raise CheckpointError(
+                f"tensor {name!r} in {path} has a null checksum: every tensor is checked; a file saved with "
+                "offloaded tensors before they were hashed must be saved again (or loaded with verify=False)"
+            )
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise CheckpointError(f"tensor {name!r} in {path}: its checksum is not a sha256 hex digest")
     return sums
 
 
-def _check_record(files: list[Path], records: list, covered: dict, stored: set[str]) -> None:
-    """The record covers the quantization_config and the set of names; older files (no record) only warn."""
+def _check_record(files: list[Path], records: list, covered: dict, found: dict[str, dict],
+                  config_json: dict | None) -> None:
+    """The record covers the quantization_config, the set of names, each tensor's dtype and shape and config.json.
+    Version 1 files may predate the record (a warning); every version 2 writer wrote one."""
+    stored = set(found)
     if len(records) < len(files):
         if records:
             raise CheckpointError(f"{records[0][0]} has a {RECORD_KEY!r} record, other files of the checkpoint lack it")
-        warnings.warn(
-            f"{files[0].parent} was saved by an older triton_lowrank: its checksums do not cover config.json's "
-            "quantization_config; save it again to cover it",
-            UserWarning,
-            stacklevel=4,
-        )
+        if covered.get("format_version", 1) >= 2:
+            raise CheckpointError(
+                f"{files[0]} has no {RECORD_KEY!r} record, which every format version 2 file carries: "
+                "it was stripped"
+            )
+        _older(files, "its checksums do not cover config.json's quantization_config")
         return
     path, record, sums = records[0]
     if any(r != record for _, r, _ in records):
         raise CheckpointError(f"the files of {path.parent} carry different {RECORD_KEY!r} records")
     try:
-        record = json.loads(record)
+        record = parse_json(record, RECORD_KEY)
         config_sum, names_sum = record["config"], record["tensors"]
-    except (ValueError, KeyError, TypeError):
+    except (UnsafeInput, KeyError, TypeError):
         raise CheckpointError(f"{path}: metadata field {RECORD_KEY!r} is not a JSON record") from None
     expected = integrity_record(covered, stored)
     if config_sum != expected["config"]:
@@ -315,21 +492,49 @@ def _check_record(files: list[Path], records: list, covered: dict, stored: set[s
         raise CheckpointError(f"tensor {extra[0]!r} was added to the checkpoint after saving (no checksum lists it)")
     if names_sum != expected["tensors"]:
         raise CheckpointError(f"the set of tensors in {path.parent} was changed after saving (checksum record)")
+    if "header" not in record or "config_json" not in record:
+        _older(files, "its record does not cover the tensors' dtypes and shapes nor all of config.json")
+        return
+    entries = [[name, info["dtype"], info["shape"]] for name, info in found.items()]
+    if record["header"] != _sha256_json(sorted(entries)):
+        raise CheckpointError(
+            f"a tensor's dtype or shape in the safetensors header of {path.parent} was changed after saving "
+            "(checksum record)"
+        )
+    if config_json is None or record["config_json"] != _sha256_json(config_digest_input(config_json)):
+        raise CheckpointError(
+            f"{path.parent}/config.json was changed after saving (checksum record; only "
+            f"{', '.join(COSMETIC_CONFIG_FIELDS)} may change)"
+        )
+
+
+def _older(files: list[Path], what: str) -> None:
+    warnings.warn(
+        f"{files[0].parent} was saved by an older triton_lowrank: {what}; save it again to cover it",
+        UserWarning,
+        stacklevel=5,
+    )
 
 
 def _check_data(path: Path, header: dict, data_start: int, sums: dict | None, scales: set[str]) -> None:
     """Each tensor's bytes against its checksum (when verifying), and every scale finite."""
     todo = header if sums is not None else {name: header[name] for name in scales}
-    if not todo or path.stat().st_size == 0:
+    if not todo:
         return
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    try:
+        f = open_regular(path, "checkpoint file")
+    except (UnsafeInput, OSError) as error:
+        raise CheckpointError(" ".join(str(error).split())) from None
+    with f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if len(data) < data_start + max(info["data_offsets"][1] for info in todo.values()):
+            raise CheckpointError(f"{path}: the file changed while it was read")
         for name, info in todo.items():
             if sums is not None and name not in sums:
                 raise CheckpointError(f"tensor {name!r} in {path} has no checksum in {CHECKSUM_KEY!r}")
             begin, end = info["data_offsets"]
             digest, bad = None, 0
             with memoryview(data)[data_start + begin : data_start + end] as raw:  # released before any raise
-                if sums is not None and sums[name] is not None:
+                if sums is not None:
                     digest = hashlib.sha256(raw).hexdigest()
                 if name in scales and info["dtype"] == "F32":
                     bad = int((~np.isfinite(np.frombuffer(raw, "<f4"))).sum())

@@ -7,6 +7,7 @@ rebuilds the compressed layers itself (through checkpoint_format.py, like load_c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import nn
@@ -16,6 +17,10 @@ try:  # transformers' own rule for which name of a tied weight is stored (not in
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 except ImportError:
     remove_tied_weights_from_state_dict = None
+try:  # how save_pretrained reads an offloaded tensor back to write it; we hash it the same way
+    from transformers.integrations.accelerate import load_offloaded_parameter
+except ImportError:
+    load_offloaded_parameter = None
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -35,6 +40,7 @@ from triton_lowrank.checkpoint.format import (
     checksum_metadata,
     covered_config,
     normalized_spec,
+    read_checkpoint_json,
     replace_with_skeletons,
     verify_checkpoint,
 )
@@ -123,7 +129,9 @@ class TritonLowRankHfQuantizer(HfQuantizer):
             raise CheckpointError("triton_lowrank checkpoints load from safetensors files only; none were given")
         config = self.quantization_config
         covered = covered_config(config.layers, model.config.tie_word_embeddings, config.format_version)
-        stored = verify_checkpoint([Path(f) for f in files], config.layers, covered)
+        files = [Path(f) for f in files]
+        config_json = read_checkpoint_json(files[0].parent / "config.json", "config.json")  # the record covers it
+        stored = verify_checkpoint(files, config.layers, covered, config_json=config_json)
         replace_with_skeletons(model, config.layers, model.dtype)
         check_complete(model, stored)
         for name in config.layers:
@@ -144,7 +152,8 @@ class TritonLowRankHfQuantizer(HfQuantizer):
             state_dict.pop(key, None)
         config = self.quantization_config
         covered = covered_config(config.layers, model.config.tie_word_embeddings, config.format_version)
-        return state_dict, checksum_metadata(state_dict, covered)
+        offloaded = None if load_offloaded_parameter is None else lambda name: load_offloaded_parameter(model, name)
+        return state_dict, checksum_metadata(state_dict, covered, config_json_to_write(model), offloaded)
 
     def is_serializable(self, *args, **kwargs) -> bool:  # a method in 5.x (older ones pass safe_serialization)
         return True
@@ -156,6 +165,14 @@ class TritonLowRankHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:  # lets generate() auto-compile with a static cache
         return True
+
+
+def config_json_to_write(model: nn.Module) -> dict:
+    """The config.json save_pretrained is about to write, for the checksum record: it sets these two fields
+    right after asking for the state dict, then writes the config's diff against the defaults."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    return json.loads(model.config.to_json_string(use_diff=True))
 
 
 def mark_compressed(model: nn.Module) -> TritonLowRankConfig:

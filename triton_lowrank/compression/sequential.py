@@ -78,10 +78,10 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calibration: Iterab
     if use_cache is not None:
         config.use_cache = False  # a KV cache would grow with every replay of a block
     try:
-        for batch in calibration:
+        for index, batch in enumerate(calibration):
             mask = batch_mask(batch, device)
             try:
-                run_batch(model, batch, device)
+                run_batch(model, batch, device, f"calibration batch {index}")
             except _Captured:
                 continue
             raise ValueError("calibration batch ran through the model without reaching its first block")
@@ -146,9 +146,9 @@ def calibrate_blockwise(
         if outside:
             device = model_device(model)
             with GramCollector(outside) as collector:
-                for batch in calibration:
+                for index, batch in enumerate(calibration):
                     collector.mask = batch_mask(batch, device)
-                    run_batch(model, batch, device)
+                    run_batch(model, batch, device, f"calibration batch {index}")
             counts.update(token_counts(collector.stats))
             check_reached(outside, counts)
             visit(outside, collector.stats)

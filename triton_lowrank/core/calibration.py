@@ -35,13 +35,33 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def run_batch(model: nn.Module, batch, device: torch.device):
+def run_batch(model: nn.Module, batch, device: torch.device, where: str = "a calibration batch"):
     """A batch is a tensor of input ids or a dict of the model's keyword arguments."""
+    check_input_ids(model, batch.get("input_ids") if isinstance(batch, Mapping) else batch, where)
     if isinstance(batch, torch.Tensor):
         return model(input_ids=batch.to(device))
     if isinstance(batch, Mapping):
         return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
     raise TypeError(f"calibration batch must be a tensor of input ids or a dict of kwargs, got {type(batch).__name__}")
+
+
+def check_input_ids(model: nn.Module, ids, where: str) -> None:
+    """ValueError naming the batch when its ids are not a [B, T] integer tensor of ids in the model's vocabulary,
+    T within its context (torch would fail deep inside the embedding with an IndexError)."""
+    if not isinstance(ids, torch.Tensor):
+        return  # kwargs without input_ids (inputs_embeds): the model checks them
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() != 2:
+        raise ValueError(f"{where}: input ids must be a [batch, tokens] integer tensor, got {ids.dtype} "
+                         f"of shape {list(ids.shape)}")
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    context = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                    if isinstance(getattr(config, k, None), int)), None)
+    if ids.numel() and isinstance(vocab, int) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"{where}: token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+    if context is not None and ids.shape[1] > context:
+        raise ValueError(f"{where}: {ids.shape[1]} tokens, longer than the model's context ({context})")
 
 
 def batch_mask(batch, device: torch.device) -> torch.Tensor | None:
@@ -113,9 +133,9 @@ def collect_grams(
     """{layer name: GramStats} accumulated over every real token of every batch, through the whole model."""
     device = model_device(model)
     with eval_mode(model), GramCollector(layers) as collector:
-        for batch in tqdm(calibration, desc="calibrating", unit="batch", disable=not progress):
+        for index, batch in enumerate(tqdm(calibration, desc="calibrating", unit="batch", disable=not progress)):
             collector.mask = batch_mask(batch, device)
-            run_batch(model, batch, device)
+            run_batch(model, batch, device, f"calibration batch {index}")
     check_coverage(layers, token_counts(collector.stats), stacklevel=6)
     return collector.stats
 

@@ -118,6 +118,8 @@ class WeightFormat:
     # --- config: how a LowRankConfig asks for this format, and what it then needs
     claims_config: Callable | None = None  # (config) -> bool; None: the default format (pure low rank)
     check_config: Callable | None = None  # (config) -> None, raises ValueError naming the knob
+    default_rank: dict | None = None  # the rank knob the CLI uses when none is given (None: one must be given)
+    rank_needed: str = "this format needs a rank"  # the CLI's words when a rank knob must be given
     needs_grams: Callable | None = None  # (config) -> why the fit needs calibration Gram matrices, "" if it does not
     # --- fitting (how it is fitted; `layer` says how it is stored)
     check_layer: Callable | None = None  # (name, out_features, in_features, config) -> None, raises

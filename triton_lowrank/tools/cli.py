@@ -29,6 +29,7 @@ from triton_lowrank.checkpoint.save_load import (
 from triton_lowrank.compression.compress import compress_model, recommended_calib_tokens, validate_layers
 from triton_lowrank.compression.pretune import pretune_model
 from triton_lowrank.core.config import LowRankConfig
+from triton_lowrank.core.safe_io import read_text_file
 from triton_lowrank.embedded import embedded_model_path
 from triton_lowrank.tools.baselines import compress_copy, compressed_bytes, dense_bytes
 from triton_lowrank.tools.demo import describe_bytes, dtype_bytes, dtype_name, greedy, run_demo
@@ -96,15 +97,7 @@ def load(source: str, what: str = "model", keep_dtype: bool = False):
 
 
 def read_text(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not text.strip():
-        raise ValueError(f"{path} is empty")
-    return text
+    return None if path is None else read_text_file(path)  # a regular UTF-8 file under safe_io.MAX_TEXT_BYTES
 
 
 def context_of(source: str) -> int | None:
@@ -143,12 +136,13 @@ def prompt_ids(model, tokenizer, prompt: str, new_tokens: int, source: str):
 def rank_config(args) -> LowRankConfig:
     knobs = {k: getattr(args, k) for k in ("rank", "rank_ratio", "energy", "budget") if getattr(args, k) is not None}
     base = {k: getattr(args, k) for k in ("base_bits", "base_group_size", "base_method") if hasattr(args, k)}
-    if base.get("base_bits") is not None and not knobs:
-        # No default budget here: what a hybrid budget must hold depends on the base (--base-bits, its groups).
-        raise ValueError("--base-bits needs the correction's rank: --rank, --rank-ratio or --budget")
-    return LowRankConfig(
-        **(knobs or {"budget": 0.5}), bits=args.bits, group_size=args.group_size, method=args.method, **base
-    )
+    rest = {"bits": args.bits, "group_size": args.group_size, "method": args.method, **base}
+    if not knobs:  # the format's own default rank knob; a format without one (the hybrid) needs it given
+        fmt = LowRankConfig(rank=1, **rest).weight_format
+        if fmt.default_rank is None:
+            raise ValueError(f"{fmt.rank_needed}: --rank, --rank-ratio or --budget")
+        knobs = fmt.default_rank
+    return LowRankConfig(**knobs, **rest)
 
 
 # ----------------------------------------------------------------------------- commands

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from triton_lowrank.checkpoint.format import CHECKSUM_KEY, CheckpointError, checkpoint_files, file_metadata
 from triton_lowrank.checkpoint.save_load import is_compressed_folder, load_compressed, tokenizer_problem
+from triton_lowrank.core.safe_io import read_json
 
 
 class MissingTokenizer(ValueError):
@@ -19,6 +20,8 @@ class MissingTokenizer(ValueError):
 def checkpoint_dtype(source: str | Path) -> torch.dtype | None:
     """The float dtype a model's checkpoint is stored in, as its config says (None if unknown)."""
     try:
+        if Path(source).is_dir():
+            read_json(Path(source) / "config.json", "config.json")  # bounded: a FIFO or /dev/zero is refused
         dtype = AutoConfig.from_pretrained(source).dtype
     except (OSError, ValueError):
         return None

@@ -36,6 +36,8 @@ def random_storage(problem, dtype, device) -> HybridWeights:
 HYBRID = register_weight_format(WeightFormat(
     name="hybrid",
     layer=HybridLinear,
+    # no default budget: what a hybrid budget must hold depends on the base (its bits and groups)
+    rank_needed="--base-bits needs the correction's rank",
     claims_config=fit.claims_config,
     check_config=fit.check_config,
     needs_grams=fit.needs_grams,

@@ -36,6 +36,7 @@ def random_storage(problem, dtype, device) -> LowRankFactors:
 LOWRANK = register_weight_format(WeightFormat(
     name="lowrank",
     layer=LowRankLinear,
+    default_rank={"budget": 0.5},
     needs_grams=fit.needs_grams,
     check_layer=fit.check_layer,
     rank_bytes=fit.rank_bytes,
