@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "triton_lowrank"
 
 LAYERS = [
-    ("storage and reference math", ["quant", "factors", "reference", "hybrid_storage"]),
+    ("storage and reference math", ["quant", "factors", "reference", "hybrid_storage", "sharding"]),
     ("kernels", ["kernels", "kernels.configs", "kernels.lowrank_matmul", "kernels.hybrid_matmul", "kernels.launch"]),
     ("launcher and custom op", ["ops"]),
     ("autotuner", ["autotune"]),
@@ -26,7 +26,7 @@ LAYERS = [
     ("compression", ["config", "calibration", "factorize", "gptq", "sequential", "compress", "hybrid_fit"]),
     ("on-disk format and HF", ["checkpoint_format", "hf_quantizer", "checkpoint"]),
     ("tools", ["embedded", "loading", "eval_data", "metrics", "realmodel", "baselines", "sweeps", "generation_bench",
-               "demo", "cli", ""]),  # "" is the package's __init__, which exports from every layer
+               "demo", "cli", "vllm_plugin", ""]),  # "" is the package's __init__, which exports from every layer
 ]
 LAYER_OF = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 # Imported inside functions on purpose: optional at import time (Triton is a Linux x86-64 dependency
