@@ -24,7 +24,7 @@ else
     $py -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
 # Our package on top, without moving anything vLLM installed (transformers above all): pin what is there now.
-$py -m pip freeze --exclude-editable > .venv-vllm/vllm-pins.txt
+$py -m pip freeze --all --exclude-editable > .venv-vllm/vllm-pins.txt
 $py -m pip install -q -c .venv-vllm/vllm-pins.txt -e . "pytest>=8"
 $py -c "import vllm, triton_lowrank.vllm_plugin; print('vllm', vllm.__version__, 'with the triton_lowrank plugin')"
 echo "setup_vllm.sh: .venv-vllm ready in $(( $(date +%s) - start )) s"
