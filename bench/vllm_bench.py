@@ -51,7 +51,8 @@ def machine() -> dict:
             "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
                                                                        * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "torch": torch.__version__, "vllm": vllm.__version__,
-            "triton_lowrank": triton_lowrank.__version__, "commit": commit}
+            "triton_lowrank": triton_lowrank.__version__, "commit": commit,
+            "load_average_1min": round(os.getloadavg()[0], 1)}  # a shared machine's other work slows every row
 
 
 def checkpoints(dense: str, workdir: Path) -> dict[str, str]:
