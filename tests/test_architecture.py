@@ -39,7 +39,8 @@ LAYERS = [
     ("compression", ["compression", "compression.sequential", "compression.compress", "compression.pretune"]),
     ("on-disk format and HF", ["checkpoint", "checkpoint.format", "checkpoint.hf_quantizer", "checkpoint.save_load"]),
     ("tools", ["embedded", "tools", "tools.loading", "tools.eval_data", "tools.metrics", "tools.realmodel",
-               "tools.baselines", "tools.sweeps", "tools.generation_bench", "tools.demo", "tools.cli",
+               "tools.baselines", "tools.sweeps", "tools.generation_bench", "tools.demo", "tools.cli", "tools.sharding",
+               "tools.vllm_plugin",
                "core", ""]),  # "" is the package's __init__, which exports from every layer; "core"'s is empty
     ("command-line entry", [ENTRY]),
 ]

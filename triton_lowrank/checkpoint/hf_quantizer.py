@@ -111,12 +111,27 @@ def _without_tied_aliases(state_dict: dict, model: nn.Module) -> dict:
     return {name: kept[name] for name in state_dict if name in kept}
 
 
+def refuse_tensor_parallel(model: nn.Module) -> None:
+    """transformers' tensor (and expert) parallelism shards parameters by its plan; our factors are buffers it
+    ignores, and a plan would wrap our layers and take each full output for one rank's shard: wrong output, or a
+    crash. Refused with one line, before anything is loaded. (vLLM shards our layers properly: vllm_plugin.py.)"""
+    distributed = getattr(getattr(model, "config", None), "distributed_config", None)
+    sizes = {key: getattr(distributed, key, None) or 1 for key in ("tp_size", "ep_size")}
+    if distributed is not None and (max(sizes.values()) > 1 or getattr(distributed, "tp_plan", None)):
+        raise CheckpointError(
+            f"triton_lowrank checkpoints do not support transformers' tensor parallelism (tp_size={sizes['tp_size']}"
+            f", ep_size={sizes['ep_size']}, tp_plan={getattr(distributed, 'tp_plan', None)!r}): load without "
+            "distributed_config / tp_plan, or serve with vLLM, whose triton_lowrank plugin shards these layers"
+        )
+
+
 class TritonLowRankHfQuantizer(HfQuantizer):
     """Loads (and saves) pre-compressed checkpoints; compressing on load is compress_model's job."""
 
     requires_calibration = True  # pre-compressed only: from_pretrained refuses a dense folder with this config
 
     def preprocess_model(self, model, *args, **kwargs):
+        refuse_tensor_parallel(model)
         # transformers passes the resolved files here; older 5.x do not forward them to the hook below
         self.checkpoint_files = kwargs.get("checkpoint_files")
         return super().preprocess_model(model, *args, **kwargs)
