@@ -24,7 +24,7 @@ from . import autotune  # noqa: F401  (installs the tuned-config selector into t
 from .checkpoint import load_compressed, save_compressed
 from .checkpoint_format import CheckpointError
 from .compress import CompressionReport, LayerReport, compress_model
-from .config import LowRankConfig
+from .config import OUTPUT_HEAD, LowRankConfig
 from .embedded import embedded_model_path
 from .factors import LowRankFactors
 from .formats import CompressedLinear, dense_weight, register_format
@@ -45,6 +45,7 @@ __all__ = [
     "LowRankConfig",
     "LowRankFactors",
     "LowRankLinear",
+    "OUTPUT_HEAD",
     "TritonLowRankConfig",
     "compress_model",
     "dense_weight",

@@ -35,6 +35,7 @@ from .generation_bench import GENERATION_MODES, measure_generation, weight_bytes
 from .loading import MissingTokenizer, checkpoint_dtype, load_model, load_tokenizer, max_context, runtime
 from .metrics import evaluate
 from .pretune import pretune_model
+from .quant import DEFAULT_GROUP_SIZE
 
 PROG = "triton-lowrank"
 # "gpt2" or "org/name": what a hub id looks like; anything else missing locally is a missing folder.
@@ -260,7 +261,8 @@ def cmd_autotune(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    run_demo(args.model, args.out, args.budget, BITS[args.bits], args.method, args.group_size, args.quick)
+    run_demo(args.model, args.out, args.budget, BITS[args.bits], args.method, args.group_size or DEFAULT_GROUP_SIZE,
+             args.quick)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -283,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     hybrid = p.add_argument_group("hybrid format W = Q + U·D (a quantized base plus the low-rank correction above)")
     hybrid.add_argument("--base-bits", type=int, choices=(4, 3, 2),
                         help="store a base at 4, 3 or 2 bits (then --rank, --rank-ratio or --budget is needed)")
-    hybrid.add_argument("--base-group-size", type=at_least(1), default=128, help="base group width (default 128)")
+    hybrid.add_argument("--base-group-size", type=at_least(1),
+                        help="base group width (default: per layer the largest <= 128 dividing its input width)")
     hybrid.add_argument("--base-method", choices=("gptq", "rtn"), default="gptq", help="base fit (default gptq)")
     p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: sampled from the model)")
     p.add_argument("--calib-tokens", type=at_least(1), help="calibration tokens (default: 8x the widest inputs)")
@@ -346,7 +349,8 @@ def at_least(minimum: int):
 
 def add_format_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", choices=tuple(BITS), default="8", help="factor storage: 16 (float), 8 or 4 (default 8)")
-    p.add_argument("--group-size", type=at_least(1), default=128, help="int4 group width (default 128)")
+    p.add_argument("--group-size", type=at_least(1),
+                   help="int4 group width (default: per layer the largest <= 128 dividing its widths)")
     p.add_argument("--method", choices=("svd", "whitened"), default="whitened", help="default whitened")
 
 

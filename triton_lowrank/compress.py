@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import TOKENS_PER_FEATURE, GramStats, collect_grams
-from .config import LowRankConfig
+from .config import OUTPUT_HEAD, LowRankConfig
 from .factorize import (
     allocate_budget,
     rank_for_energy,
@@ -110,11 +110,24 @@ class CompressionReport:
         return "\n".join(lines)
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head, found by what it is (transformers' get_output_embeddings), never by its name."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):  # a model class without an output head
+        return None
+
+
 def select_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Module]:
-    """Leaf modules chosen by include/exclude; an unsupported leaf matched by `include` is an error."""
+    """Leaf modules chosen by include/exclude (OUTPUT_HEAD in exclude: the output head, by identity); an
+    unsupported leaf matched by `include` is an error."""
     chosen = {}
+    head = output_head(model) if OUTPUT_HEAD in config.exclude else None
     for name, module in model.named_modules():
         if next(module.children(), None) is not None or any(fnmatchcase(name, p) for p in config.exclude):
+            continue
+        if head is not None and module is head:
             continue
         if config.include is None:
             if isinstance(module, SUPPORTED_MODULES):
@@ -150,8 +163,10 @@ def check_hybrid_budget(layers: dict[str, nn.Module], config: LowRankConfig) -> 
     needed = (bases + sum(per_rank)) / dense_fp16
     if config.budget < needed:
         at_least = math.ceil(needed * 1e4) / 1e4  # rounded up, so that asking for it works
+        groups = {layer_config(n, m, config).base_group_size for n, m in layers.items()}
         raise ValueError(
-            f"budget {config.budget:g} is below what the int{config.base_bits} bases (group {config.base_group_size}) "
+            f"budget {config.budget:g} is below what the int{config.base_bits} bases "
+            f"(group {'/'.join(map(str, sorted(groups)))}) "
             f"and a rank-1 correction per layer take: {needed:.4g} of the fp16 dense bytes; use budget >= {at_least:g}"
         )
 
@@ -165,21 +180,28 @@ def _rank_bytes(layers: dict[str, nn.Module], config: LowRankConfig) -> tuple[li
     """(bytes one rank step adds in each layer, bytes every layer takes before any rank: the hybrid bases, else 0).
     Unquantized factors are stored in the layer's dtype."""
     per_rank, bases = [], 0
-    for module in layers.values():
+    for name, module in layers.items():
         out_features, in_features = dense_weight(module).shape
+        layer = layer_config(name, module, config)
         float_bytes = module.weight.element_size()
-        if config.base_bits is None:
-            per_rank.append(lowrank_bytes(in_features, out_features, 1, config.bits, config.group_size, float_bytes))
+        if layer.base_bits is None:
+            per_rank.append(lowrank_bytes(in_features, out_features, 1, layer.bits, layer.group_size, float_bytes))
         else:
-            per_rank.append(correction_rank_bytes(out_features, in_features, config.bits, config.group_size,
+            per_rank.append(correction_rank_bytes(out_features, in_features, layer.bits, layer.group_size,
                                                   float_bytes))
-            bases += base_bytes(out_features, in_features, config.base_bits, config.base_group_size)
+            bases += base_bytes(out_features, in_features, layer.base_bits, layer.base_group_size)
     return per_rank, bases
 
 
 def recommended_calib_tokens(layers: dict[str, nn.Module]) -> int:
     """Calibration tokens for whitening to be well estimated: TOKENS_PER_FEATURE x the widest layer's inputs."""
     return TOKENS_PER_FEATURE * max(dense_weight(m).shape[1] for m in layers.values())
+
+
+def layer_config(name: str, module: nn.Module, config: LowRankConfig) -> LowRankConfig:
+    """`config` with the group sizes this layer stores (unset ones fitted to its widths: LowRankConfig.for_layer)."""
+    out_features, in_features = dense_weight(module).shape
+    return config.for_layer(in_features, out_features, name)
 
 
 def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
@@ -196,6 +218,7 @@ def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
         if tensor is not None and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise ValueError(f"{name}: {tensor_name} has {bad} NaN or infinite value(s); only finite weights compress")
+    config = layer_config(name, module, config)
     group_size = storage_group_size(config.bits, config.group_size)
     check_bits(config.bits, group_size, in_features, f"{name} (in_features)")
     check_bits(config.bits, group_size, out_features, f"{name} (out_features)")
@@ -290,6 +313,7 @@ def whitening(stats: GramStats, config: LowRankConfig, name: str) -> torch.Tenso
 
 def _compress_layer(model, name, module, rank, chol, config: LowRankConfig, calib_tokens, head) -> LayerReport:
     """Replace one layer by its LowRankLinear in `model`; its report row."""
+    config = layer_config(name, module, config)
     weight = dense_weight(module)  # [out, in]
     up, down = truncated_factors(weight, rank, chol)
     stored = store_factors(weight, up, down, module.bias, config, chol, module.weight.dtype)
@@ -299,6 +323,7 @@ def _compress_layer(model, name, module, rank, chol, config: LowRankConfig, cali
 
 def _compress_hybrid_layer(model, name, module, rank, gram, config: LowRankConfig, calib_tokens, head) -> LayerReport:
     """Replace one layer by its HybridLinear (base fitted by hybrid_fit.fit_hybrid) in `model`; its report row."""
+    config = layer_config(name, module, config)
     weight = dense_weight(module)  # [out, in]
     fit = fit_hybrid(weight, config.base_bits, config.base_group_size, rank, config.bits, config.group_size, gram,
                      config.base_method, config.method, error_feedback=config.error_feedback,
@@ -322,6 +347,7 @@ def _hybrid_gram(stats: GramStats, config: LowRankConfig) -> torch.Tensor:
 
 def _measure_hybrid(name, module, gram, config: LowRankConfig) -> tuple[torch.Tensor, float]:
     """(base error spectrum, normalizer) of one layer, for the correction-rank budget (see base_error_spectrum)."""
+    config = layer_config(name, module, config)
     return base_error_spectrum(dense_weight(module), config.base_bits, config.base_group_size, gram,
                                config.base_method, config.method, max_whitening_damping=config.damping, name=name)
 
@@ -427,7 +453,7 @@ def compress_model(
     """
     layers = validate_layers(model, config)
     progress = len(layers) > 1 if progress is None else progress
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     if config.base_bits is not None and config.base_method == "gptq" and calibration is None:
         raise ValueError("base_method='gptq' needs calibration batches (input ids or kwargs dicts); "
                          "or use base_method='rtn'")
