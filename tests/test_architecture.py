@@ -25,8 +25,8 @@ LAYERS = [
     ("modules", ["formats", "layers", "hybrid_layers", "pretune"]),
     ("compression", ["config", "calibration", "factorize", "gptq", "sequential", "compress", "hybrid_fit"]),
     ("on-disk format and HF", ["checkpoint_format", "hf_quantizer", "checkpoint"]),
-    ("tools", ["embedded", "loading", "eval_data", "metrics", "realmodel", "baselines", "sweeps", "generation_bench",
-               "demo", "cli", ""]),  # "" is the package's __init__, which exports from every layer
+    ("tools", ["embedded", "loading", "eval_data", "metrics", "realmodel", "smollm2", "baselines", "sweeps",
+               "generation_bench", "demo", "cli", ""]),  # "" is the package's __init__, which exports from every layer
 ]
 LAYER_OF = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 # Imported inside functions on purpose: optional at import time (Triton is a Linux x86-64 dependency
