@@ -179,11 +179,11 @@ def versus(rows: list[dict]) -> list[str]:
     lines = []
     gptq = sorted((r for r in rows if r["family"] == "gptq"), key=lambda r: r["bytes_fraction"])
     for h in sorted((r for r in rows if r["family"] == "hybrid"), key=lambda r: r["bytes_fraction"]):
-        below = [g for g in gptq if g["bytes_fraction"] <= h["bytes_fraction"] + 1e-9]
+        below = [g for g in gptq if g["bytes_fraction"] <= h["bytes_fraction"] + 0.002]  # equal: within 0.002
         if not below:
             continue
         g = below[-1]
-        extra = h["bytes_fraction"] - g["bytes_fraction"]
+        extra = max(0.0, h["bytes_fraction"] - g["bytes_fraction"])
         ratio = h["kl"] / g["kl"]
         verdict = "WINS clearly (<= 0.7x)" if ratio <= 0.7 else ("wins" if ratio < 1 else "LOSES")
         lines.append(f"{h['label']} ({h['bytes_fraction']:.4f}) vs {g['label']} ({g['bytes_fraction']:.4f}, "
