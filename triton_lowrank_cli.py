@@ -102,7 +102,8 @@ def _number(text: str) -> float:
 def add_format_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", choices=tuple(BITS), default="8",
                    help="factor storage: 16 (float factors in the model's dtype), int8 or int4")
-    p.add_argument("--group-size", type=at_least(1), default=128, metavar="G", help="int4 group width (with --bits 4)")
+    p.add_argument("--group-size", type=at_least(1), metavar="G",
+                   help="int4 group width (with --bits 4; default: per layer the largest <= 128 dividing its widths)")
     p.add_argument("--method", choices=("svd", "whitened"), default="whitened",
                    help="plain truncated SVD, or SVD whitened by calibration activations (SVD-LLM)")
 
@@ -134,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     hybrid.add_argument("--base-bits", type=int, choices=(4, 3, 2),
                         help="store a base at 4, 3 or 2 bits (then --rank, --rank-ratio or --budget is needed; "
                              "default: no base, the pure low-rank format)")
-    hybrid.add_argument("--base-group-size", type=at_least(1), default=128, metavar="G", help="base group width")
+    hybrid.add_argument("--base-group-size", type=at_least(1), metavar="G",
+                        help="base group width (default: per layer the largest <= 128 dividing its input width)")
     hybrid.add_argument("--base-method", choices=("gptq", "rtn"), default="gptq",
                         help="base fit: GPTQ on the calibration Hessian, or round to nearest")
     calib = p.add_argument_group("calibration (for --method whitened and GPTQ bases)")

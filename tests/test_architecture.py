@@ -40,7 +40,7 @@ LAYERS = [
     ("on-disk format and HF", ["checkpoint", "checkpoint.format", "checkpoint.hf_quantizer", "checkpoint.save_load"]),
     ("tools", ["embedded", "tools", "tools.loading", "tools.eval_data", "tools.metrics", "tools.realmodel",
                "tools.baselines", "tools.sweeps", "tools.generation_bench", "tools.demo", "tools.cli", "tools.sharding",
-               "tools.vllm_plugin",
+               "tools.vllm_plugin", "tools.smollm2",
                "core", ""]),  # "" is the package's __init__, which exports from every layer; "core"'s is empty
     ("command-line entry", [ENTRY]),
 ]

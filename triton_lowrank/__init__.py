@@ -26,7 +26,7 @@ from triton_lowrank.checkpoint.hf_quantizer import TritonLowRankConfig, mark_com
 from triton_lowrank.checkpoint.save_load import load_compressed, save_compressed
 from triton_lowrank.compression.compress import CompressionReport, LayerReport, compress_model
 from triton_lowrank.core import autotune  # noqa: F401  (installs the tuned-config selector into the launcher)
-from triton_lowrank.core.config import LowRankConfig, QuantScheme
+from triton_lowrank.core.config import OUTPUT_HEAD, LowRankConfig, QuantScheme
 from triton_lowrank.core.factors import LowRankFactors
 from triton_lowrank.core.format import (
     CompressedLinear,
@@ -53,6 +53,8 @@ __all__ = [
     "LowRankConfig",
     "LowRankFactors",
     "LowRankLinear",
+    "QuantScheme",
+    "OUTPUT_HEAD",
     "QuantScheme",
     "TritonLowRankConfig",
     "WeightFormat",

@@ -155,6 +155,10 @@ class TritonLowRankHfQuantizer(HfQuantizer):
             model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
         return model
 
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        store_under_model_names(model)  # transformers just recorded the renamings it loaded through
+        return model
+
     def get_state_dict_and_metadata(self, model, *args, **kwargs):
         # Called by save_pretrained before it writes anything. The state dict is what it will write (tied
         # weights once, by transformers' own rule), so the checksum record lists exactly the stored names.
@@ -208,7 +212,15 @@ def mark_compressed(model: nn.Module) -> TritonLowRankConfig:
     return config
 
 
+def store_under_model_names(model: nn.Module) -> None:
+    """Our checkpoints store every tensor under the model's own name. transformers would otherwise rename some
+    on save to an older checkpoint layout (GPT-NeoX: lm_head -> embed_out), after the checksums were taken, and
+    accelerate (load_compressed) reads names as they are stored: no renaming to reverse, then."""
+    model._weight_conversions = []
+
+
 def attach_quantizer(model: nn.Module, config: TritonLowRankConfig) -> None:
+    store_under_model_names(model)
     model.config.quantization_config = config
     model.hf_quantizer = TritonLowRankHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from triton_lowrank.compression.sequential import calibrate_blockwise, find_blocks
 from triton_lowrank.core.calibration import TOKENS_PER_FEATURE, GramStats, collect_grams
-from triton_lowrank.core.config import LowRankConfig
+from triton_lowrank.core.config import OUTPUT_HEAD, LowRankConfig
 from triton_lowrank.core.factorize import rank_for_energy
 from triton_lowrank.core.format import DENSE_KINDS, FLOAT_DTYPES, compressed_layers, dense_weight, untie_head
 from triton_lowrank.core.nbytes import dense_fp16_bytes, tensor_bytes
@@ -93,11 +93,24 @@ class CompressionReport:
         return "\n".join(lines)
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head, found by what it is (transformers' get_output_embeddings), never by its name."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):  # a model class without an output head
+        return None
+
+
 def select_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Module]:
-    """Leaf modules chosen by include/exclude; an unsupported leaf matched by `include` is an error."""
+    """Leaf modules chosen by include/exclude (OUTPUT_HEAD in exclude: the output head, by identity); an
+    unsupported leaf matched by `include` is an error."""
     chosen = {}
+    head = output_head(model) if OUTPUT_HEAD in config.exclude else None
     for name, module in model.named_modules():
         if next(module.children(), None) is not None or any(fnmatchcase(name, p) for p in config.exclude):
+            continue
+        if head is not None and module is head:
             continue
         if config.include is None:
             if isinstance(module, SUPPORTED_MODULES):
@@ -142,8 +155,8 @@ def check_budget(layers: dict[str, nn.Module], config: LowRankConfig) -> None:
 def _rank_bytes(layers: dict[str, nn.Module], config: LowRankConfig) -> tuple[list[int], int]:
     """(bytes one rank step adds in each layer, bytes all layers take before any rank: the format's fixed part)."""
     per_rank, fixed = [], 0
-    for module in layers.values():
-        step, before = config.weight_format.rank_bytes(*dense_weight(module).shape, config,
+    for name, module in layers.items():
+        step, before = config.weight_format.rank_bytes(*dense_weight(module).shape, layer_config(name, module, config),
                                                        module.weight.element_size())
         per_rank.append(step)
         fixed += before
@@ -153,6 +166,12 @@ def _rank_bytes(layers: dict[str, nn.Module], config: LowRankConfig) -> tuple[li
 def recommended_calib_tokens(layers: dict[str, nn.Module]) -> int:
     """Calibration tokens for whitening to be well estimated: TOKENS_PER_FEATURE x the widest layer's inputs."""
     return TOKENS_PER_FEATURE * max(dense_weight(m).shape[1] for m in layers.values())
+
+
+def layer_config(name: str, module: nn.Module, config: LowRankConfig) -> LowRankConfig:
+    """`config` with the group sizes this layer stores (unset ones fitted to its widths: LowRankConfig.for_layer)."""
+    out_features, in_features = dense_weight(module).shape
+    return config.for_layer(in_features, out_features, name)
 
 
 def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
@@ -169,7 +188,7 @@ def _validate(name: str, module: nn.Module, config: LowRankConfig) -> None:
         if tensor is not None and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise ValueError(f"{name}: {tensor_name} has {bad} NaN or infinite value(s); only finite weights compress")
-    config.weight_format.check_layer(name, out_features, in_features, config)
+    config.weight_format.check_layer(name, out_features, in_features, layer_config(name, module, config))
 
 
 def _choose_ranks(layers, config: LowRankConfig, measured: dict[str, tuple], depth: int = 0) -> list[int]:
@@ -207,8 +226,9 @@ def _tied_to_other_module(model: nn.Module, module: nn.Module) -> bool:
 
 def _compress_layer(model, name, module, rank, state, config: LowRankConfig, calib_tokens, head) -> LayerReport:
     """Replace one layer by the format's fit of it in `model`; its report row."""
-    new, rel_error = config.weight_format.fit(dense_weight(module), module.bias, rank, state, config,
-                                              module.weight.dtype, name, type(module).__name__)
+    new, rel_error = config.weight_format.fit(dense_weight(module), module.bias, rank, state,
+                                              layer_config(name, module, config), module.weight.dtype, name,
+                                              type(module).__name__)
     return _replace_layer(model, name, module, new, rel_error, calib_tokens, head)
 
 
@@ -254,7 +274,7 @@ def _compress_one_pass(model, layers, config: LowRankConfig, calibration, progre
     measured = {}
     if _needs_measuring(config):
         measured = {
-            name: fmt.measure(dense_weight(module), states[name], config, name)
+            name: fmt.measure(dense_weight(module), states[name], layer_config(name, module, config), name)
             for name, module in tqdm(layers.items(), desc="spectra", unit="layer", disable=not progress)
         }
     ranks = _choose_ranks(layers, config, measured, depth=1)
@@ -279,7 +299,7 @@ def _compress_sequential(model, layers, config: LowRankConfig, calibration, prog
         def measure(group: dict[str, nn.Module], stats: dict[str, GramStats]) -> None:
             for name, module in group.items():
                 state = fmt.prepare(stats.pop(name), config, name)
-                measured[name] = fmt.measure(dense_weight(module), state, config, name)
+                measured[name] = fmt.measure(dense_weight(module), state, layer_config(name, module, config), name)
 
         calibrate_blockwise(model, layers, calibration, measure, progress, "spectra", warn=False)
     ranks = dict(zip(layers, _choose_ranks(layers, config, measured, depth=1), strict=True))
@@ -310,7 +330,7 @@ def compress_model(
     """
     layers = validate_layers(model, config)
     progress = len(layers) > 1 if progress is None else progress
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     if config.needs_calibration and calibration is None:
         raise ValueError(f"{config.weight_format.needs_grams(config)} needs calibration batches (input ids or kwargs "
                          "dicts)")

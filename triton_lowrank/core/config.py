@@ -10,13 +10,22 @@ by `format`; that format checks its own knobs. Derived facts are properties: `we
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 from triton_lowrank.core.format import WeightFormat, format_for_config
-from triton_lowrank.core.quant import BASE_BITS, SUPPORTED_BITS, ZERO_POINT_BITS
+from triton_lowrank.core.quant import (
+    BASE_BITS,
+    DEFAULT_GROUP_SIZE,
+    SUPPORTED_BITS,
+    ZERO_POINT_BITS,
+    fitted_group_size,
+)
 
 RANK_KNOBS = ("rank", "rank_ratio", "energy", "budget")
+# In `exclude`: the model's output head, found by what it is (model.get_output_embeddings()), whatever its name
+# (lm_head, embed_out, ...). No module name contains "<", so as a glob pattern it matches nothing else.
+OUTPUT_HEAD = "<output head>"
 
 
 @dataclass(frozen=True)
@@ -52,11 +61,14 @@ class LowRankConfig:
                 every base plus a rank-1 correction per layer.
     bits:       None keeps unquantized factors in the layer's dtype; 8 = int8 with one scale per
                 rank component; 4 = int4 with one scale per `group_size` features, packed two per byte.
-    group_size: int4 group width along each factor's feature axis; must divide in and out features.
+    group_size: int4 group width along each factor's feature axis. None (default): per layer, the largest
+                even width <= 128 dividing its in and out features (recorded in each layer's spec); a number
+                is used as given and must divide them (else a one-line error names the layer).
     method:     "svd" truncates the weight's SVD (optimal in weight space); "whitened" truncates in the
                 space whitened by the calibration activations (optimal activation error, SVD-LLM style).
     include:    glob patterns (fnmatch on full module names); None selects every nn.Linear and GPT-2 Conv1D.
-    exclude:    glob patterns removed from the selection; "lm_head" by default (set () to compress it).
+    exclude:    glob patterns removed from the selection, and OUTPUT_HEAD ("<output head>"): the model's output
+                head, whatever its name; that is the default (set () to compress it).
     damping:    largest relative diagonal damping tried when the calibration Gram matrix is singular.
     shrinkage:  whitening only. How far each layer's Gram matrix is shrunk toward a scaled identity before
                 whitening: "auto" picks the strength per layer from the data (Ledoit–Wolf; near 0 with many
@@ -72,7 +84,8 @@ class LowRankConfig:
                 format W ≈ Q + U·D (HybridLinear): a group-wise quantized base Q plus a low-rank correction
                 U·D, whose rank comes from `rank`, `rank_ratio` or `budget` and whose factors follow bits/
                 group_size/method ("whitened": the correction is optimal on the calibration activations).
-    base_group_size: the base's group width along in_features (must divide it; int3/int2: a multiple of 8).
+    base_group_size: the base's group width along in_features. None (default): per layer, the largest width
+                <= 128 dividing in_features (int4: even; int3/int2: a multiple of 8); a number must divide it.
     base_method: "gptq" fits the base on the calibration Gram matrix (needs calibration); "rtn" rounds to
                 nearest (no calibration unless the correction is whitened).
     """
@@ -84,16 +97,16 @@ class LowRankConfig:
     energy: float | None = None
     budget: float | None = None
     bits: int | None = 8
-    group_size: int = 128
+    group_size: int | None = None
     method: str = "svd"
     include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = field(default=("lm_head",))
+    exclude: tuple[str, ...] = field(default=(OUTPUT_HEAD,))
     damping: float = 1e-2
     error_feedback: bool = True
     shrinkage: float | str = "auto"
     sequential: bool = True
     base_bits: int | None = None
-    base_group_size: int = 128
+    base_group_size: int | None = None
     base_method: str = "gptq"
     format: str | None = None  # a registered format's name; None: the format the other knobs ask for
 
@@ -108,14 +121,14 @@ class LowRankConfig:
         for knob in ("rank_ratio", "energy", "budget", "damping"):
             _check_number(knob, getattr(self, knob), optional=knob != "damping")
         _check_int("bits", self.bits, optional=True)
-        _check_int("group_size", self.group_size)
+        _check_int("group_size", self.group_size, optional=True)
         for knob in ("error_feedback", "sequential"):
             if not isinstance(getattr(self, knob), bool):
                 raise TypeError(f"LowRankConfig: {knob} must be True or False, got {getattr(self, knob)!r}")
         if not isinstance(self.method, str):
             raise TypeError(f"LowRankConfig: method must be a string, got {self.method!r}")
         _check_int("base_bits", self.base_bits, optional=True)
-        _check_int("base_group_size", self.base_group_size)
+        _check_int("base_group_size", self.base_group_size, optional=True)
         if not isinstance(self.base_method, str):
             raise TypeError(f"LowRankConfig: base_method must be a string, got {self.base_method!r}")
 
@@ -132,13 +145,13 @@ class LowRankConfig:
             raise ValueError(f"LowRankConfig: damping must be > 0 and finite, got {self.damping}")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"LowRankConfig: bits must be one of None, 8 or 4, got {self.bits!r}")
-        if self.bits == 4 and (self.group_size <= 0 or self.group_size % 2):
+        if self.bits == 4 and self.group_size is not None and (self.group_size <= 0 or self.group_size % 2):
             raise ValueError(f"LowRankConfig: group_size must be a positive even number, got {self.group_size}")
-        if self.group_size < 0:
+        if self.group_size is not None and self.group_size < 0:
             raise ValueError(f"LowRankConfig: group_size must be >= 0, got {self.group_size}")
         if self.method not in ("svd", "whitened"):
             raise ValueError(f"LowRankConfig: method must be 'svd' or 'whitened', got {self.method!r}")
-        if self.base_group_size <= 0:
+        if self.base_group_size is not None and self.base_group_size <= 0:
             raise ValueError(f"LowRankConfig: base_group_size must be >= 1, got {self.base_group_size}")
         if self.format is not None and not isinstance(self.format, str):
             raise TypeError(f"LowRankConfig: format must be a format's name, got {self.format!r}")
@@ -161,7 +174,7 @@ class LowRankConfig:
     @property
     def factors(self) -> QuantScheme:
         """The low-rank factors' scheme (int4 groups run along each factor's feature axis)."""
-        return QuantScheme(self.bits, self.group_size if self.bits == 4 else 0)
+        return QuantScheme(self.bits, (self.group_size or DEFAULT_GROUP_SIZE) if self.bits == 4 else 0)
 
     @property
     def needs_grams(self) -> bool:
@@ -173,6 +186,19 @@ class LowRankConfig:
     def needs_calibration(self) -> bool:
         """compress_model needs calibration batches for this config (one name for the one fact)."""
         return self.needs_grams
+
+    def for_layer(self, in_features: int, out_features: int, where: str = "layer") -> LowRankConfig:
+        """This config with the group sizes one [out, in] layer stores: an unset one (None) becomes the largest
+        width <= DEFAULT_GROUP_SIZE that the storage allows there (quant.fitted_group_size); a set one is kept
+        (compress_model checks it and names the layer if it cannot work). The format resolves its own knobs
+        (WeightFormat.for_layer), the factors' group size is resolved here."""
+        config = self
+        if self.group_size is None:
+            group = DEFAULT_GROUP_SIZE if self.bits != 4 else fitted_group_size(
+                4, (in_features, out_features), f"{where} (factors)")
+            config = replace(self, group_size=group)
+        fmt = self.weight_format
+        return config if fmt.for_layer is None else fmt.for_layer(config, in_features, out_features, where)
 
     def to_dict(self) -> dict:
         fields = asdict(self)

@@ -122,6 +122,7 @@ class WeightFormat:
     rank_needed: str = "this format needs a rank"  # the CLI's words when a rank knob must be given
     needs_grams: Callable | None = None  # (config) -> why the fit needs calibration Gram matrices, "" if it does not
     # --- fitting (how it is fitted; `layer` says how it is stored)
+    for_layer: Callable | None = None  # (config, in, out, where) -> config with this format's unset knobs fitted
     check_layer: Callable | None = None  # (name, out_features, in_features, config) -> None, raises
     rank_bytes: Callable | None = None  # (out, in, config, float_bytes) -> (bytes per rank, bytes before any rank)
     fixed_bytes_label: Callable | None = None  # (config) -> what a budget must hold at least, in words

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (None, 8, 4)  # None is the one spelling of "not quantized" (floats in the layer's dtype)
+DEFAULT_GROUP_SIZE = 128  # the group width asked for when the user names none (fitted per layer: fitted_group_size)
 NO_GROUPS = 0  # the one spelling of "this storage has no groups" (floats and int8: whole rows share a scale)
 QMAX = {8: 127, 4: 7}
 QMIN = {8: -127, 4: -8}
@@ -146,6 +147,19 @@ def check_base_bits(bits: int, group_size: int, features: int, where: str) -> No
         raise ValueError(
             f"{where}: int{bits} group_size must be a positive multiple of 8 dividing {features}, got {group_size}"
         )
+
+
+def fitted_group_size(bits: int, widths: tuple[int, ...], where: str, base: bool = False,
+                      wanted: int = DEFAULT_GROUP_SIZE) -> int:
+    """The largest group width <= `wanted` that the storage allows on every one of `widths`: it divides each,
+    and is even for int4 (two codes per byte), a multiple of 8 for an int3/int2 base (whole bytes of both
+    bit planes). Used where the user named no group size (576 wide: 96; 80: 80; 48 and 80 together: 16)."""
+    step = 8 if base and bits in ZERO_POINT_BITS else 2
+    for group in range(min(wanted, *widths) // step * step, 0, -step):
+        if all(w % group == 0 for w in widths):
+            return group
+    raise ValueError(f"{where}: no int{bits} group width <= {wanted} (a multiple of {step}) divides "
+                     f"{' and '.join(map(str, widths))}; exclude this layer")
 
 
 def zero_point_params(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

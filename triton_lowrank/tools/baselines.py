@@ -28,7 +28,7 @@ from triton_lowrank.core.calibration import collect_grams
 from triton_lowrank.core.config import LowRankConfig
 from triton_lowrank.core.format import compressed_layers, dense_weight
 from triton_lowrank.core.nbytes import matrix_bytes, tensor_bytes
-from triton_lowrank.core.quant import NO_GROUPS, dequantize, quantize
+from triton_lowrank.core.quant import NO_GROUPS, dequantize, fitted_group_size, quantize
 from triton_lowrank.formats.hybrid.fit import fit_base
 from triton_lowrank.formats.hybrid.storage import dequantize_base
 
@@ -52,9 +52,9 @@ def compressed_bytes(model: nn.Module) -> int:
     return tensor_bytes(b for m in compressed_layers(model).values() for b in m.buffers())
 
 
-def baseline_label(method: str, bits: int, group_size: int) -> str:
-    """How tables and plots name a baseline: "RTN int8", "RTN int4 g128", "GPTQ int3 g64"."""
-    return f"{method.upper()} int{bits}" + ("" if bits == 8 else f" g{group_size}")
+def baseline_label(method: str, bits: int, group_size: int | None) -> str:
+    """How tables and plots name a baseline: "RTN int8", "RTN int4 g128", "GPTQ int3 g64", "RTN int4 g<=128"."""
+    return f"{method.upper()} int{bits}" + ("" if bits == 8 else f" g{'<=128' if group_size is None else group_size}")
 
 
 # ----------------------------------------------------------------------------- one weight
@@ -64,10 +64,12 @@ def baseline_label(method: str, bits: int, group_size: int) -> str:
 def quantized_weight(
     weight: torch.Tensor,  # [out, in]
     bits: int,
-    group_size: int = 128,
+    group_size: int | None = 128,
     gram: torch.Tensor | None = None,  # [in, in] calibration XᵀX: GPTQ; None: round to nearest
 ) -> tuple[torch.Tensor, int]:
-    """(dequantized float32 weight [out, in], bytes its storage takes) of one baseline weight."""
+    """(dequantized float32 weight [out, in], bytes its storage takes) of one baseline weight. group_size None:
+    the largest group <= 128 that this layer's input width allows (quant.fitted_group_size), as compress_model
+    fits an unset base_group_size."""
     if bits not in BASELINE_BITS:
         raise ValueError(f"baseline bits must be one of 8, 4, 3 or 2, got {bits!r}")
     if bits == 8:
@@ -75,6 +77,8 @@ def quantized_weight(
             raise ValueError("GPTQ baselines are int4, int3 or int2; int8 is round-to-nearest only")
         storage, scale = quantize(weight, 8)
         return dequantize(storage, scale, 8), matrix_bytes(*weight.shape, 8, NO_GROUPS)
+    if group_size is None:
+        group_size = fitted_group_size(bits, (weight.shape[1],), "baseline", base=True)
     stored = fit_base(weight.float(), bits, group_size, gram)  # (codes, scales, zeros or None)
     return dequantize_base(*stored, bits, group_size), matrix_bytes(*weight.shape, bits, group_size)
 
@@ -94,7 +98,7 @@ def layer_grams(
 def quantized_copy(
     dense_model: nn.Module,
     bits: int,
-    group_size: int = 128,
+    group_size: int | None = 128,
     config: LowRankConfig | None = None,
     grams: dict[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, int]:
@@ -113,7 +117,7 @@ def quantized_copy(
     return model, stored
 
 
-def rtn_baseline(dense_model: nn.Module, bits: int, group_size: int = 128, config: LowRankConfig | None = None):
+def rtn_baseline(dense_model: nn.Module, bits: int, group_size: int | None = 128, config: LowRankConfig | None = None):
     """(copy of the model with RTN weights, stored bytes): int8 per row, int4/int3/int2 per `group_size`."""
     return quantized_copy(dense_model, bits, group_size, config)
 
@@ -121,7 +125,7 @@ def rtn_baseline(dense_model: nn.Module, bits: int, group_size: int = 128, confi
 def gptq_baseline(
     dense_model: nn.Module,
     bits: int,
-    group_size: int,
+    group_size: int | None,
     calibration: Iterable | None = None,
     config: LowRankConfig | None = None,
     grams: dict[str, torch.Tensor] | None = None,

@@ -29,6 +29,7 @@ from triton_lowrank.checkpoint.save_load import (
 from triton_lowrank.compression.compress import compress_model, recommended_calib_tokens, validate_layers
 from triton_lowrank.compression.pretune import pretune_model
 from triton_lowrank.core.config import LowRankConfig
+from triton_lowrank.core.quant import DEFAULT_GROUP_SIZE
 from triton_lowrank.core.safe_io import read_text_file
 from triton_lowrank.embedded import embedded_model_path
 from triton_lowrank.tools.baselines import compress_copy, compressed_bytes, dense_bytes
@@ -262,7 +263,8 @@ def cmd_autotune(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    run_demo(args.model, args.out, args.budget, args.bits, args.method, args.group_size, args.quick, sweep=args.sweep)
+    group_size = args.group_size or DEFAULT_GROUP_SIZE  # the demo's sweep names its baselines' groups explicitly
+    run_demo(args.model, args.out, args.budget, args.bits, args.method, group_size, args.quick, sweep=args.sweep)
 
 
 COMMANDS = {

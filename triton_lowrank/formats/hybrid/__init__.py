@@ -41,6 +41,7 @@ HYBRID = register_weight_format(WeightFormat(
     claims_config=fit.claims_config,
     check_config=fit.check_config,
     needs_grams=fit.needs_grams,
+    for_layer=fit.for_layer,
     check_layer=fit.check_layer,
     rank_bytes=fit.rank_bytes,
     fixed_bytes_label=fit.fixed_bytes_label,

@@ -30,6 +30,8 @@ vs dense, lower is better; BERT sentence-embedding cosine vs dense, higher is be
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from triton_lowrank.core.calibration import GramStats
@@ -50,6 +52,7 @@ from triton_lowrank.core.quant import (
     check_base_bits,
     check_bits,
     dequantize,
+    fitted_group_size,
     quantization_scale,
     quantize,
     quantize_with_scale,
@@ -301,12 +304,23 @@ def check_config(config) -> None:
     """The hybrid knobs of a LowRankConfig, checked once (ValueError naming the knob)."""
     if config.base_bits not in BASE_BITS:
         raise ValueError(f"LowRankConfig: base_bits must be None, 4, 3 or 2, got {config.base_bits!r}")
+    if config.base_group_size is not None and config.base_group_size <= 0:
+        raise ValueError(f"LowRankConfig: base_group_size must be >= 1, got {config.base_group_size}")
     if config.base_method not in BASE_METHODS:
         raise ValueError(f"LowRankConfig: base_method must be 'gptq' or 'rtn', got {config.base_method!r}")
     if config.energy is not None:
         # A fraction of what energy? The base's error is not the weight; no meaning was chosen for it yet.
         raise ValueError("LowRankConfig: with base_bits, set the correction's rank by rank, rank_ratio or budget "
                          "(energy is not supported for the hybrid format)")
+
+
+def for_layer(config, in_features: int, out_features: int, where: str):
+    """An unset base group size (None) becomes the largest width <= DEFAULT_GROUP_SIZE the base storage allows on
+    this layer's input width (a multiple of 8 for int3/int2: whole bytes of both bit planes)."""
+    if config.base_group_size is not None:
+        return config
+    group = fitted_group_size(config.base_bits, (in_features,), f"{where} (base)", base=True)
+    return dataclasses.replace(config, base_group_size=group)
 
 
 def needs_grams(config) -> str:
@@ -330,7 +344,8 @@ def rank_bytes(out_features: int, in_features: int, config, float_bytes: int) ->
 
 
 def fixed_bytes_label(config) -> str:
-    return f"the int{config.base_bits} bases (group {config.base_group_size}) and a rank-1 correction per layer"
+    group = config.base_group_size or "fitted per layer"
+    return f"the int{config.base_bits} bases (group {group}) and a rank-1 correction per layer"
 
 
 def calibration_gram(stats: GramStats | None, config, name: str) -> torch.Tensor | None:
