@@ -54,7 +54,8 @@ def machine() -> str:
 def real() -> None:
     import warnings
 
-    from triton_lowrank import LowRankConfig, realmodel
+    from triton_lowrank import LowRankConfig
+    from triton_lowrank.tools import realmodel
     from triton_lowrank.tools.baselines import compress_copy, dense_bytes, rtn_baseline
     from triton_lowrank.tools.baselines import compressed_bytes as lowrank_bytes
 

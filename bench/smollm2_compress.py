@@ -44,7 +44,8 @@ def rss_gb() -> float:
 def one(name: str, calib_tokens: int, seq_len: int, threads: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from triton_lowrank import LowRankConfig, compress_model, smollm2
+    from triton_lowrank import LowRankConfig, compress_model
+    from triton_lowrank.tools import smollm2
     from triton_lowrank.tools.baselines import compressed_bytes, dense_bytes
     from triton_lowrank.tools.eval_data import batches, text_windows
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from triton_lowrank import HybridLinear, LowRankConfig, smollm2
+from triton_lowrank import HybridLinear, LowRankConfig
+from triton_lowrank.tools import smollm2
 from triton_lowrank.tools.baselines import compress_copy, gptq_baseline, layer_grams, rtn_baseline
 from triton_lowrank.tools.eval_data import batches, text_windows
 from triton_lowrank.tools.metrics import compare_logits, model_logits

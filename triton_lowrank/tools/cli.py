@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from triton_lowrank.checkpoint.save_load import (
     check_output_folder,
+    output_folder,
     output_lock,
     recover_interrupted_save,
     save_compressed,
@@ -264,7 +265,10 @@ def cmd_autotune(args) -> None:
 
 def cmd_demo(args) -> None:
     group_size = args.group_size or DEFAULT_GROUP_SIZE  # the demo's sweep names its baselines' groups explicitly
-    run_demo(args.model, args.out, args.budget, args.bits, args.method, group_size, args.quick, sweep=args.sweep)
+    # compress's OUT rules: a new or empty folder, or one the demo wrote (its manifest proves it) with nothing of
+    # the user's added; re-running into the demo's own folder replaces it, a user's file in it is refused by name.
+    with output_folder(args.out, overwrite=True, option="--out") as out:
+        run_demo(args.model, out, args.budget, args.bits, args.method, group_size, args.quick, sweep=args.sweep)
 
 
 COMMANDS = {
