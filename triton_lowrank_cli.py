@@ -64,7 +64,7 @@ def at_least(minimum: int, maximum: int | None = None):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum:,} (the limit), got {value:,}")
+            raise argparse.ArgumentTypeError(f"{value:,} is above the limit of {maximum:,}")
         return value
 
     return parse

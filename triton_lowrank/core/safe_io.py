@@ -8,7 +8,6 @@ never a RecursionError. The limits are module constants, documented in the READM
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -135,20 +134,3 @@ def check_count(name: str, value: int, maximum: int, minimum: int = 1) -> int:
     if value > maximum:
         raise ValueError(f"{name} {value:,} is above the limit of {maximum:,}")
     return value
-
-
-def count_arg(minimum: int, maximum: int):
-    """argparse type: an integer in [minimum, maximum], refused in argparse's one line otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        if value > maximum:
-            raise argparse.ArgumentTypeError(f"{value:,} is above the limit of {maximum:,}")
-        return value
-
-    return parse
