@@ -424,9 +424,11 @@ def hybrid_tile_kernel(
     """y[m block, n block] = x · Q̂ᵀ + hidden · up_t + bias on tensor cores. grid = (cdiv(M, BM), cdiv(N, BN)).
 
     RELEASE_HIDDEN: hidden is the decode workspace (rows of one M block per ticket), re-zeroed after the last read.
-    HALVES: fp16 x: int4 nibbles dequantized in four quarters from 32-bit words (int4_quarters_fp16, K tiles of 64
-    columns or more; 128-bit copies of the base) or two halves from bytes (int4_halves_fp16, K tiles of 32), int2/int3
-    codes by column phase; no interleave. magic16: 0x6400, the fp16 magic number (launch.MAGIC16).
+    HALVES: fp16 x: int4 nibbles dequantized in four quarters from 32-bit words (int4_quarters_fp16: K tiles of 64
+    columns or more and M tiles of up to 32 rows, where x's quarter split costs little) or two halves from bytes
+    (int4_halves_fp16: 32-column K tiles and prefill tiles; at 128x128 the quarters spill), int2/int3 codes by column
+    phase; no interleave. Both read the int4 base in 128-bit copies.
+    magic16: 0x6400, the fp16 magic number (launch.MAGIC16).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -443,10 +445,12 @@ def hybrid_tile_kernel(
         k_offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m_offs[:, None] * stride_xm + k_offs[None, :],
                     mask=(m_offs[:, None] < M) & (k_offs < K)[None, :], other=0.0)  # [BM, BK]
-        if TILE_SCALE and BASE_BITS == 4 and HALVES and BLOCK_K >= 64:
+        if TILE_SCALE and BASE_BITS == 4 and HALVES and BLOCK_K >= 64 and BLOCK_M <= 32:
             # int4 and fp16 x in quarters (int4_quarters_fp16): the tile read as 32-bit words (128-bit loads, K % 32
             # == 0 here: BLOCK_K divides the group, which divides K), each word's lanes dequantized in place by
-            # the fp16 magic number, x split into the matching column quarters (the small tile) for four dots
+            # the fp16 magic number, x split into the matching column quarters (the small tile) for four dots.
+            # 4096->11008 int4 g128 + r32 at M = 16 (sm_90 SASS, 64 x 128 tiles): 6.3 thread-instructions per base
+            # byte (11.0 before: 64-bit copies, bytes widened with 128 PRMT per 16 HMMA)
             group = rows * groups + k0 // BASE_GROUP  # [BN]
             words_ptr = base_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * tl.multiple_of(K // 8, 4)
             words = tl.load(words_ptr + (tl.multiple_of(k0 // 8, 8) + tl.arange(0, BLOCK_K // 8))[None, :])
@@ -464,7 +468,8 @@ def hybrid_tile_kernel(
             group = rows * groups + k0 // BASE_GROUP  # [BN]
             byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             # no mask: BLOCK_K divides the group (TILE_SCALE), which divides K
-            packed = tl.load(base_ptr + rows[:, None] * (K // 2) + byte_cols[None, :])  # [BN, BK/2]
+            # K % 32 == 0 (BLOCK_K >= 32 divides it): rows start 16-byte aligned (128-bit copies)
+            packed = tl.load(base_ptr + rows[:, None] * tl.multiple_of(K // 2, 16) + byte_cols[None, :])  # [BN, BK/2]
             lo, hi = int4_halves_fp16(packed)
             x_even, x_odd = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))  # [BM, BK/2] each
             partial = dot(x_even, tl.trans(lo), DOT_PRECISION, DOT_UPCAST) + \

@@ -202,14 +202,15 @@ def test_non_contiguous_base_is_refused_not_misread():
         hybrid_matmul(x, w._replace(base=strided))
 
 
-# The int4 base in quarters (hybrid_tile_kernel, fp16 x, K tiles of >= 64 columns dividing the base group; outputs
-# NaN-poisoned, random non-zero weights and x, hybrid_reference with the dtype's tolerances): the tile
-# read as 32-bit words, each word's nibbles made fp16 by the magic number 0x6400 (int4_quarters_fp16), x split into
-# the matching column quarters. (M, K, N): M = 1 and M = 16 (one whole 16-row block), M = 19 (a partial second
-# block); K = 3 tiles (not a power of two); N odd, past the last column block.
+# The int4 base in quarters (hybrid_tile_kernel, fp16 x, K tiles of >= 64 columns dividing the base group, M tiles of
+# up to 32 rows): the tile read as 32-bit words, each word's nibbles made fp16 by the magic number 0x6400
+# (int4_quarters_fp16), x split into the matching column quarters; "split-m64": 64-row M tiles, which take the halves
+# (int4_halves_fp16) at the same K tiles. Outputs NaN-poisoned, random non-zero weights and x, hybrid_reference with
+# the dtype's (atol, rtol). (M, K, N): M = 1 and M = 16 (one whole 16-row block), M = 19 (a partial second block);
+# K = 3 tiles (not a power of two); N odd, past the last column block.
 QUARTER_CASES = [
     pytest.param(path, block_k, base_group, m, k, n, id=f"{path}-bk{block_k}-g{base_group}-{m}x{k}x{n}")
-    for path in ("tensor-cores", "split")
+    for path in ("tensor-cores", "split", "split-m64")
     for block_k, base_group, k in ((64, 64, 192), (64, 128, 384), (128, 128, 384))
     for m, n in ((1, 37), (16, 72), (19, 45))
 ]
@@ -220,7 +221,10 @@ QUARTER_CASES = [
 def test_int4_base_in_quarters(path, block_k, base_group, m, k, n, dtype):
     w = make_weights(k, n, 3, 4, base_group, 8, 32, dtype, bias=n % 2 == 1, seed=m + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + n)).to(dtype).to(DEVICE)
-    config = dataclasses.replace(CONFIGS[path], block_k=block_k, block_n=64 if path == "tensor-cores" else 32)
+    if path == "split-m64":  # 64-row tiles: the halves (int4_halves_fp16) at the same K tiles
+        config = TileConfig("split", 64, 32, block_k, 16)
+    else:
+        config = dataclasses.replace(CONFIGS[path], block_k=block_k, block_n=64 if path == "tensor-cores" else 32)
     assert_close(run_poisoned(x, w, config), x, w)
 
 
