@@ -294,10 +294,15 @@ def hybrid_default_config(
     block_k = _tile_block(p, 64)
     if decode:
         # M <= 16 on tensor cores: 32 output features x 128-column K tiles, 2 warps, 4 stages (the static sweep on
-        # 4096->11008 int4 g128 + r32: 32 bytes per thread in flight, 14.1 estimated us against 26.2 for 64 x 64)
+        # 4096->11008 int4 g128 + r32: 32 bytes per thread in flight, 14.1 estimated us against 26.2 for 64 x 64).
+        # An int4 base (read as 32-bit words, dequantized in quarters: int4_quarters_fp16) takes 64 output features:
+        # 64 bytes per thread per stage, four 128-bit copies (LDGSTS.128), 6.3 insts per weight byte against 8.2 at
+        # 32 (the x quarters and the K-loop overhead shared by twice the rows), 11.47 estimated us against 11.52;
+        # 128 (86 CTAs for 132 SMs) estimates 11.36 but leaves a third of the SMs idle
+        block_n = 64 if p.base_bits == 4 else 32
         tile_k = _tile_block(p, 128)
         split_k = max(1, min(_cdiv(p.k, tile_k), _cdiv(WAVE_CTAS * num_sms, _cdiv(p.rank, 32))))
-        return TileConfig("decode", 16, 32, tile_k, 32, split_k, num_warps=2, expand_block_r=32, num_stages=4)
+        return TileConfig("decode", 16, block_n, tile_k, 32, split_k, num_warps=2, expand_block_r=32, num_stages=4)
     large = p.m >= 256
     return TileConfig("split", 128 if large else 64, 128 if large else 64, block_k, 32,
                       num_warps=8 if large else 4, num_stages=3)

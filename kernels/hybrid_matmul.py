@@ -19,7 +19,10 @@ epilogue, so phase 1 (r·in factor bytes against out·in·bits/8 base bytes) hid
   16-byte chunks of its rows (the low-rank phase-1 tile, utils.shrink_tile_cc), one cross-thread reduction per row.
 - hybrid_tile_kernel: tensor cores for everything else (M > 1, int3 and int2 bases, rows that are not whole 16-byte
   chunks): [BLOCK_M, BLOCK_N] output tiles, the base codes of each [BLOCK_N, BLOCK_K] tile exact in the activation
-  dtype, the group scale applied to the partial product when BLOCK_K divides the group (per element otherwise).
+  dtype, the group scale applied to the partial product when BLOCK_K divides the group (per element otherwise). An
+  int4 base meets fp16 x in quarters (utils.int4_quarters_fp16): its tile read as 32-bit words, each word shifted,
+  masked and OR-ed with the fp16 magic number (two values per 32-bit operation, already paired as the MMA operand
+  wants them), x split into the matching column quarters; the base's copies are 128 bits wide.
 """
 
 import triton
@@ -31,11 +34,13 @@ from .utils import (
     dequant_tile,
     dot,
     int4_halves_fp16,
+    int4_quarters_fp16,
     int8_lane,
     release_hidden,
     shrink_tile_cc,
     store_output,
     x_pair,
+    x_quarters,
 )
 
 
@@ -409,7 +414,7 @@ def _zero_point_phasesdot(x, base_ptr, rows, k0, K, zero, BASE_BITS: tl.constexp
 @triton.jit
 def hybrid_tile_kernel(
     x_ptr, base_ptr, base_scale_ptr, base_zero_ptr, hidden_ptr, up_ptr, up_scale_ptr, bias_ptr, y_ptr, ticket_ptr,
-    M, N, K, R, stride_xm, stride_ym, magic,
+    M, N, K, R, stride_xm, stride_ym, magic, magic16,
     BASE_BITS: tl.constexpr, BASE_GROUP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -419,8 +424,11 @@ def hybrid_tile_kernel(
     """y[m block, n block] = x · Q̂ᵀ + hidden · up_t + bias on tensor cores. grid = (cdiv(M, BM), cdiv(N, BN)).
 
     RELEASE_HIDDEN: hidden is the decode workspace (rows of one M block per ticket), re-zeroed after the last read.
-    HALVES: fp16 x: int4 nibbles dequantized in two halves (int4_halves_fp16), int2/int3 codes by column phase;
-    no interleave.
+    HALVES: fp16 x: int4 nibbles dequantized in four quarters from 32-bit words (int4_quarters_fp16: K tiles of 64
+    columns or more and M tiles of up to 32 rows, where x's quarter split costs little) or two halves from bytes
+    (int4_halves_fp16: 32-column K tiles and prefill tiles; at 128x128 the quarters spill), int2/int3 codes by column
+    phase; no interleave. Both read the int4 base in 128-bit copies.
+    magic16: 0x6400, the fp16 magic number (launch.MAGIC16).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -437,14 +445,31 @@ def hybrid_tile_kernel(
         k_offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m_offs[:, None] * stride_xm + k_offs[None, :],
                     mask=(m_offs[:, None] < M) & (k_offs < K)[None, :], other=0.0)  # [BM, BK]
-        if TILE_SCALE and BASE_BITS == 4 and HALVES:
+        if TILE_SCALE and BASE_BITS == 4 and HALVES and BLOCK_K >= 64 and BLOCK_M <= 32:
+            # int4 and fp16 x in quarters (int4_quarters_fp16): the tile read as 32-bit words (128-bit loads, K % 32
+            # == 0 here: BLOCK_K divides the group, which divides K), each word's lanes dequantized in place by
+            # the fp16 magic number, x split into the matching column quarters (the small tile) for four dots.
+            # 4096->11008 int4 g128 + r32 at M = 16 (sm_90 SASS, 64 x 128 tiles): 6.3 thread-instructions per base
+            # byte (11.0 before: 64-bit copies, bytes widened with 128 PRMT per 16 HMMA)
+            group = rows * groups + k0 // BASE_GROUP  # [BN]
+            words_ptr = base_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * tl.multiple_of(K // 8, 4)
+            words = tl.load(words_ptr + (tl.multiple_of(k0 // 8, 8) + tl.arange(0, BLOCK_K // 8))[None, :])
+            q0, q1, q2, q3 = int4_quarters_fp16(words, magic16)  # [BN, BK/4] each
+            x0, x1, x2, x3 = x_quarters(x)  # [BM, BK/4] each
+            partial = dot(x0, tl.trans(q0), DOT_PRECISION, DOT_UPCAST) + dot(x1, tl.trans(q1), DOT_PRECISION,
+                                                                              DOT_UPCAST)
+            partial += dot(x2, tl.trans(q2), DOT_PRECISION, DOT_UPCAST) + dot(x3, tl.trans(q3), DOT_PRECISION,
+                                                                               DOT_UPCAST)
+            acc += partial * tl.load(base_scale_ptr + group)[None, :]
+        elif TILE_SCALE and BASE_BITS == 4 and HALVES:
             # int4 and fp16 x: no nibble interleave. The even and odd columns of x meet the low and high nibbles in
             # two dots (a K permutation both sides share); splitting the small x tile is cheaper than interleaving
             # the weight tile.
             group = rows * groups + k0 // BASE_GROUP  # [BN]
             byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             # no mask: BLOCK_K divides the group (TILE_SCALE), which divides K
-            packed = tl.load(base_ptr + rows[:, None] * (K // 2) + byte_cols[None, :])  # [BN, BK/2]
+            # K % 32 == 0 (BLOCK_K >= 32 divides it): rows start 16-byte aligned (128-bit copies)
+            packed = tl.load(base_ptr + rows[:, None] * tl.multiple_of(K // 2, 16) + byte_cols[None, :])  # [BN, BK/2]
             lo, hi = int4_halves_fp16(packed)
             x_even, x_odd = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))  # [BM, BK/2] each
             partial = dot(x_even, tl.trans(lo), DOT_PRECISION, DOT_UPCAST) + \

@@ -25,6 +25,8 @@ from .configs import (
 FLOAT_FACTORS = 0  # the BITS constexpr of unquantized factors (the kernels' spelling of bits=None)
 # 2^23 as fp32 bits: the dequantization magic number, passed at run time (see kernels/lowrank_matmul.py)
 MAGIC = 0x4B000000
+# 1024 as fp16 bits: the fp16 magic number of int4_quarters_fp16 (kernels/utils.py), passed at run time as well
+MAGIC16 = 0x6400
 
 # Decode-path workspaces for eager calls: zero-filled fp32 buffers the kernels leave zeroed, one per
 # (device, stream, size bucket), reused so that no call pays for a memset. Graph capture allocates its own.
@@ -196,9 +198,10 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
         return out
     hybrid.hybrid_tile_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
         x2d, w.base, w.base_scale, zero, hidden, f.up_t, up_scale, bias, out, tickets, M, N, K, R, x2d.stride(0),
-        out.stride(0), MAGIC, BASE_BITS=w.base_bits, BASE_GROUP=w.base_group_size, BITS=bits, GROUP_SIZE=group,
-        HAS_BIAS=w.bias is not None, DOT_PRECISION=precision, DOT_UPCAST=dot_upcast, BLOCK_M=c.block_m,
-        BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_R=max(16, c.rows_per_expand_step), RELEASE_HIDDEN=decode,
+        out.stride(0), MAGIC, MAGIC16, BASE_BITS=w.base_bits, BASE_GROUP=w.base_group_size, BITS=bits,
+        GROUP_SIZE=group, HAS_BIAS=w.bias is not None, DOT_PRECISION=precision, DOT_UPCAST=dot_upcast,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_R=max(16, c.rows_per_expand_step),
+        RELEASE_HIDDEN=decode,
         WORDS=w.base_bits != 4 and K % 32 == 0 and c.block_k % 32 == 0,
         HALVES=x2d.dtype == torch.float16 and c.block_k >= 32,  # each half-tile dot needs K >= 16
         USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,

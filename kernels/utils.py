@@ -89,6 +89,42 @@ def int4_halves_fp16(packed):
 
 
 @triton.jit
+def _int4_quarter(words, J: tl.constexpr, magic):
+    """Quarter J of int4_quarters_fp16: [BN, W] words -> fp16 [BN, 2W]."""
+    v = ((words >> (4 * J)) & 0x000F000F) | magic  # two lanes: 1024 + 8 + q of columns 8i + J and 8i + 4 + J
+    pair = tl.join(v.to(tl.uint16), (v >> 16).to(tl.uint16))  # [BN, W, 2]
+    return pair.reshape(words.shape[0], 2 * words.shape[1]).to(tl.float16, bitcast=True) - 1032.0
+
+
+@triton.jit
+def int4_quarters_fp16(words, magic16):
+    """Exact fp16 q of int32 `words` [BN, W] of int4 nibbles (stored q + 8; nibble l of word i is column 8i + l), in
+    four quarters [BN, 2W]: quarter j holds columns 8i + j (at 2i) and 8i + 4 + j (at 2i + 1). One 32-bit word
+    shifted by 4j and masked (0x000F000F) holds both values of a quarter, each in one 16-bit lane: OR-ed with 1024's
+    fp16 bits 0x6400 (`magic16`: at that exponent the unit is 1) a lane is the fp16 1024 + 8 + q, and one exact fp16
+    subtraction of 1032 (HADD2, two lanes) gives q. No I2F, no byte extraction or repacking: the two lanes are the
+    pair of K-neighbours one 32-bit MMA operand register holds. `magic16` (0x6400) comes in at run time like
+    `magic` (a literal constant is re-materialized by ptxas); x meets each quarter through x_quarters (the same K
+    permutation on both dot operands)."""
+    magic = magic16 | (magic16 << 16)
+    return (_int4_quarter(words, 0, magic), _int4_quarter(words, 1, magic), _int4_quarter(words, 2, magic),
+            _int4_quarter(words, 3, magic))
+
+
+@triton.jit
+def x_quarters(x):
+    """x [BM, BK] -> its four [BM, BK/4] column quarters in int4_quarters_fp16's order: quarter j at 2i + h holds
+    column 8i + 4h + j (a K permutation both dot operands share)."""
+    x5 = x.reshape(x.shape[0], x.shape[1] // 8, 2, 2, 2)  # column 8i + 4h + 2a + b
+    b0, b1 = tl.split(x5)  # [BM, W, 2 (h), 2 (a)]
+    j0, j2 = tl.split(b0)  # [BM, W, 2 (h)]
+    j1, j3 = tl.split(b1)
+    n: tl.constexpr = x.shape[1] // 4
+    return (j0.reshape(x.shape[0], n), j1.reshape(x.shape[0], n), j2.reshape(x.shape[0], n),
+            j3.reshape(x.shape[0], n))
+
+
+@triton.jit
 def dequant_tile(ptr, rows, col0, col_hi, FEATURES, magic, BITS: tl.constexpr, BLOCK_C: tl.constexpr,
                  MASKED: tl.constexpr, OUT_DTYPE: tl.constexpr = tl.float32):
     """Stored values of factor rows `rows` [BR, 1], columns col0 .. col0 + BLOCK_C (masked at col_hi when

@@ -200,3 +200,51 @@ def test_non_contiguous_base_is_refused_not_misread():
     x = torch.randn(1, 64).half().to(DEVICE)
     with pytest.raises(ValueError, match="base must be contiguous"):
         hybrid_matmul(x, w._replace(base=strided))
+
+
+# The int4 base in quarters (hybrid_tile_kernel, fp16 x, K tiles of >= 64 columns dividing the base group, M tiles of
+# up to 32 rows): the tile read as 32-bit words, each word's nibbles made fp16 by the magic number 0x6400
+# (int4_quarters_fp16), x split into the matching column quarters; "split-m64": 64-row M tiles, which take the halves
+# (int4_halves_fp16) at the same K tiles. Outputs NaN-poisoned, random non-zero weights and x, hybrid_reference with
+# the dtype's (atol, rtol). (M, K, N): M = 1 and M = 16 (one whole 16-row block), M = 19 (a partial second block);
+# K = 3 tiles (not a power of two); N odd, past the last column block.
+QUARTER_CASES = [
+    pytest.param(path, block_k, base_group, m, k, n, id=f"{path}-bk{block_k}-g{base_group}-{m}x{k}x{n}")
+    for path in ("tensor-cores", "split", "split-m64")
+    for block_k, base_group, k in ((64, 64, 192), (64, 128, 384), (128, 128, 384))
+    for m, n in ((1, 37), (16, 72), (19, 45))
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # bf16: the same tiles, not in quarters
+@pytest.mark.parametrize("path,block_k,base_group,m,k,n", QUARTER_CASES)
+def test_int4_base_in_quarters(path, block_k, base_group, m, k, n, dtype):
+    w = make_weights(k, n, 3, 4, base_group, 8, 32, dtype, bias=n % 2 == 1, seed=m + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + n)).to(dtype).to(DEVICE)
+    if path == "split-m64":  # 64-row tiles: the halves (int4_halves_fp16) at the same K tiles
+        config = TileConfig("split", 64, 32, block_k, 16)
+    else:
+        config = dataclasses.replace(CONFIGS[path], block_k=block_k, block_n=64 if path == "tensor-cores" else 32)
+    assert_close(run_poisoned(x, w, config), x, w)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_int4_base_in_quarters_is_exact(m):
+    """Every nibble value in every lane of a word and every quarter, at unit scales, against integer x: the products'
+    sums are integers below 2048, exact in fp16, so the kernel must match the integer result bit for bit (a wrong
+    lane, quarter or K permutation, or an inexact magic-number step, moves it by at least 1)."""
+    k, n = 192, 40
+    codes = torch.arange(n * k, dtype=torch.int64).reshape(n, k) * 7 % 16  # stored q + 8: every value 0..15
+    codes[::3] = codes[::3].flip(1)  # the order within the words differs row to row
+    w = make_weights(k, n, 2, 4, 64, 8, 32, torch.float16, bias=False, seed=9)
+    base = (codes[:, 0::2] | codes[:, 1::2] << 4).to(torch.uint8)  # column 2j low nibble, 2j + 1 high
+    correction = w.correction._replace(up_t=torch.zeros_like(w.correction.up_t))  # no correction term
+    w = w._replace(base=base.to(DEVICE), base_scale=torch.ones_like(w.base_scale), correction=correction)
+    x = torch.randint(-1, 2, (m, k), generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
+    x[:, :8] = 1  # non-zero
+    exact = (x.double().cpu() @ (codes - 8).double().t()).half()  # |sums| <= 192 * 8: exact in fp16
+    assert exact.abs().max() > 0
+    config = dataclasses.replace(CONFIGS["tensor-cores"], block_k=64, block_n=64)
+    y = run_poisoned(x, w, config)
+    torch.testing.assert_close(y.cpu(), exact, atol=0, rtol=0)
+    torch.testing.assert_close(y.cpu(), hybrid_reference(x, w).cpu(), atol=0, rtol=0)

@@ -126,3 +126,5 @@ def test_static_targets_hold_for_the_default_configs(tmp_path):
             assert f"{name}: {kernel} loop 1 >= 4 weight loads before first use" in passed
             assert f"{name}: {kernel} loop 1 >= 16 KB (or all it reads) in flight per SM" in passed
     assert "1600->6400 r=400 int8 M=1: plan ESTIMATE (CUDA graphs, PDL) <= 5.0 us" in passed
+    # the M = 16 hybrid: int4 base in quarters, 128-bit copies, <= 8 insts per weight byte, plan ESTIMATE <= 12 us
+    assert set(targets.M16_TARGETS) <= passed, sorted(set(targets.M16_TARGETS) - passed)

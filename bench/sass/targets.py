@@ -38,12 +38,12 @@ KNOWN_MISSES = (
     "4096->11008 r=1024 int8 M=1: plan ESTIMATE (CUDA graphs, PDL) <= 7.0 us",
     "4096->11008 r=1024 int4 g128 M=1: plan ESTIMATE (CUDA graphs, PDL) <= 5.5 us",
     f"{_H1}: plan ESTIMATE (CUDA graphs, PDL) <= 11.0 us",
-    # issue 20's Marlin-style M <= 16 hybrid base layout was not reached: the base still goes through shared memory in
-    # 64-bit copies with PRMT-heavy dequantization
-    f"{_H16}: base loop insts/weight byte <= 8.0",
-    f"{_H16}: base loop weight loads 128 bits",
-    f"{_H16}: plan ESTIMATE (CUDA graphs, PDL) <= 12.0 us",
 )
+# The M = 16 hybrid's targets (base loop insts/weight byte, 128-bit base loads, plan ESTIMATE) hold since the int4 base
+# is read as 32-bit words and dequantized in quarters (kernels/utils.py int4_quarters_fp16); the slow test asserts them.
+M16_TARGETS = (f"{_H16}: base loop insts/weight byte <= {M16_BASE_IPB_LIMIT}",
+               f"{_H16}: base loop weight loads 128 bits",
+               f"{_H16}: plan ESTIMATE (CUDA graphs, PDL) <= {PLAN_TARGET_US[hybrid_spec(16, 4096, 11008, 4)]} us")
 
 
 def _records(records: list[dict], s: Spec) -> list[dict]:
