@@ -260,6 +260,16 @@ def _needs_measuring(config: LowRankConfig) -> bool:
     return config.budget is not None or config.energy is not None
 
 
+def _split(config: LowRankConfig) -> bool:
+    """Calibration keeps the held-out halves of each Gram (shrinkage chosen on held-out tokens)."""
+    return config.shrinkage == "heldout"
+
+
+def _prepare(name: str, module: nn.Module, stats: GramStats, config: LowRankConfig):
+    """The format's calibration state of one layer (its `prepare`, given the weight to score shrinkage with)."""
+    return config.weight_format.prepare(stats, layer_config(name, module, config), name, dense_weight(module).detach())
+
+
 def _compress_one_pass(model, layers, config: LowRankConfig, calibration, progress: bool, head) -> list[LayerReport]:
     """Every layer in one pass: with calibration Grams (config.needs_grams), all of them come from one pass over
     the dense model (collect_grams); the block-by-block alternative is _compress_sequential."""
@@ -267,10 +277,10 @@ def _compress_one_pass(model, layers, config: LowRankConfig, calibration, progre
     states: dict[str, object] = {name: fmt.prepare(None, config, name) for name in layers}
     tokens: dict[str, int] = {}
     if config.needs_grams:
-        stats = collect_grams(model, layers, calibration, progress)
-        for name in layers:
+        stats = collect_grams(model, layers, calibration, progress, split=_split(config))
+        for name, module in layers.items():
             tokens[name] = stats[name].tokens
-            states[name] = fmt.prepare(stats.pop(name), config, name)
+            states[name] = _prepare(name, module, stats.pop(name), config)
     measured = {}
     if _needs_measuring(config):
         measured = {
@@ -298,20 +308,21 @@ def _compress_sequential(model, layers, config: LowRankConfig, calibration, prog
 
         def measure(group: dict[str, nn.Module], stats: dict[str, GramStats]) -> None:
             for name, module in group.items():
-                state = fmt.prepare(stats.pop(name), config, name)
+                state = _prepare(name, module, stats.pop(name), config)
                 measured[name] = fmt.measure(dense_weight(module), state, layer_config(name, module, config), name)
 
-        calibrate_blockwise(model, layers, calibration, measure, progress, "spectra", warn=False)
+        calibrate_blockwise(model, layers, calibration, measure, progress, "spectra", warn=False,
+                            split=_split(config))
     ranks = dict(zip(layers, _choose_ranks(layers, config, measured, depth=1), strict=True))
     rows: dict[str, LayerReport] = {}
 
     def compress(group: dict[str, nn.Module], stats: dict[str, GramStats]) -> None:
         for name, module in group.items():
             layer_stats = stats.pop(name)
-            state = fmt.prepare(layer_stats, config, name)
+            state = _prepare(name, module, layer_stats, config)
             rows[name] = _compress_layer(model, name, module, ranks[name], state, config, layer_stats.tokens, head)
 
-    calibrate_blockwise(model, layers, calibration, compress, progress, "compressing blocks")
+    calibrate_blockwise(model, layers, calibration, compress, progress, "compressing blocks", split=_split(config))
     return [rows[name] for name in layers]
 
 

@@ -10,9 +10,12 @@ import torch
 
 from triton_lowrank.core.calibration import GramStats
 from triton_lowrank.core.factorize import (
+    FitError,
     allocate_budget,
+    layer_gram,
+    metric_error,
     relative_error_of,
-    shrunk_gram,
+    scoring_rank,
     spectrum,
     truncated_factors,
     whitening_cholesky,
@@ -46,18 +49,33 @@ def fixed_bytes_label(config) -> str:
     return "rank 1 in every layer"
 
 
-def whitening(stats: GramStats | None, config, name: str) -> torch.Tensor | None:
-    """Lower Cholesky factor of the layer's Gram matrix, shrunk as `config.shrinkage` says; None (plain SVD)
-    without calibration, or for a layer whose calibration inputs were all zero (say, after an all-zero layer):
-    any factors give zero activation error on such data, so whitening has nothing to weigh."""
+def whitening(stats: GramStats | None, config, name: str, weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Lower Cholesky factor of the layer's Gram matrix, shrunk as `config.shrinkage` says ("heldout" scores the
+    truncation of `weight` [out, in], see heldout_error); None (plain SVD) without calibration, or for a layer whose
+    calibration inputs were all zero (say, after an all-zero layer): any factors give zero activation error on such
+    data, so whitening has nothing to weigh."""
     if stats is None:
         return None
     if not stats.gram.diagonal().sum() > 0:
         warnings.warn(f"{name}: calibration gave this layer only zero inputs; it is factorized by plain SVD",
                       UserWarning, stacklevel=5)
         return None
-    gram, _ = shrunk_gram(stats, config.shrinkage)
+    fit_error = None if weight is None else heldout_error(weight, config, name)
+    gram, _ = layer_gram(stats, config.shrinkage, fit_error)
     return whitening_cholesky(gram, config.damping, name)
+
+
+def heldout_error(weight: torch.Tensor, config, name: str) -> FitError:
+    """What shrinkage="heldout" scores each α by: the whitened truncated SVD of `weight` at the rank the config
+    implies for it (factorize.scoring_rank), in unquantized factors, fitted with one half's shrunk Gram, its error
+    tr(E·S_heldout·Eᵀ) in the other half's metric."""
+    rank = scoring_rank(weight, config, rank_bytes)
+
+    def fit_error(gram: torch.Tensor, held_gram: torch.Tensor) -> float:
+        up, down = truncated_factors(weight, rank, whitening_cholesky(gram, config.damping, name))
+        return metric_error(weight, up.double() @ down.double(), held_gram)
+
+    return fit_error
 
 
 def measure(weight: torch.Tensor, chol: torch.Tensor | None, config, name: str) -> tuple[torch.Tensor, None]:
