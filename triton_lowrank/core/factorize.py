@@ -40,13 +40,14 @@ def _ledoit_wolf(s: torch.Tensor, stats: GramStats) -> float:
 
 def shrunk_gram(stats: GramStats, shrinkage: float | str) -> tuple[torch.Tensor, float]:
     """((1 - α)·S + α·μI [in, in] float64, α), S = XᵀX / n; `shrinkage` is α or "auto" (Ledoit–Wolf).
-    ("heldout" needs the layer's fit: layer_gram.)
+    "heldout" is Ledoit–Wolf here: choosing α on held-out tokens needs the layer's fit (heldout_shrinkage, which
+    compress_model runs first and passes the α it chose).
 
     Whitening with a multiple of I leaves the truncation plain SVD's, so α = 1 is plain SVD and α between
     0 and 1 moves from the calibration-optimal truncation (SVD-LLM) toward it.
     """
     s = stats.gram.double() / max(stats.tokens, 1)  # [in, in]; in place from here: GPT-2 XL's is 330 MB
-    alpha = _ledoit_wolf(s, stats) if shrinkage == "auto" else float(shrinkage)
+    alpha = _ledoit_wolf(s, stats) if shrinkage in ("auto", "heldout") else float(shrinkage)
     mu = s.diagonal().mean().item()
     s.mul_(1 - alpha).diagonal().add_(alpha * mu)
     return s, alpha
@@ -90,15 +91,6 @@ def heldout_shrinkage(stats: GramStats, fit_error: FitError) -> float:
     errors = heldout_errors(stats, fit_error)
     best = min(errors, key=lambda alpha: (errors[alpha], -alpha))
     return best if math.isfinite(errors[best]) else shrinkage_strength(stats)
-
-
-def layer_gram(stats: GramStats, shrinkage: float | str, fit_error: FitError | None = None
-               ) -> tuple[torch.Tensor, float]:
-    """shrunk_gram of all the tokens, with α chosen by heldout_shrinkage when `shrinkage` is "heldout" (Ledoit–Wolf
-    without halves or without a fit to score)."""
-    if shrinkage == "heldout":
-        shrinkage = shrinkage_strength(stats) if fit_error is None else heldout_shrinkage(stats, fit_error)
-    return shrunk_gram(stats, shrinkage)
 
 
 def scoring_rank(weight: torch.Tensor, config, rank_bytes: Callable) -> int:

@@ -126,9 +126,9 @@ class WeightFormat:
     check_layer: Callable | None = None  # (name, out_features, in_features, config) -> None, raises
     rank_bytes: Callable | None = None  # (out, in, config, float_bytes) -> (bytes per rank, bytes before any rank)
     fixed_bytes_label: Callable | None = None  # (config) -> what a budget must hold at least, in words
-    # (GramStats | None, config, name, weight [out, in]) -> calibration state of one layer; the weight lets
-    # shrinkage="heldout" score its fit
-    prepare: Callable | None = None
+    prepare: Callable | None = None  # (GramStats | None, config, name) -> calibration state of one layer
+    # (weight [out, in], config, name) -> factorize.FitError: how shrinkage="heldout" scores an α on this layer
+    heldout_error: Callable | None = None
     measure: Callable | None = None  # (weight, state, config, name) -> (spectrum, normalizer or None)
     allocate: Callable | None = None  # (spectra, normalizers, bytes per rank, bytes for ranks) -> ranks
     fit: Callable | None = None  # (weight, bias, rank, state, config, dtype, name, kind) -> (layer, rel. error)

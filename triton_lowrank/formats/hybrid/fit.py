@@ -38,10 +38,10 @@ from triton_lowrank.core.calibration import GramStats
 from triton_lowrank.core.factorize import (
     FitError,
     allocate_budget,
-    layer_gram,
     metric_error,
     relative_error_of,
     scoring_rank,
+    shrunk_gram,
     spectrum,
     truncated_factors,
     whitening_cholesky,
@@ -351,14 +351,11 @@ def fixed_bytes_label(config) -> str:
     return f"the int{config.base_bits} bases (group {group}) and a rank-1 correction per layer"
 
 
-def calibration_gram(stats: GramStats | None, config, name: str, weight: torch.Tensor | None = None
-                     ) -> torch.Tensor | None:
+def calibration_gram(stats: GramStats | None, config, name: str) -> torch.Tensor | None:
     """The Gram matrix a hybrid fit uses (GPTQ's Hessian and the correction's whitening), shrunk as
-    config.shrinkage says ("heldout" scores the hybrid fit of `weight` [out, in], see heldout_error); None without
-    calibration."""
-    if stats is None:
-        return None
-    return layer_gram(stats, config.shrinkage, None if weight is None else heldout_error(weight, config, name))[0]
+    config.shrinkage says (compress_model has replaced "heldout" by the α it chose with heldout_error); None
+    without calibration."""
+    return None if stats is None else shrunk_gram(stats, config.shrinkage)[0]
 
 
 def heldout_error(weight: torch.Tensor, config, name: str) -> FitError:

@@ -12,10 +12,10 @@ from triton_lowrank.core.calibration import GramStats
 from triton_lowrank.core.factorize import (
     FitError,
     allocate_budget,
-    layer_gram,
     metric_error,
     relative_error_of,
     scoring_rank,
+    shrunk_gram,
     spectrum,
     truncated_factors,
     whitening_cholesky,
@@ -49,19 +49,18 @@ def fixed_bytes_label(config) -> str:
     return "rank 1 in every layer"
 
 
-def whitening(stats: GramStats | None, config, name: str, weight: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Lower Cholesky factor of the layer's Gram matrix, shrunk as `config.shrinkage` says ("heldout" scores the
-    truncation of `weight` [out, in], see heldout_error); None (plain SVD) without calibration, or for a layer whose
-    calibration inputs were all zero (say, after an all-zero layer): any factors give zero activation error on such
-    data, so whitening has nothing to weigh."""
+def whitening(stats: GramStats | None, config, name: str) -> torch.Tensor | None:
+    """Lower Cholesky factor of the layer's Gram matrix, shrunk as `config.shrinkage` says (compress_model has
+    replaced "heldout" by the α it chose with heldout_error); None (plain SVD) without calibration, or for a layer
+    whose calibration inputs were all zero (say, after an all-zero layer): any factors give zero activation error
+    on such data, so whitening has nothing to weigh."""
     if stats is None:
         return None
     if not stats.gram.diagonal().sum() > 0:
         warnings.warn(f"{name}: calibration gave this layer only zero inputs; it is factorized by plain SVD",
-                      UserWarning, stacklevel=5)
+                      UserWarning, stacklevel=6)
         return None
-    fit_error = None if weight is None else heldout_error(weight, config, name)
-    gram, _ = layer_gram(stats, config.shrinkage, fit_error)
+    gram, _ = shrunk_gram(stats, config.shrinkage)
     return whitening_cholesky(gram, config.damping, name)
 
 
