@@ -107,10 +107,11 @@ def hybrid_rows(task: Task, gptq: list[dict], extra: float, compare_auto: bool) 
     return rows
 
 
-def markdown(sections, environment, notes) -> str:
+def markdown(sections, environments, notes) -> str:
+    runs = "; ".join(f"{e['machine']}, torch {e['torch']}, {e['total_s']:.0f} s" for e in environments)
     out = ["# Calibration from another domain than the use (MiniLM)", "",
-           f"Machine: {environment['machine']}, torch {environment['torch']}; total {environment['total_s']:.0f} s. "
-           "Evaluated: mean sentence-embedding cosine vs dense (higher is better) on the 128 held-out everyday "
+           f"Machine (per run, runs side by side on a shared 2-core machine): {runs}.",
+           "", "Evaluated: mean sentence-embedding cosine vs dense (higher is better) on the 128 held-out everyday "
            "sentences. Bytes = codes + float32 scales + uint8 zeros + factors (bias excluded) / fp16 bytes of the "
            "same layers.", "", "## Findings", ""]
     out += [f"- {line}" for line in notes]
@@ -149,6 +150,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra", type=float, default=0.03, help="the hybrid's second point: GPTQ's bytes + this")
     p.add_argument("--compare-auto", action="store_true", help="also the hybrid with shrinkage 'auto' at equal bytes")
     p.add_argument("--no-hybrid", action="store_true", help="only the low-rank rows")
+    p.add_argument("--no-lowrank", action="store_true", help="only the GPTQ and hybrid rows")
+    p.add_argument("--merge", type=Path, nargs="+", help="write the report from these runs' JSON files (a --no-hybrid "
+                   "and a --no-lowrank run side by side on two cores), measuring nothing")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads")
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
@@ -156,13 +160,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     start = time.perf_counter()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", "calibration saw fewer tokens")  # 500 tokens: shown in the table instead
     technical = technical_sentences()
     lowrank, gptq, hybrid = [], [], []
-    for sentences, label in ((technical, "technical"), (None, "everyday")):
+    for sentences, label in () if args.no_lowrank else ((technical, "technical"), (None, "everyday")):
         task = minilm_task(args.lowrank_tokens, sentences, label)
         print(f"{task.name}: {task.calib_tokens} real calibration tokens", flush=True)
         lowrank += lowrank_rows(task, args.budget)
@@ -171,19 +177,29 @@ def main(argv=None) -> None:
         print(f"{task.name}: {task.calib_tokens} real calibration tokens", flush=True)
         gptq = gptq_rows(task)
         hybrid = hybrid_rows(task, gptq, args.extra, args.compare_auto)
-    notes = findings(lowrank, hybrid, gptq)
     environment = {"machine": f"{platform.machine()} CPU ({torch.get_num_threads()} torch thread(s))",
                    "torch": torch.__version__, "total_s": time.perf_counter() - start,
                    "lowrank_tokens_asked": args.lowrank_tokens, "hybrid_tokens_asked": args.hybrid_tokens}
-    sections = [("Low rank, int4, budget " + str(args.budget), lowrank)]
-    if not args.no_hybrid:
-        sections.append(("Hybrid vs GPTQ, technical calibration", gptq + hybrid))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "shifted_domain.json").write_text(json.dumps(
-        {"environment": environment, "findings": notes, "rows": lowrank + gptq + hybrid}, indent=2) + "\n")
-    (args.out / "shifted_domain.md").write_text(markdown(sections, environment, notes))
+    write(args.out, lowrank, gptq, hybrid, [environment])
+
+
+def write(out: Path, lowrank, gptq, hybrid, environments) -> None:
+    notes = findings(lowrank, hybrid, gptq)
+    sections = [(title, rows) for title, rows in (("Low rank, int4", lowrank),
+                                                  ("Hybrid vs GPTQ, technical calibration", gptq + hybrid)) if rows]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shifted_domain.json").write_text(json.dumps(
+        {"environments": environments, "findings": notes, "rows": lowrank + gptq + hybrid}, indent=2) + "\n")
+    (out / "shifted_domain.md").write_text(markdown(sections, environments, notes))
     print("\n".join(notes))
-    print(f"total {environment['total_s']:.0f} s; wrote {args.out}")
+    print(f"wrote {out}")
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    runs = [json.loads(p.read_text()) for p in paths]
+    rows = [r for run in runs for r in run["rows"]]
+    write(out, [r for r in rows if r["family"] == "lowrank"], [r for r in rows if r["family"] == "gptq"],
+          [r for r in rows if r["family"] == "hybrid"], [e for run in runs for e in run["environments"]])
 
 
 if __name__ == "__main__":

@@ -65,14 +65,17 @@ def whitening(stats: GramStats | None, config, name: str) -> torch.Tensor | None
 
 
 def heldout_error(weight: torch.Tensor, config, name: str) -> FitError:
-    """What shrinkage="heldout" scores each α by: the whitened truncated SVD of `weight` at the rank the config
-    implies for it (factorize.scoring_rank), in unquantized factors, fitted with one half's shrunk Gram, its error
-    tr(E·S_heldout·Eᵀ) in the other half's metric."""
+    """What shrinkage="heldout" scores each α by: this format's fit of `weight` (the whitened truncated SVD at the rank
+    the config implies for it, factorize.scoring_rank, stored as `fit` stores it: quantized with error feedback in
+    the same metric) with one half's shrunk Gram, its error tr(E·S_heldout·Eᵀ) in the other half's metric. The
+    storage counts: near full rank the truncation alone is exact for every α."""
     rank = scoring_rank(weight, config, rank_bytes)
 
     def fit_error(gram: torch.Tensor, held_gram: torch.Tensor) -> float:
-        up, down = truncated_factors(weight, rank, whitening_cholesky(gram, config.damping, name))
-        return metric_error(weight, up.double() @ down.double(), held_gram)
+        chol = whitening_cholesky(gram, config.damping, name)
+        up, down = truncated_factors(weight, rank, chol)  # [out, r], [r, in]
+        down_q, up_t = dequantized_factors(store_factors(weight, up, down, None, config, chol, torch.float32))
+        return metric_error(weight, up_t.double().t() @ down_q.double(), held_gram)
 
     return fit_error
 
