@@ -16,6 +16,12 @@ Rows (every compressible layer, 37 nn.Linear with the pooler; bytes as hybrid_qu
   technical text.
 
     .venv/bin/python bench/shifted_domain.py     # writes bench/results/hybrid/shifted_domain.{json,md}
+
+The recorded table ran its two parts side by side (~12 and ~16 min on the busy 2-core machine) and merged them:
+
+    .venv/bin/python bench/shifted_domain.py --no-hybrid --out /tmp/lr
+    .venv/bin/python bench/shifted_domain.py --no-lowrank --compare-auto --out /tmp/hy
+    .venv/bin/python bench/shifted_domain.py --merge /tmp/lr/shifted_domain.json /tmp/hy/shifted_domain.json
 """
 
 from __future__ import annotations
@@ -107,6 +113,24 @@ def hybrid_rows(task: Task, gptq: list[dict], extra: float, compare_auto: bool) 
     return rows
 
 
+CAVEATS = [
+    "Fit seconds were measured on a shared, busy 2-core machine, two runs side by side: compare them only within a "
+    "table, roughly. \"heldout\" fits each layer ten more times on half the tokens (once per layer: the sequential "
+    "measuring pass's α is kept): here 4-8x the fit time of \"auto\".",
+    "GPTQ rows: the bench's baseline (hybrid_quality.py), GPTQ on the raw calibration Gram of the dense model, damping "
+    "0.01, one pass. Hybrid rows: compress_model at the package defaults (sequential calibration, order \"auto\", "
+    "error feedback), the budget allocated across layers so that the bytes equal GPTQ g64's, or 0.03 of the fp16 "
+    "bytes more.",
+    "Held-out halves come from the calibration text itself: they measure how noisy a few hundred tokens are, not how "
+    "far the use is from them. With many calibration tokens of a really different distribution both halves agree, α "
+    "goes to 0 and whitening can still fall below plain SVD (a synthetic check with 6 spurious calibration directions "
+    "did: held-out chose α = 0.2 at 32-96 tokens for 64 features, about 7% more output error than plain SVD on the use). A blend of "
+    "calibration sources was not tried.",
+    "Not measured (time): the hybrid with 500 calibration tokens, and the hybrid with everyday (same-domain) "
+    "calibration beside these rows (bench/results/hybrid/hybrid_quality.md has it at 20k tokens, shrinkage \"auto\").",
+]
+
+
 def markdown(sections, environments, notes) -> str:
     runs = "; ".join(f"{e['machine']}, torch {e['torch']}, {e['total_s']:.0f} s" for e in environments)
     out = ["# Calibration from another domain than the use (MiniLM)", "",
@@ -115,6 +139,7 @@ def markdown(sections, environments, notes) -> str:
            "sentences. Bytes = codes + float32 scales + uint8 zeros + factors (bias excluded) / fp16 bytes of the "
            "same layers.", "", "## Findings", ""]
     out += [f"- {line}" for line in notes]
+    out += ["", "## Notes", ""] + [f"- {line}" for line in CAVEATS]
     for title, rows in sections:
         out += ["", f"## {title}", "",
                 "| family | format | calibration | real tokens | bytes / fp16 | cosine | fit s |",
