@@ -124,8 +124,8 @@ CAVEATS = [
     "Held-out halves come from the calibration text itself: they measure how noisy a few hundred tokens are, not how "
     "far the use is from them. With many calibration tokens of a really different distribution both halves agree, α "
     "goes to 0 and whitening can still fall below plain SVD (a synthetic check with 6 spurious calibration directions "
-    "did: held-out chose α = 0.2 at 32-96 tokens for 64 features, about 7% more output error than plain SVD on the use). A blend of "
-    "calibration sources was not tried.",
+    "did: held-out chose α = 0.2 at 32-96 tokens for 64 features, about 7% more output error than plain SVD on the "
+    "use). A blend of calibration sources was not tried.",
     "Not measured (time): the hybrid with 500 calibration tokens, and the hybrid with everyday (same-domain) "
     "calibration beside these rows (bench/results/hybrid/hybrid_quality.md has it at 20k tokens, shrinkage \"auto\").",
 ]
