@@ -144,7 +144,7 @@ def test_cholesky_damping_is_bounded_and_refuses_nan():
     assert torch.isfinite(chol).all()
     with pytest.raises(ValueError, match="damping must be > 0 and finite"):
         LowRankConfig(rank=4, damping=math.nan)
-    with pytest.raises(ValueError, match="shrinkage must be 'auto' or a number in"):
+    with pytest.raises(ValueError, match="shrinkage must be 'heldout', 'auto' or a number in"):
         LowRankConfig(rank=4, shrinkage=1.5)
 
 

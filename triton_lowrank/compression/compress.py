@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatchcase
 
 import torch
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from triton_lowrank.compression.sequential import calibrate_blockwise, find_blocks
 from triton_lowrank.core.calibration import TOKENS_PER_FEATURE, GramStats, collect_grams
 from triton_lowrank.core.config import OUTPUT_HEAD, LowRankConfig
-from triton_lowrank.core.factorize import rank_for_energy
+from triton_lowrank.core.factorize import heldout_shrinkage, rank_for_energy, shrinkage_strength
 from triton_lowrank.core.format import DENSE_KINDS, FLOAT_DTYPES, compressed_layers, dense_weight, untie_head
 from triton_lowrank.core.nbytes import dense_fp16_bytes, tensor_bytes
 
@@ -260,17 +260,37 @@ def _needs_measuring(config: LowRankConfig) -> bool:
     return config.budget is not None or config.energy is not None
 
 
+def _split(config: LowRankConfig) -> bool:
+    """Calibration keeps the held-out halves of each Gram (shrinkage chosen on held-out tokens)."""
+    return config.shrinkage == "heldout"
+
+
+def _prepare(name: str, module: nn.Module, stats: GramStats, config: LowRankConfig, alphas: dict[str, float]):
+    """The format's calibration state of one layer (its `prepare`). With shrinkage "heldout" the layer's α is chosen
+    first (factorize.heldout_shrinkage on the format's `heldout_error` of this weight) and kept in `alphas`: a layer
+    already there (the sequential measuring pass chose it) keeps its α."""
+    fmt, layer = config.weight_format, layer_config(name, module, config)
+    if config.shrinkage == "heldout":
+        if name not in alphas:
+            fit_error = None if fmt.heldout_error is None else fmt.heldout_error(dense_weight(module).detach(), layer,
+                                                                                  name)
+            alphas[name] = shrinkage_strength(stats) if fit_error is None else heldout_shrinkage(stats, fit_error)
+        layer = replace(layer, shrinkage=alphas[name])
+    return fmt.prepare(stats, layer, name)
+
+
 def _compress_one_pass(model, layers, config: LowRankConfig, calibration, progress: bool, head) -> list[LayerReport]:
     """Every layer in one pass: with calibration Grams (config.needs_grams), all of them come from one pass over
     the dense model (collect_grams); the block-by-block alternative is _compress_sequential."""
     fmt = config.weight_format
     states: dict[str, object] = {name: fmt.prepare(None, config, name) for name in layers}
     tokens: dict[str, int] = {}
+    alphas: dict[str, float] = {}
     if config.needs_grams:
-        stats = collect_grams(model, layers, calibration, progress)
-        for name in layers:
+        stats = collect_grams(model, layers, calibration, progress, split=_split(config))
+        for name, module in layers.items():
             tokens[name] = stats[name].tokens
-            states[name] = fmt.prepare(stats.pop(name), config, name)
+            states[name] = _prepare(name, module, stats.pop(name), config, alphas)
     measured = {}
     if _needs_measuring(config):
         measured = {
@@ -294,24 +314,28 @@ def _compress_sequential(model, layers, config: LowRankConfig, calibration, prog
     fmt = config.weight_format
     calibration = list(calibration)  # run twice: a generator would be empty the second time
     measured: dict[str, tuple[torch.Tensor, float | None]] = {}
+    # shrinkage="heldout": each layer's α, chosen once, on the dense blocks' inputs when a measuring pass runs
+    alphas: dict[str, float] = {}
     if _needs_measuring(config):
 
         def measure(group: dict[str, nn.Module], stats: dict[str, GramStats]) -> None:
             for name, module in group.items():
-                state = fmt.prepare(stats.pop(name), config, name)
+                state = _prepare(name, module, stats.pop(name), config, alphas)
                 measured[name] = fmt.measure(dense_weight(module), state, layer_config(name, module, config), name)
 
-        calibrate_blockwise(model, layers, calibration, measure, progress, "spectra", warn=False)
+        calibrate_blockwise(model, layers, calibration, measure, progress, "spectra", warn=False,
+                            split=_split(config))
     ranks = dict(zip(layers, _choose_ranks(layers, config, measured, depth=1), strict=True))
     rows: dict[str, LayerReport] = {}
 
     def compress(group: dict[str, nn.Module], stats: dict[str, GramStats]) -> None:
         for name, module in group.items():
             layer_stats = stats.pop(name)
-            state = fmt.prepare(layer_stats, config, name)
+            state = _prepare(name, module, layer_stats, config, alphas)
             rows[name] = _compress_layer(model, name, module, ranks[name], state, config, layer_stats.tokens, head)
 
-    calibrate_blockwise(model, layers, calibration, compress, progress, "compressing blocks")
+    calibrate_blockwise(model, layers, calibration, compress, progress, "compressing blocks",
+                        split=_split(config) and not alphas)
     return [rows[name] for name in layers]
 
 

@@ -118,8 +118,10 @@ def calibrate_blockwise(
     progress: bool = True,
     desc: str = "calibrating blocks",
     warn: bool = True,
+    split: bool = False,
 ) -> None:
-    """Call `visit` on each block's selected layers with their statistics, block by block (module doc)."""
+    """Call `visit` on each block's selected layers with their statistics, block by block (module doc);
+    split: the statistics carry their held-out halves too (GramStats.half)."""
     found = find_blocks(model, layers)
     if found is None:
         raise ValueError("sequential calibration found no nn.ModuleList of transformer blocks holding the layers")
@@ -132,7 +134,7 @@ def calibrate_blockwise(
             prefix = f"{blocks_name}.{index}."
             block_layers = {n: m for n, m in layers.items() if n.startswith(prefix)}
             if block_layers:
-                with GramCollector(block_layers) as collector:
+                with GramCollector(block_layers, split) as collector:
                     for item in inputs:
                         _run_block(block, item, collector)
                 counts.update(token_counts(collector.stats))
@@ -145,7 +147,7 @@ def calibrate_blockwise(
         outside = {n: m for n, m in layers.items() if not n.startswith(f"{blocks_name}.")}
         if outside:
             device = model_device(model)
-            with GramCollector(outside) as collector:
+            with GramCollector(outside, split) as collector:
                 for index, batch in enumerate(calibration):
                     collector.mask = batch_mask(batch, device)
                     run_batch(model, batch, device, f"calibration batch {index}")

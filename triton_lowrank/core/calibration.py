@@ -75,30 +75,48 @@ def batch_mask(batch, device: torch.device) -> torch.Tensor | None:
 
 @dataclass
 class GramStats:
-    """One layer's input statistics over the real calibration tokens x_k [in]."""
+    """One layer's input statistics over the real calibration tokens x_k [in].
+
+    With `half` (collected when the shrinkage is chosen on held-out tokens, shrinkage="heldout"), the same
+    statistics of every other token (the 1st, 3rd, ... real token this layer saw) are kept as well: `halves()`
+    gives them and the other tokens' (the difference), two disjoint samples of the same text. That doubles
+    the Gram memory of the layer.
+    """
 
     gram: torch.Tensor  # [in, in] float32: Σ_k x_k x_kᵀ
     tokens: int  # n
     sum_norm4: float  # Σ_k ‖x_k‖⁴: Ledoit–Wolf's estimate of how noisy the Gram's entries are
+    half: GramStats | None = None  # the same over the tokens k = 0, 2, 4, ... (None: not collected)
 
     @classmethod
-    def empty(cls, features: int, device: torch.device) -> GramStats:
+    def empty(cls, features: int, device: torch.device, split: bool = False) -> GramStats:
         zeros = torch.zeros(features, features, dtype=torch.float32, device=device)
-        return cls(zeros, 0, 0.0)
+        return cls(zeros, 0, 0.0, cls.empty(features, device) if split else None)
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate the rows of x [n, in] (any float dtype)."""
         x = x.float()
+        if self.half is not None:
+            self.half.add(x[self.tokens % 2 :: 2])  # tokens k with k even, counted over every batch so far
         self.gram += x.t() @ x  # [in, in]
         self.sum_norm4 += x.double().square().sum(1).square().sum().item()
         self.tokens += x.shape[0]
+
+    def halves(self) -> tuple[GramStats, GramStats]:
+        """(statistics of the even tokens, of the odd tokens); they add up to these. Needs `half`."""
+        if self.half is None:
+            raise ValueError("GramStats.halves: the held-out halves were not collected (split=False)")
+        other = GramStats(self.gram - self.half.gram, self.tokens - self.half.tokens,
+                          self.sum_norm4 - self.half.sum_norm4)
+        return self.half, other
 
 
 class GramCollector:
     """Forward hooks that accumulate GramStats for `layers` while batches run; set `mask` per batch."""
 
-    def __init__(self, layers: dict[str, nn.Module]):
+    def __init__(self, layers: dict[str, nn.Module], split: bool = False):
         self.layers = layers
+        self.split = split  # also keep every other token's statistics (GramStats.half)
         self.stats: dict[str, GramStats] = {}
         self.mask: torch.Tensor | None = None  # [B, T] bool real tokens of the batch now running
         self._handles = []
@@ -111,7 +129,7 @@ class GramCollector:
             else:  # no mask, or a layer fed something else than every position (e.g. BERT's pooler: [B, in])
                 x = x.reshape(-1, x.shape[-1])  # [tokens, in]
             if name not in self.stats:
-                self.stats[name] = GramStats.empty(x.shape[-1], x.device)
+                self.stats[name] = GramStats.empty(x.shape[-1], x.device, self.split)
             self.stats[name].add(x)
 
         return hook
@@ -128,11 +146,12 @@ class GramCollector:
 
 @torch.no_grad()
 def collect_grams(
-    model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable, progress: bool = True
+    model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable, progress: bool = True, split: bool = False
 ) -> dict[str, GramStats]:
-    """{layer name: GramStats} accumulated over every real token of every batch, through the whole model."""
+    """{layer name: GramStats} accumulated over every real token of every batch, through the whole model
+    (split: with the held-out halves, GramStats.half)."""
     device = model_device(model)
-    with eval_mode(model), GramCollector(layers) as collector:
+    with eval_mode(model), GramCollector(layers, split) as collector:
         for index, batch in enumerate(tqdm(calibration, desc="calibrating", unit="batch", disable=not progress)):
             collector.mask = batch_mask(batch, device)
             run_batch(model, batch, device, f"calibration batch {index}")

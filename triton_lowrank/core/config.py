@@ -70,10 +70,14 @@ class LowRankConfig:
     exclude:    glob patterns removed from the selection, and OUTPUT_HEAD ("<output head>"): the model's output
                 head, whatever its name; that is the default (set () to compress it).
     damping:    largest relative diagonal damping tried when the calibration Gram matrix is singular.
-    shrinkage:  whitening only. How far each layer's Gram matrix is shrunk toward a scaled identity before
-                whitening: "auto" picks the strength per layer from the data (Ledoit–Wolf; near 0 with many
-                tokens per feature, near 1 with few), a number in [0, 1] fixes it (0: the raw Gram, SVD-LLM;
-                1: a multiple of I, i.e. plain SVD).
+    shrinkage:  calibrated fits only. How far each layer's Gram matrix S is shrunk toward a scaled identity,
+                (1 - α)·S + α·μI, before whitening (and before a hybrid's GPTQ base): "heldout" (default) picks α
+                per layer by held-out error: calibration keeps every other token's Gram apart, each α of
+                factorize.HELDOUT_ALPHAS and Ledoit–Wolf's is fitted on one half and scored on the other in the
+                layer's own fit, and the best is refitted on all tokens (2x the Gram memory; ten more fits per
+                layer: on MiniLM 6-8x the fit time, bench/results/hybrid/shifted_domain.md). "auto" picks α from
+                the data alone (Ledoit–Wolf; near 0 with many tokens per feature, near 1 with few); a number in
+                [0, 1] fixes it (0: the raw Gram, SVD-LLM; 1: a multiple of I, i.e. plain SVD).
     sequential: calibrated fits only (whitening, or base_bits with a GPTQ base or a whitened correction).
                 Calibrate block by block, each block on the outputs of the already compressed blocks before
                 it; only one block's Gram matrices are in memory at a time. False calibrates every layer on
@@ -103,7 +107,7 @@ class LowRankConfig:
     exclude: tuple[str, ...] = field(default=(OUTPUT_HEAD,))
     damping: float = 1e-2
     error_feedback: bool = True
-    shrinkage: float | str = "auto"
+    shrinkage: float | str = "heldout"
     sequential: bool = True
     base_bits: int | None = None
     base_group_size: int | None = None
@@ -158,9 +162,7 @@ class LowRankConfig:
         fmt = self.weight_format  # raises for an unknown or storage-only format
         if fmt.check_config is not None:
             fmt.check_config(self)
-        is_number = isinstance(self.shrinkage, (int, float)) and not isinstance(self.shrinkage, bool)
-        if self.shrinkage != "auto" and not (is_number and 0 <= self.shrinkage <= 1):
-            raise ValueError(f"LowRankConfig: shrinkage must be 'auto' or a number in [0, 1], got {self.shrinkage!r}")
+        check_shrinkage(self.shrinkage)
         if isinstance(self.include, str) or isinstance(self.exclude, str):
             raise TypeError("LowRankConfig: include and exclude are sequences of patterns, not one string")
         self.include = None if self.include is None else _patterns("include", self.include)
@@ -205,6 +207,16 @@ class LowRankConfig:
         if fields["format"] is None:  # the knobs say which format: records stay as they were before the field
             del fields["format"]
         return {"version": self.VERSION, **fields}
+
+
+SHRINKAGE_WORDS = ("heldout", "auto")
+
+
+def check_shrinkage(value) -> None:
+    """One-line ValueError unless `value` is "heldout", "auto" or a number in [0, 1] (not a bool, not NaN)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (value in SHRINKAGE_WORDS if isinstance(value, str) else is_number and 0 <= value <= 1):
+        raise ValueError(f"LowRankConfig: shrinkage must be 'heldout', 'auto' or a number in [0, 1], got {value!r}")
 
 
 def _check_int(name: str, value, optional: bool = False) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -39,15 +40,75 @@ def _ledoit_wolf(s: torch.Tensor, stats: GramStats) -> float:
 
 def shrunk_gram(stats: GramStats, shrinkage: float | str) -> tuple[torch.Tensor, float]:
     """((1 - α)·S + α·μI [in, in] float64, α), S = XᵀX / n; `shrinkage` is α or "auto" (Ledoit–Wolf).
+    "heldout" is Ledoit–Wolf here: choosing α on held-out tokens needs the layer's fit (heldout_shrinkage, which
+    compress_model runs first and passes the α it chose).
 
     Whitening with a multiple of I leaves the truncation plain SVD's, so α = 1 is plain SVD and α between
     0 and 1 moves from the calibration-optimal truncation (SVD-LLM) toward it.
     """
     s = stats.gram.double() / max(stats.tokens, 1)  # [in, in]; in place from here: GPT-2 XL's is 330 MB
-    alpha = _ledoit_wolf(s, stats) if shrinkage == "auto" else float(shrinkage)
+    alpha = _ledoit_wolf(s, stats) if shrinkage in ("auto", "heldout") else float(shrinkage)
     mu = s.diagonal().mean().item()
     s.mul_(1 - alpha).diagonal().add_(alpha * mu)
     return s, alpha
+
+
+# α tried by shrinkage="heldout", besides the Ledoit–Wolf α of the layer: 0 is the raw Gram (SVD-LLM), 1 plain SVD.
+HELDOUT_ALPHAS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0)
+
+# fit_error(gram the layer is fitted with [in, in], held-out half's S [in, in]) -> the fit's error on the held-out half
+FitError = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+def metric_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """tr(E·S·Eᵀ), E = W - Ŵ [out, in]: the mean squared output error on inputs whose second moment is S [in, in]."""
+    error = weight.double() - approx.double()  # [out, in]
+    return ((error @ gram.double()) * error).sum().item()
+
+
+def heldout_errors(stats: GramStats, fit_error: FitError) -> dict[float, float]:
+    """{α: error on the held-out half of the tokens of the layer fitted on the other half with shrinkage α}, for α
+    in HELDOUT_ALPHAS and the Ledoit–Wolf α of all the tokens ("auto"'s choice). A fit that fails (a Gram that is
+    not positive definite even with damping) scores inf. Needs stats.half (GramStats.halves)."""
+    fit, held = stats.halves()
+    held_gram = held.gram.double() / max(held.tokens, 1)  # [in, in]
+    errors = {}
+    for alpha in sorted({*HELDOUT_ALPHAS, shrinkage_strength(stats)}):
+        gram, _ = shrunk_gram(fit, alpha)
+        try:
+            errors[alpha] = fit_error(gram, held_gram)
+        except (ValueError, RuntimeError):  # torch.linalg errors of a degenerate half are RuntimeErrors
+            errors[alpha] = math.inf
+    return errors
+
+
+def heldout_shrinkage(stats: GramStats, fit_error: FitError) -> float:
+    """The α of heldout_errors with the least held-out error (ties: the larger α, nearer plain SVD). α = 1 is plain
+    SVD up to scale and is always a candidate, so on the held-out half the choice is never worse than plain SVD.
+    Falls back to Ledoit–Wolf when a half has no token or no candidate could be fitted."""
+    if stats.half is None or min(stats.half.tokens, stats.tokens - stats.half.tokens) == 0:
+        return shrinkage_strength(stats)
+    errors = heldout_errors(stats, fit_error)
+    best = min(errors, key=lambda alpha: (errors[alpha], -alpha))
+    return best if math.isfinite(errors[best]) else shrinkage_strength(stats)
+
+
+def scoring_rank(weight: torch.Tensor, config, rank_bytes: Callable) -> int:
+    """The rank a held-out score fits one layer [out, in] at, before ranks are chosen: the config's rank or ratio,
+    the plain spectrum's rank for `energy`, or for a budget the rank this layer gets with its own share of it
+    (budget x its fp16 bytes, less the format's fixed bytes, over the bytes per rank: `rank_bytes` is the format's)."""
+    out_features, in_features = weight.shape
+    full = min(out_features, in_features)
+    if config.rank is not None:
+        rank = config.rank
+    elif config.rank_ratio is not None:
+        rank = round(config.rank_ratio * full)
+    elif config.energy is not None:
+        rank = rank_for_energy(spectrum(weight), config.energy)
+    else:
+        per_rank, fixed = rank_bytes(out_features, in_features, config, 2)
+        rank = int((config.budget * 2 * out_features * in_features - fixed) // per_rank)
+    return min(max(rank, 1), full)
 
 
 # Relative diagonal damping tried, in order, when the Gram matrix is not positive definite.

@@ -127,6 +127,8 @@ class WeightFormat:
     rank_bytes: Callable | None = None  # (out, in, config, float_bytes) -> (bytes per rank, bytes before any rank)
     fixed_bytes_label: Callable | None = None  # (config) -> what a budget must hold at least, in words
     prepare: Callable | None = None  # (GramStats | None, config, name) -> calibration state of one layer
+    # (weight [out, in], config, name) -> factorize.FitError: how shrinkage="heldout" scores an α on this layer
+    heldout_error: Callable | None = None
     measure: Callable | None = None  # (weight, state, config, name) -> (spectrum, normalizer or None)
     allocate: Callable | None = None  # (spectra, normalizers, bytes per rank, bytes for ranks) -> ranks
     fit: Callable | None = None  # (weight, bias, rank, state, config, dtype, name, kind) -> (layer, rel. error)

@@ -104,16 +104,18 @@ def embedding_cosine(dense: nn.Module, compressed: nn.Module, sentences: list[st
 
 
 def calibration_batches(
-    tokenizer, tokens: int, sentences_per_row: int = 1, batch_size: int = 16, seed: int = 0
+    tokenizer, tokens: int, sentences_per_row: int = 1, batch_size: int = 16, seed: int = 0,
+    sentences: list[str] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Padded batches (input_ids, token_type_ids, attention_mask) holding about `tokens` real tokens.
 
-    Each row joins `sentences_per_row` calibration sentences. The calibration sentences hold ~22k tokens;
-    more than that cycles through them again in a new shuffle (a single sentence then repeats exactly).
+    Each row joins `sentences_per_row` calibration sentences (`sentences`; default calibration_sentences()). The
+    calibration sentences hold ~22k tokens; more than that cycles through them again in a new shuffle (a single
+    sentence then repeats exactly).
     """
     if tokens <= 0:
         raise ValueError(f"calibration_batches: tokens must be > 0, got {tokens}")
-    pool = calibration_sentences()
+    pool = calibration_sentences() if sentences is None else list(sentences)
     rng = random.Random(seed)
     rows: list[str] = []
     stream: list[str] = []

@@ -46,6 +46,7 @@ HYBRID = register_weight_format(WeightFormat(
     rank_bytes=fit.rank_bytes,
     fixed_bytes_label=fit.fixed_bytes_label,
     prepare=fit.calibration_gram,
+    heldout_error=fit.heldout_error,
     measure=fit.measure,
     allocate=fit.allocate_correction_ranks,
     fit=fit.fit,

@@ -36,8 +36,11 @@ import torch
 
 from triton_lowrank.core.calibration import GramStats
 from triton_lowrank.core.factorize import (
+    FitError,
     allocate_budget,
+    metric_error,
     relative_error_of,
+    scoring_rank,
     shrunk_gram,
     spectrum,
     truncated_factors,
@@ -349,8 +352,25 @@ def fixed_bytes_label(config) -> str:
 
 
 def calibration_gram(stats: GramStats | None, config, name: str) -> torch.Tensor | None:
-    """The Gram matrix a hybrid fit uses, shrunk as config.shrinkage says; None without calibration."""
+    """The Gram matrix a hybrid fit uses (GPTQ's Hessian and the correction's whitening), shrunk as
+    config.shrinkage says (compress_model has replaced "heldout" by the α it chose with heldout_error); None
+    without calibration."""
     return None if stats is None else shrunk_gram(stats, config.shrinkage)[0]
+
+
+def heldout_error(weight: torch.Tensor, config, name: str) -> FitError:
+    """What shrinkage="heldout" scores each α by: this format's fit of `weight` (base and correction, stored as
+    they would be) at the correction rank the config implies for it (factorize.scoring_rank), fitted with one
+    half's shrunk Gram, its error tr(E·S_heldout·Eᵀ) in the other half's metric."""
+    rank = scoring_rank(weight, config, rank_bytes)
+
+    def fit_error(gram: torch.Tensor, held_gram: torch.Tensor) -> float:
+        fitted = fit_hybrid(weight, config.base_bits, config.base_group_size, rank, config.bits, config.group_size,
+                            gram, config.base_method, config.method, error_feedback=config.error_feedback,
+                            max_whitening_damping=config.damping, name=name)
+        return metric_error(weight, fitted.dense_weight(), held_gram)
+
+    return fit_error
 
 
 def measure(weight: torch.Tensor, gram: torch.Tensor | None, config, name: str) -> tuple[torch.Tensor, float]:

@@ -42,6 +42,7 @@ LOWRANK = register_weight_format(WeightFormat(
     rank_bytes=fit.rank_bytes,
     fixed_bytes_label=fit.fixed_bytes_label,
     prepare=fit.whitening,
+    heldout_error=fit.heldout_error,
     measure=fit.measure,
     allocate=fit.allocate,
     fit=fit.fit,

@@ -10,8 +10,11 @@ import torch
 
 from triton_lowrank.core.calibration import GramStats
 from triton_lowrank.core.factorize import (
+    FitError,
     allocate_budget,
+    metric_error,
     relative_error_of,
+    scoring_rank,
     shrunk_gram,
     spectrum,
     truncated_factors,
@@ -47,17 +50,34 @@ def fixed_bytes_label(config) -> str:
 
 
 def whitening(stats: GramStats | None, config, name: str) -> torch.Tensor | None:
-    """Lower Cholesky factor of the layer's Gram matrix, shrunk as `config.shrinkage` says; None (plain SVD)
-    without calibration, or for a layer whose calibration inputs were all zero (say, after an all-zero layer):
-    any factors give zero activation error on such data, so whitening has nothing to weigh."""
+    """Lower Cholesky factor of the layer's Gram matrix, shrunk as `config.shrinkage` says (compress_model has
+    replaced "heldout" by the α it chose with heldout_error); None (plain SVD) without calibration, or for a layer
+    whose calibration inputs were all zero (say, after an all-zero layer): any factors give zero activation error
+    on such data, so whitening has nothing to weigh."""
     if stats is None:
         return None
     if not stats.gram.diagonal().sum() > 0:
         warnings.warn(f"{name}: calibration gave this layer only zero inputs; it is factorized by plain SVD",
-                      UserWarning, stacklevel=5)
+                      UserWarning, stacklevel=6)
         return None
     gram, _ = shrunk_gram(stats, config.shrinkage)
     return whitening_cholesky(gram, config.damping, name)
+
+
+def heldout_error(weight: torch.Tensor, config, name: str) -> FitError:
+    """What shrinkage="heldout" scores each α by: this format's fit of `weight` (the whitened truncated SVD at the rank
+    the config implies for it, factorize.scoring_rank, stored as `fit` stores it: quantized with error feedback in
+    the same metric) with one half's shrunk Gram, its error tr(E·S_heldout·Eᵀ) in the other half's metric. The
+    storage counts: near full rank the truncation alone is exact for every α."""
+    rank = scoring_rank(weight, config, rank_bytes)
+
+    def fit_error(gram: torch.Tensor, held_gram: torch.Tensor) -> float:
+        chol = whitening_cholesky(gram, config.damping, name)
+        up, down = truncated_factors(weight, rank, chol)  # [out, r], [r, in]
+        down_q, up_t = dequantized_factors(store_factors(weight, up, down, None, config, chol, torch.float32))
+        return metric_error(weight, up_t.double().t() @ down_q.double(), held_gram)
+
+    return fit_error
 
 
 def measure(weight: torch.Tensor, chol: torch.Tensor | None, config, name: str) -> tuple[torch.Tensor, None]:
