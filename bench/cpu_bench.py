@@ -180,13 +180,13 @@ def random_gpt2(n_layer: int, n_embd: int, n_head: int, vocab: int | None = None
 
 @torch.no_grad()
 def decode_bench(name: str, dense32: nn.Module, calibration, eval_tokens: torch.Tensor, prompt: torch.Tensor,
-                 method: str, new_tokens: int, rounds: int, shrinkage: str = "heldout") -> dict:
+                 method: str, new_tokens: int, rounds: int) -> dict:
     models = {"dense": dense32.to(CPU_DTYPE)}
     report_rows = {}
     for label, fields in FORMATS.items():
         model = copy.deepcopy(dense32).float()
         start = time.perf_counter()
-        compress_model(model, LowRankConfig(method=method, shrinkage=shrinkage, **fields), calibration, progress=False)
+        compress_model(model, LowRankConfig(method=method, **fields), calibration, progress=False)
         report_rows[label] = {"compress_s": time.perf_counter() - start}
         models[label] = model.to(CPU_DTYPE).eval()
     dense = models["dense"]
@@ -345,9 +345,7 @@ def main(argv=None) -> int:
     results["decode"] = []
     for name, method, build in cases:
         dense, calibration, held_out, prompt = build()
-        # --dry-run checks the script: Ledoit–Wolf's shrinkage, not the default's ten held-out fits per layer
-        result = decode_bench(name, dense, calibration, held_out, prompt, method, new_tokens, rounds,
-                              "auto" if dry else "heldout")
+        result = decode_bench(name, dense, calibration, held_out, prompt, method, new_tokens, rounds)
         results["decode"].append(result)
         print(f"\n(b) {name}: greedy decode, batch 1, {new_tokens} new tokens, bf16; floor = "
               f"{result['floor_share_of_dense']:.0%} of dense per-token time")

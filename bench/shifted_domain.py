@@ -8,7 +8,7 @@ calibrates on the everyday calibration sentences instead (realmodel.calibration_
 evaluated ones).
 
 Rows (every compressible layer, 37 nn.Linear with the pooler; bytes as hybrid_quality.py counts them):
-- low rank int4, budget 0.5: plain SVD, whitened with shrinkage "auto" (Ledoit–Wolf) and "heldout" (the default),
+- low rank int4, budget 0.5: plain SVD, whitened with shrinkage "auto" (Ledoit–Wolf) and "heldout" (opt-in),
   on --lowrank-tokens of each calibration domain;
 - GPTQ int4 g128/g64 and int3 g128/g64 (hybrid_quality.py's baselines) and the hybrid (compress_model: int4 or int3
   g128 GPTQ base + int4 g64 correction, budget allocated across layers, sequential calibration, shrinkage
@@ -119,8 +119,8 @@ CAVEATS = [
     "measuring pass's α is kept): here 4-8x the fit time of \"auto\".",
     "GPTQ rows: the bench's baseline (hybrid_quality.py), GPTQ on the raw calibration Gram of the dense model, damping "
     "0.01, one pass. Hybrid rows: compress_model at the package defaults (sequential calibration, order \"auto\", "
-    "error feedback), the budget allocated across layers so that the bytes equal GPTQ g64's, or 0.03 of the fp16 "
-    "bytes more.",
+    "error feedback) except shrinkage, \"heldout\" where the row does not say \"auto\", the budget allocated "
+    "across layers so that the bytes equal GPTQ g64's, or 0.03 of the fp16 bytes more.",
     "Held-out halves come from the calibration text itself: they measure how noisy a few hundred tokens are, not how "
     "far the use is from them. With many calibration tokens of a really different distribution both halves agree, α "
     "goes to 0 and whitening can still fall below plain SVD (a synthetic check with 6 spurious calibration directions "

@@ -1,5 +1,5 @@
-"""shrinkage="heldout" (the default): Gram halves, α chosen from the grid by held-out error, never worse than plain SVD
-on the held-out half; both formats, one pass and block by block."""
+"""shrinkage="heldout" (opt-in; "auto" is the default): Gram halves, α chosen from the grid by held-out error,
+never worse than plain SVD on the held-out half; both formats, one pass and block by block."""
 
 import math
 from collections import OrderedDict
@@ -125,8 +125,9 @@ def test_bad_shrinkage_is_one_clear_error(value):
         LowRankConfig(rank=4, shrinkage=value)
 
 
-def test_heldout_is_the_default():
-    assert LowRankConfig(rank=4).shrinkage == "heldout"
+def test_auto_stays_the_default_and_heldout_is_chosen_by_name():
+    assert LowRankConfig(rank=4).shrinkage == "auto"  # heldout fits each layer ten times more: opt-in
+    assert LowRankConfig(rank=4, shrinkage="heldout").shrinkage == "heldout"
     assert LowRankConfig(rank=4, shrinkage=0).shrinkage == 0
 
 
@@ -144,8 +145,8 @@ def test_both_formats_choose_alpha_per_layer_once(hybrid, sequential, monkeypatc
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (4, 32))
     model = make_tiny_gpt2()
-    report = compress_model(model, LowRankConfig(method="whitened", sequential=sequential, **knobs), [ids],
-                            progress=False)
+    config = LowRankConfig(method="whitened", sequential=sequential, shrinkage="heldout", **knobs)
+    report = compress_model(model, config, [ids], progress=False)
     assert len(calls) == len(report.layers)
     assert all(0 <= a <= 1 for a in calls)
     assert all(math.isfinite(row.rel_error) for row in report.layers)

@@ -198,14 +198,8 @@ def test_demo_quick_on_a_local_model(model_dir, tmp_path, capsys):
     check_demo(["demo", "--model", model_dir, "--group-size", 32], tmp_path / "demo", capsys)
 
 
-def test_demo_quick_on_the_embedded_model(tmp_path, capsys, monkeypatch):
-    import triton_lowrank.compression.compress as compress
-    from triton_lowrank.core.factorize import shrinkage_strength
+def test_demo_quick_on_the_embedded_model(tmp_path, capsys):
     from triton_lowrank.embedded import embedded_model_path
-
-    # The demo's path, with Ledoit–Wolf's α where "heldout" would fit each layer ten more times (which doubled this
-    # test's time; tests/test_calibration_heldout.py runs the real choice).
-    monkeypatch.setattr(compress, "heldout_shrinkage", lambda stats, fit_error: shrinkage_strength(stats))
 
     try:
         embedded_model_path()

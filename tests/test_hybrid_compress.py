@@ -8,19 +8,9 @@ import torch
 from conftest import make_tiny_gpt2
 from torch import nn
 
-import triton_lowrank.compression.compress as compress
 from triton_lowrank import HybridLinear, LowRankConfig, compress_model
-from triton_lowrank.core.factorize import shrinkage_strength
 from triton_lowrank.core.nbytes import base_bytes, correction_rank_bytes, tensor_bytes
 from triton_lowrank.tools.baselines import compressed_bytes, dense_bytes
-
-
-@pytest.fixture(autouse=True)
-def no_heldout_fits(monkeypatch):
-    """These tests are not about shrinkage: the default "heldout" runs its path (halves, one α per layer) with
-    Ledoit–Wolf's α instead of ten more hybrid fits per layer, which made this module ~4x slower.
-    tests/test_calibration_heldout.py runs the real choice on both formats."""
-    monkeypatch.setattr(compress, "heldout_shrinkage", lambda stats, fit_error: shrinkage_strength(stats))
 
 # A tiny model's calibration: fewer tokens than features is expected here, and warned about elsewhere.
 pytestmark = pytest.mark.filterwarnings("ignore:calibration saw fewer tokens")

@@ -57,8 +57,8 @@ CELLS = [(8, 0.25), (8, 0.5), (4, 0.25), (4, 0.5)]  # (bits, budget)
 
 @pytest.fixture(scope="module")
 def cosines(minilm):
-    """{(method, calibration, bits, budget): held-out embedding cosine}, at the default knobs except two: shrinkage
-    "auto" (Ledoit–Wolf), and the 20k-token cells calibrate in one pass, and that pass's statistics are collected
+    """{(method, calibration, bits, budget): held-out embedding cosine}, at the default knobs except one: the
+    20k-token cells calibrate in one pass, and that pass's statistics are collected
     once and reused by all four cells (a cache around collect_grams), to keep CI time down. Sequential calibration
     measures the same here (bench/results/calibration/real.md) and is what the 500-token cells run."""
     dense, tokenizer = minilm
@@ -82,10 +82,7 @@ def cosines(minilm):
             model, _ = compress_copy(dense, LowRankConfig(budget=budget, bits=bits))
             result["svd", None, bits, budget] = realmodel.embedding_cosine(dense, model, held, tokenizer)
             for name, batches in calibrations.items():
-                # Ledoit–Wolf shrinkage, as these cells were measured: "heldout" (the default) fits each layer ten
-                # more times, which doubled this module's time; bench/shifted_domain.py measures it on this model.
-                config = LowRankConfig(budget=budget, bits=bits, method="whitened", sequential=name == "500",
-                                       shrinkage="auto")
+                config = LowRankConfig(budget=budget, bits=bits, method="whitened", sequential=name == "500")
                 model, _ = compress_copy(dense, config, batches)
                 result["whitened", name, bits, budget] = realmodel.embedding_cosine(dense, model, held, tokenizer)
     return result

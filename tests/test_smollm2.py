@@ -61,10 +61,8 @@ def test_formats_order_as_expected_on_the_real_model(smol):
     gptq3 = kl(smol, gptq_baseline(model, 3, 64, config=selection, grams=grams)[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        # shrinkage "auto": the order of formats is the point here, not the held-out choice (ten fits more per layer)
         hybrid, _ = compress_copy(model, LowRankConfig(rank=16, bits=8, method="whitened", base_bits=3,
-                                                       base_method="rtn", sequential=False, include=BLOCKS,
-                                                       shrinkage="auto"),
+                                                       base_method="rtn", sequential=False, include=BLOCKS),
                                    calibration)
     layers = [m for m in hybrid.modules() if isinstance(m, HybridLinear)]
     assert len(layers) == 14 and {m.base_group_size for m in layers} == {96, 128}  # fitted: 576 -> 96, 1536 -> 128

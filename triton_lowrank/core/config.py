@@ -71,13 +71,14 @@ class LowRankConfig:
                 head, whatever its name; that is the default (set () to compress it).
     damping:    largest relative diagonal damping tried when the calibration Gram matrix is singular.
     shrinkage:  calibrated fits only. How far each layer's Gram matrix S is shrunk toward a scaled identity,
-                (1 - α)·S + α·μI, before whitening (and before a hybrid's GPTQ base): "heldout" (default) picks α
-                per layer by held-out error: calibration keeps every other token's Gram apart, each α of
-                factorize.HELDOUT_ALPHAS and Ledoit–Wolf's is fitted on one half and scored on the other in the
-                layer's own fit, and the best is refitted on all tokens (2x the Gram memory; ten more fits per
-                layer: on MiniLM 6-8x the fit time, bench/results/hybrid/shifted_domain.md). "auto" picks α from
-                the data alone (Ledoit–Wolf; near 0 with many tokens per feature, near 1 with few); a number in
-                [0, 1] fixes it (0: the raw Gram, SVD-LLM; 1: a multiple of I, i.e. plain SVD).
+                (1 - α)·S + α·μI, before whitening (and before a hybrid's GPTQ base): "auto" (default) picks α
+                from the data alone (Ledoit–Wolf; near 0 with many tokens per feature, near 1 with few).
+                "heldout" picks α per layer by held-out error, for calibration text unlike the use: calibration
+                keeps every other token's Gram apart, each α of factorize.HELDOUT_ALPHAS and Ledoit–Wolf's is
+                fitted on one half and scored on the other in the layer's own fit, and the best is refitted on all
+                tokens (2x the Gram memory; ten more fits per layer: on MiniLM 4-8x the fit time,
+                bench/results/hybrid/shifted_domain.md). A number in [0, 1] fixes it (0: the raw Gram, SVD-LLM;
+                1: a multiple of I, i.e. plain SVD).
     sequential: calibrated fits only (whitening, or base_bits with a GPTQ base or a whitened correction).
                 Calibrate block by block, each block on the outputs of the already compressed blocks before
                 it; only one block's Gram matrices are in memory at a time. False calibrates every layer on
@@ -107,7 +108,7 @@ class LowRankConfig:
     exclude: tuple[str, ...] = field(default=(OUTPUT_HEAD,))
     damping: float = 1e-2
     error_feedback: bool = True
-    shrinkage: float | str = "heldout"
+    shrinkage: float | str = "auto"
     sequential: bool = True
     base_bits: int | None = None
     base_group_size: int | None = None
