@@ -163,7 +163,8 @@ def check_demo(argv, out, capsys, saved_dtype="float32"):
     assert [r["method"] for r in rows] == ["whitened", "svd", "rtn", "rtn", "rtn", "gptq", "hybrid", "whitened"]
     check_demo_comparison(rows, stdout)
     assert (out / "sweep.png").is_file() and (out / "model" / "config.json").is_file()
-    assert "tokens/s" in stdout and "top-1 agreement" in stdout and "reference path" in stdout
+    assert "tokens/s" in stdout and "top-1 agreement" in stdout and "CPU path" in stdout
+    assert "thread(s)" in stdout  # the speed line says at how many threads both models were timed
 
 
 def check_saved_dtype(folder, result, saved_dtype):

@@ -28,7 +28,7 @@ from triton_lowrank.formats.hybrid.op import hybrid_matmul
 from triton_lowrank.formats.hybrid.storage import hybrid_reference, random_hybrid_weights
 from triton_lowrank.formats.lowrank.layer import LowRankLinear
 from triton_lowrank.formats.lowrank.op import lowrank_matmul
-from triton_lowrank.tools.generation_bench import measure_generation, speed_dtype
+from triton_lowrank.tools.generation_bench import decode_threads, measure_generation, speed_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = torch.bfloat16
@@ -220,6 +220,25 @@ def test_timings_run_dense_and_compressed_in_the_cpu_speed_dtype():
     assert result["dtype"] == str(speed_dtype("cpu")).removeprefix("torch.")
     assert next(model.parameters()).dtype == torch.float32  # timed on a copy: the caller's model is not cast
     assert speed_dtype("cpu") in (torch.bfloat16, torch.float32) and speed_dtype("cuda") is None
+
+
+def test_timings_run_at_the_thread_count_asked_and_restore_the_callers(monkeypatch):
+    model, prompt = make_tiny_gpt2(), torch.zeros(1, 3, dtype=torch.long)
+    before = torch.get_num_threads()
+    seen = []
+    real_generate = model.generate
+
+    def generate(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    result = measure_generation(model, prompt, new_tokens=2, threads=1, cast=False)
+    assert seen == [1, 1] and result["threads"] == 1  # warm-up and timed run both at 1 thread
+    assert torch.get_num_threads() == before
+    chosen = decode_threads(model, prompt, new_tokens=2)
+    assert chosen in (1, before) and torch.get_num_threads() == before
+    assert measure_generation(model, prompt, new_tokens=2, warmup=False, cast=False)["threads"] == before
 
 
 @pytest.mark.slow

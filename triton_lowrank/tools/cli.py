@@ -36,7 +36,7 @@ from triton_lowrank.embedded import embedded_model_path
 from triton_lowrank.tools.baselines import compress_copy, compressed_bytes, dense_bytes
 from triton_lowrank.tools.demo import describe_bytes, dtype_bytes, dtype_name, greedy, run_demo
 from triton_lowrank.tools.eval_data import calibration_batches, context_length
-from triton_lowrank.tools.generation_bench import measure_generation
+from triton_lowrank.tools.generation_bench import decode_threads, measure_generation
 from triton_lowrank.tools.loading import (
     MissingTokenizer,
     checkpoint_dtype,
@@ -244,11 +244,13 @@ def cmd_bench(args) -> None:
     else:
         compressed, _ = load(resolve_model(args.compressed), "compressed model")
     prompt = prompt.to(next(dense.parameters()).device)
+    threads = decode_threads(dense, prompt)  # on the CPU: 1 or all threads, as the dense model is fastest
     for name, model in (("dense", dense), ("compressed", compressed)):
-        r = measure_generation(model, prompt, args.new_tokens, mode=args.mode)
+        r = measure_generation(model, prompt, args.new_tokens, mode=args.mode, threads=threads)
         print(
-            f"{name:<10} {r['tokens_per_s']:8.1f} tokens/s ({r['new_tokens']} new tokens, {r['mode']}, "
-            f"{r['seconds']:.2f} s)  weights as run on {prompt.device}: {describe_bytes(dtype_bytes(model))}"
+            f"{name:<10} {r['tokens_per_s']:8.1f} tokens/s ({r['new_tokens']} new tokens, {r['mode']}, timed in "
+            f"{r['dtype']}{'' if r['threads'] is None else ' on ' + str(r['threads']) + ' thread(s)'}, "
+            f"{r['seconds']:.2f} s)  weights as loaded on {prompt.device}: {describe_bytes(dtype_bytes(model))}"
         )
 
 

@@ -33,7 +33,7 @@ from triton_lowrank.core.nbytes import tensor_bytes
 from triton_lowrank.embedded import embedded_model_path
 from triton_lowrank.tools.baselines import compress_copy, compressed_bytes, dense_bytes
 from triton_lowrank.tools.eval_data import batches, sample_sequences
-from triton_lowrank.tools.generation_bench import measure_generation
+from triton_lowrank.tools.generation_bench import decode_threads, measure_generation
 from triton_lowrank.tools.loading import checkpoint_dtype, load_model, load_tokenizer, runtime
 from triton_lowrank.tools.metrics import compare_logits, model_logits
 from triton_lowrank.tools.sweeps import result_row, write_sweep
@@ -112,7 +112,8 @@ def run_demo(
         raise FileNotFoundError(f"model folder not found: {model_path}")
     with timed(seconds, "load"):
         device, dtype = runtime(model_path)
-        compute = "Triton kernels (CUDA)" if device.type == "cuda" else "PyTorch reference path (CPU, no Triton)"
+        compute = ("Triton kernels (CUDA)" if device.type == "cuda" else
+                   "CPU path: weight-only int8/int4 kernels in bf16, the reference path in fp32")
         dense = load_model(model_path, device, dtype)
         tokenizer = load_tokenizer(model_path)
         layers = validate_layers(dense, config)  # bad ranks or group sizes fail before sampling
@@ -142,7 +143,8 @@ def run_demo(
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # [1, P]
     pair = (("dense", dense), ("compressed", compressed))
     with timed(seconds, "speed"):
-        speed = {name: measure_generation(model, prompt_ids, sizes.speed_tokens, mode="eager")
+        threads = decode_threads(dense, prompt_ids)  # on the CPU: 1 or all threads, as the dense model is fastest
+        speed = {name: measure_generation(model, prompt_ids, sizes.speed_tokens, mode="eager", threads=threads)
                  for name, model in tqdm(pair, desc="tokens/s", unit="model", disable=not progress)}
     with timed(seconds, "samples"):
         samples = {name: greedy(model, tokenizer, prompt, sizes.sample_tokens)
@@ -272,7 +274,8 @@ def print_report(result: dict, report) -> None:
           f"{describe_bytes(whole['compressed'])}")
     dense, comp = result["speed"]["dense"], result["speed"]["compressed"]
     print(
-        f"greedy generation ({dense['mode']}, {dense['new_tokens']} new tokens, {result['compute']}): "
+        f"greedy generation ({dense['mode']}, {dense['dtype']}, {dense['new_tokens']} new tokens, {result['compute']}"
+        f"{'' if dense['threads'] is None else ', ' + str(dense['threads']) + ' thread(s)'}): "
         f"dense {dense['tokens_per_s']:.1f} tokens/s, compressed {comp['tokens_per_s']:.1f} tokens/s "
         f"({comp['tokens_per_s'] / dense['tokens_per_s']:.2f}x)"
     )

@@ -7,11 +7,13 @@ low-rank model improves, and the one to set beside the GPU's copy bandwidth.
 On the CPU every timing runs in `speed_dtype`: bf16 where the CPU has fast bf16 matmuls (the compressed layers'
 packed int8/int4 kernels are fast for bf16 activations only, and dense bf16 beats dense fp32 at decode), so dense
 and compressed are always timed in the same dtype, whatever dtype they were loaded in (loading.runtime picks fp32
-on the CPU for quality work).
+on the CPU for quality work). The thread count is the other CPU knob: `decode_threads` picks 1 or all threads,
+whichever decodes the dense model faster, and the demo and `bench` time both models at that count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -69,6 +71,34 @@ def generate_kwargs(model: nn.Module, new_tokens: int, mode: str) -> dict:
     return kwargs
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run the body with `threads` torch threads (None: as they are), then restore the count."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def decode_threads(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 16) -> int | None:
+    """On the CPU, the torch thread count, 1 or all of them, at which `model` (the dense baseline) decodes faster,
+    from a short greedy run at each (best of two); None on a GPU. At batch 1 a small model's ops are too short to
+    share: on an idle 2-core machine the embedded GPT-2 decodes 1.7-1.9x faster on 1 thread than on 2, dense
+    and compressed alike, so a comparison at the default count would measure thread hand-offs."""
+    every = torch.get_num_threads()
+    if input_ids.device.type != "cpu" or every == 1:
+        return None if input_ids.device.type != "cpu" else 1
+    model, seconds = in_speed_dtype(model, input_ids.device), {}  # cast once, not per run
+    for threads in (1, every):
+        runs = [measure_generation(model, input_ids, new_tokens, warmup=False, threads=threads)["seconds"]
+                for _ in range(2)]
+        seconds[threads] = min(runs)
+    return min(seconds, key=seconds.get)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -77,7 +107,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def measure_generation(
     model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 128, mode: str = "eager", warmup: bool = True,
-    cast: bool = True,
+    cast: bool = True, threads: int | None = None,
 ) -> dict:
     """Time one greedy generate() of `new_tokens` tokens per row of `input_ids` [batch, prompt].
 
@@ -87,11 +117,19 @@ def measure_generation(
 
     The warm-up run (which pays for torch.compile and CUDA graph capture in "static_compiled") is
     timed separately as warmup_s. Timings include the prompt's prefill. On CUDA, peak_gpu_bytes is
-    the peak allocated during the timed run (weights, cache, activations); None on CPU.
+    the peak allocated during the timed run (weights, cache, activations); None on CPU. `threads` runs both
+    generate() calls with that many torch threads (decode_threads picks it on the CPU); None keeps the count.
     """
     device = input_ids.device
     if cast:
         model = in_speed_dtype(model, device)
+    with torch_threads(threads):
+        result = _time_generate(model, input_ids, new_tokens, mode, warmup)
+    return {**result, "threads": (threads or torch.get_num_threads()) if device.type == "cpu" else None}
+
+
+def _time_generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, mode: str, warmup: bool) -> dict:
+    device = input_ids.device
     kwargs = generate_kwargs(model, new_tokens, mode)
     attention_mask = torch.ones_like(input_ids)
     warmup_s = None
