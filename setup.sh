@@ -7,6 +7,8 @@
 # an unpinned `torch` would pull a multi-GB CUDA build. With a driver, torch and triton come from the image or
 # the index as that driver's build, so their pins are left out.
 set -euo pipefail
+# pip notes each configured local index folder a package is absent from; only that noise is dropped.
+exec 2> >(grep -v "^WARNING: Location .* is ignored: it is neither a file nor a directory" >&2)
 cd "$(dirname "$0")"
 latest=0
 for arg in "$@"; do
