@@ -111,10 +111,11 @@ def gptq_fraction(bits: int) -> float:
 def plan(calib: str) -> list[tuple[str, tuple]]:
     """(key, point) in priority order: the equal-bytes pairs first."""
     g4, g3, g2 = gptq_fraction(4), gptq_fraction(3), gptq_fraction(2)
-    rows = [("hybrid", (3, g4)), ("gptq", (4,)), ("gptq", (3,)), ("hybrid", (2, g3))]
+    rows = [("hybrid", (3, g4)), ("gptq", (4,)), ("gptq", (3,)), ("hybrid", (2, g3)),
+            ("hybrid", (4, g4 + SLACK)), ("hybrid", (3, g3 + SLACK))]
     if calib == "technical":
-        rows += [("rtn", (4,)), ("rtn", (3,)), ("rtn", (2,)), ("hybrid", (4, g4 + SLACK)), ("hybrid", (3, g3 + SLACK)),
-                 ("gptq", (2,)), ("hybrid", (2, g2 + SLACK)), ("lowrank", (0.3,))]
+        rows += [("rtn", (4,)), ("rtn", (3,)), ("rtn", (2,)), ("gptq", (2,)), ("hybrid", (2, g2 + SLACK)),
+                 ("lowrank", (0.3,))]
     return rows
 
 

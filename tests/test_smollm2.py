@@ -41,6 +41,15 @@ def kl(smol, model) -> float:
     return compare_logits(dense, model_logits(model, tokens, batch_size=2), tokens)["kl"]
 
 
+def test_both_calibration_texts_are_found_and_apart():
+    """The bench's two calibration domains: the Language Reference's two halves, and the package's everyday sentences
+    (data/sentences.txt, a path that broke once when tools/ moved)."""
+    calib, held_out = smollm2.technical_split()
+    everyday = smollm2.everyday_text().splitlines()
+    assert len(calib) > 10_000 and len(held_out) > 10_000 and calib != held_out
+    assert len(everyday) > 1000 and all(line.strip() for line in everyday[:100])
+
+
 def test_conversion_is_a_working_llama(smol):
     model, tokens, _, dense = smol
     assert isinstance(model, LlamaForCausalLM) and model.config.num_hidden_layers == 30
