@@ -220,10 +220,9 @@ def report(args) -> None:
         plot_sweep(sweep_rows, args.out / "sweep.png", "SmolLM2-135M-Instruct: quality vs weight bytes "
                    "(held-out Language Reference; caveat: weights were Q4_1)")
         out += ["![quality vs bytes](sweep.png)", ""]
-    out += ["Not measured in the committed run (2-core CPU shared with five other jobs, one deadline): the "
-            "same-domain hybrid int2 g64 to 0.2266 row (its process was killed by the out-of-memory killer when "
-            "the whole machine ran out of memory) and the hybrid rows with +0.03 of fp16 bytes. Rerun with the "
-            "commands above; rows already written are skipped.", ""]
+    out += ["The shifted plan measures the equal-bytes pairs and the hybrids with +0.03 of fp16 bytes; RTN, GPTQ int2 "
+            "and pure low rank were measured with same-domain calibration only. Rows come from several runs on the "
+            "same 2-core machine under different load: compare fit seconds within a run only.", ""]
     memory = args.out / "compression.json"
     if memory.is_file():
         out += compression_table(json.loads(memory.read_text()))
