@@ -253,11 +253,15 @@ def smollm2_case(dry: bool):
 def markdown(results: dict) -> str:
     """The results as README tables (bench/results/cpu/README.md is written from cpu_bench.json by this)."""
     env = results["machine"]
+    load = env["load_average"][0]
+    idle = load < env["cores"] / 2  # less than half the cores busy at the start: nothing else was running
+    state = "otherwise idle" if idle else "shared with other jobs"
+    noise = "" if idle else ("The machine is shared and noisy: absolute times are inflated and vary from run to run; "
+                             "")
     lines = ["# CPU benchmark (`bench/cpu_bench.py`)", "",
-             f"Machine: {env['cpu']}, {env['cores']} cores shared with other jobs (load average at the start "
-             f"{env['load_average'][0]}), torch {env['torch']} ({env['cpu_capability']}), {env['threads']} torch "
-             f"thread(s), bf16 activations. The machine is shared and noisy: absolute times are inflated and vary "
-             "from run to run; every candidate is timed in interleaved rounds (medians), so read the ratios.", ""]
+             f"Machine: {env['cpu']}, {env['cores']} cores, {state} (load average at the start {load}), torch "
+             f"{env['torch']} ({env['cpu_capability']}), {env['threads']} torch thread(s), bf16 activations. {noise}"
+             "Every candidate is timed in interleaved rounds (medians), so read the ratios.", ""]
     if "layer" in results:
         shape = results["layer"]["shape"]
         lines += [f"## One layer: {shape['in']} -> {shape['out']}, rank {shape['rank']}, M = 1, bf16", "",
