@@ -270,7 +270,7 @@ def _prepare(name: str, module: nn.Module, stats: GramStats, config: LowRankConf
     first (factorize.heldout_shrinkage on the format's `heldout_error` of this weight) and kept in `alphas`: a layer
     already there (the sequential measuring pass chose it) keeps its α."""
     fmt, layer = config.weight_format, layer_config(name, module, config)
-    if config.shrinkage == "heldout":
+    if _split(config):
         if name not in alphas:
             fit_error = None if fmt.heldout_error is None else fmt.heldout_error(dense_weight(module).detach(), layer,
                                                                                   name)

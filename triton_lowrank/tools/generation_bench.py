@@ -88,9 +88,11 @@ def decode_threads(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 
     from a short greedy run at each (best of two); None on a GPU. At batch 1 a small model's ops are too short to
     share: on an idle 2-core machine the embedded GPT-2 decodes 1.7-1.9x faster on 1 thread than on 2, dense
     and compressed alike, so a comparison at the default count would measure thread hand-offs."""
+    if input_ids.device.type != "cpu":
+        return None
     every = torch.get_num_threads()
-    if input_ids.device.type != "cpu" or every == 1:
-        return None if input_ids.device.type != "cpu" else 1
+    if every == 1:
+        return 1
     model, seconds = in_speed_dtype(model, input_ids.device), {}  # cast once, not per run
     for threads in (1, every):
         runs = [measure_generation(model, input_ids, new_tokens, warmup=False, threads=threads)["seconds"]

