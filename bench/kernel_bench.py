@@ -45,7 +45,14 @@ from common import (  # noqa: E402
     write_csv,
     write_json,
 )
-from triton_lowrank.kernels.configs import Problem
+from sass.problems import SMALL_PROBLEMS  # noqa: E402
+from triton_lowrank.kernels.configs import (
+    CUDA_CORE_MAX_M,
+    Problem,
+    decode_cuda_core_config,
+    one_launch_config,
+    one_launch_supported,
+)
 from triton_lowrank.kernels.launch import launch, launch_hybrid  # noqa: E402
 
 from triton_lowrank.compression.pretune import pretune_model  # noqa: E402
@@ -98,6 +105,12 @@ def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("decode", "
         "split": default_config(problem, sms, interpret, fused_max_m=0),
     }
     paths = tuple(p for p in paths if configs[p].path == p)  # decode needs 16-byte factor rows
+    if "decode" in paths and m <= CUDA_CORE_MAX_M and one_launch_supported(problem):
+        # a small layer: its one-launch plan beside the two-launch one (the GPU run checks the size rule)
+        configs["one_launch"] = one_launch_config(problem)
+        if configs["decode"].one_launch:
+            configs["decode"] = decode_cuda_core_config(problem, sms)
+        paths += ("one_launch",)
     contenders = {name: (lambda i, c=configs[name]: launch(x, sets[i]["f"], c, out)) for name in paths}
     contenders["auto"] = lambda i: lowrank_matmul(x, sets[i]["f"])  # what the custom op picks
     contenders["cublas"] = lambda i: F.linear(x, sets[i]["dense"], sets[i]["bias"])
@@ -226,6 +239,8 @@ def sweep(args, device, dtype, save=lambda rows: None):
             cases.append((k, n, max(1, int(ratio * min(k, n))), bits, m))
     if args.dry_run:
         cases = [c for c in cases if (c[3], c[4]) in ((8, 1), (4, 20))]
+    else:  # the small layers of bench/sass/problems.py, where one launch is the default plan
+        cases += [(s.k, s.n, s.rank, s.bits, s.m) for s in SMALL_PROBLEMS]
     cases = sorted(dict.fromkeys(cases), key=lambda c: c[4])  # M = 1 first: what a cut-short run should have
     rows = []
     for i, (k, n, rank, bits, m) in enumerate(cases):
@@ -237,11 +252,11 @@ def sweep(args, device, dtype, save=lambda rows: None):
         row = bench_case(k, n, rank, bits, m, device, dtype, group, paths)
         rows.append(row)
         save(rows)
+        shown = ("decode", "one_launch", "split", "auto", "cublas", "unfused")
         print(f"[{i + 1}/{len(cases)}] {k}x{n} r={rank} int{bits} M={m}: "
-              + "  ".join(f"{p}={row[f'{p}_us']:.1f}us" for p in (*paths, "auto", "cublas", "unfused")
-                          if f"{p}_us" in row)
+              + "  ".join(f"{p}={row[f'{p}_us']:.1f}us" for p in shown if f"{p}_us" in row)
               + f"  best={row['best_path']} x{row['speedup_vs_cublas']:.2f} vs cuBLAS"
-              + f"  max rel err {max(row[f'{p}_rel_err'] for p in (*paths, 'auto') if f'{p}_rel_err' in row):.1e}",
+              + f"  max rel err {max(row[f'{p}_rel_err'] for p in shown if f'{p}_rel_err' in row):.1e}",
               flush=True)
     return rows
 

@@ -9,6 +9,7 @@ Two execution paths (see kernels/lowrank_matmul.py):
   blocks) streams `up_t` once against it and writes y. block_m == 1 runs on CUDA cores (one program
   per activation row), block_m == 16 on tensor cores. Fields: block_r, block_k and split_k shape
   phase 1; block_n and expand_block_r (rows per iteration) shape phase 2.
+  With one_launch (small layers, M = 1): one kernel, every program computing all of hidden from `down` itself.
 - "split": two launches for prefill M. shrink writes hidden[M, r] fp32, expand reads it back. Plain
   tiled GEMMs on tensor cores, no atomics.
 """
@@ -81,6 +82,9 @@ class TileConfig:
     expand_block_r: int = 0  # decode: phase-2 rank rows per loop iteration (0: block_r)
     shrink_warps: int = 0  # decode: phase-1 warps per CTA (0: num_warps)
     base_block_k: int = 0  # hybrid on CUDA cores: the base's K tile (0: block_k, which phase 1 uses)
+    # decode on CUDA cores, low rank: one launch (decode_one_launch_kernel) where every program computes all of hidden
+    # itself; block_r is then the rank padded to a power of two, block_k phase 1's K tile
+    one_launch: bool = False
 
     def __post_init__(self) -> None:
         if self.path not in ("decode", "split"):
@@ -204,6 +208,29 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
                       expand_block_r=sub_r * units, shrink_warps=shrink_warps)
 
 
+# The one-launch path (decode_one_launch_kernel) for small layers: every program re-reads all of `down` (from L2 after
+# the first) and keeps hidden in registers. PROVISIONAL: from the static sm_90 ESTIMATES (bench/results/sass/README.md,
+# "One launch for small layers"); the autotuner times both paths, so a GPU run corrects the rule per shape.
+ONE_LAUNCH_MAX_RANK = 256  # hidden and the up_t slice in registers: [rank, block_n] per program
+ONE_LAUNCH_MAX_DOWN_BYTES = 32 * 1024  # `down` re-read by every program: its bytes bound each program's phase 1
+
+
+def one_launch_supported(p: Problem) -> bool:
+    """Small enough for decode_one_launch_kernel: a decode-path problem whose `down` fits the size rule."""
+    return (decode_supported(p) and p.base_bits is None and next_pow2(p.rank) <= ONE_LAUNCH_MAX_RANK
+            and p.rank * p.k * p.factor_elem_bytes <= ONE_LAUNCH_MAX_DOWN_BYTES)
+
+
+def one_launch_config(p: Problem, num_warps: int = 4, row_chunks: int = 2) -> TileConfig:
+    """decode_one_launch_kernel's plan: phase 1 reads [rank, block_k] tiles of `down`, 8 128-bit loads per thread
+    (block_k = 8 x 32 x num_warps 16-byte chunks / padded rank, at most the padded K); phase 2, `row_chunks` 16-byte
+    chunks per row per program (2: whole 32-byte sectors), all rows at once."""
+    chunk = decode_chunk(p.bits)
+    r_pad = next_pow2(p.rank)
+    block_k = min(max(1, 8 * 32 * num_warps // r_pad), max(1, next_pow2(p.k) // chunk)) * chunk
+    return TileConfig("decode", 1, row_chunks * chunk, block_k, r_pad, num_warps=num_warps, one_launch=True)
+
+
 def lowrank_default_config(
     p: Problem, num_sms: int = DEFAULT_NUM_SMS, interpret: bool = False, fused_max_m: int = FUSED_MAX_M
 ) -> TileConfig:
@@ -217,7 +244,7 @@ def lowrank_default_config(
             return TileConfig("decode", 16, 32, 32, 16, split_k=2)
         return TileConfig("split", 16, 32, 32, 16)
     if decode and p.m <= CUDA_CORE_MAX_M:
-        return decode_cuda_core_config(p, num_sms)
+        return one_launch_config(p) if one_launch_supported(p) else decode_cuda_core_config(p, num_sms)
     if decode:
         block_k = _int4_block(p.k, p.group_size, 64) if p.bits == 4 else 64
         block_n = _int4_block(p.n, p.group_size, 64) if p.bits == 4 else 64
@@ -364,6 +391,8 @@ def _fits(c: TileConfig, p: Problem, smem_limit: int) -> bool:
     if c.path == "decode":
         if not decode_supported(p) or c.split_k > _cdiv(p.k, c.block_k):
             return False
+        if c.one_launch and (c.uses_dot or not one_launch_supported(p) or c.block_r < p.rank):
+            return False
         if not c.uses_dot and (c.block_k % decode_chunk(p.bits) or c.block_n % decode_chunk(p.bits)):
             return False  # CUDA cores: whole 16-byte chunks per thread
         if p.bits == 4 and c.uses_dot and (p.group_size % c.block_k or p.group_size % c.block_n):
@@ -384,6 +413,9 @@ def lowrank_candidate_configs(p: Problem, first: TileConfig, wide: bool, num_sms
                 out.append(c)
                 if wide:
                     out.append(dataclasses.replace(c, split_k=max(1, c.split_k // 2)))
+            if p.m <= CUDA_CORE_MAX_M and one_launch_supported(p):  # the tuner weighs one launch against two
+                for warps, chunks in itertools.product((4, 8) if wide else (4,), (2, 1, 4) if wide else (2,)):
+                    out.append(one_launch_config(p, warps, chunks))
         for block_r, block in itertools.product((32, 64) if wide else (32,), (32, 64, 128) if wide else (64,)):
             bk = _int4_block(p.k, p.group_size, block) if p.bits == 4 else block
             bn = _int4_block(p.n, p.group_size, block) if p.bits == 4 else block

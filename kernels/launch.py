@@ -127,6 +127,8 @@ def launch(x2d: torch.Tensor, f, config, out: torch.Tensor) -> torch.Tensor:
         if not c.uses_dot and (c.block_k % chunk or c.block_n % chunk):
             raise ValueError(f"launch: decode block_k and block_n must be multiples of {chunk} columns for "
                              f"bits={f.bits}, got {c.block_k} and {c.block_n}")
+        if c.one_launch:
+            return launch_one(x2d, f, c, out)
         hidden, tickets, m_blocks = decode_phase1(x2d, f, c)
         precise, pdl = x2d.dtype == torch.float32, pdl_supported(x2d)  # see decode_phase1
         block_r = c.rows_per_expand_step
@@ -153,6 +155,23 @@ def launch(x2d: torch.Tensor, f, config, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def launch_one(x2d: torch.Tensor, f, c, out: torch.Tensor) -> torch.Tensor:
+    """Run decode_one_launch_kernel (a small layer in one launch, configs.one_launch_config) into out."""
+    M, K = x2d.shape
+    N, R = f.out_features, f.rank
+    if c.uses_dot or c.block_r < R:
+        raise ValueError(f"launch: one_launch runs on CUDA cores (block_m 1) with block_r >= rank; got block_m="
+                         f"{c.block_m} block_r={c.block_r} for rank {R}")
+    bits, group, down_scale, up_scale = _pointers(f)
+    kern.decode_one_launch_kernel[(triton.cdiv(N, c.block_n), M)](
+        x2d, f.down, down_scale, f.up_t, up_scale, f.bias if f.bias is not None else f.down, out, N, K, R,
+        x2d.stride(0), out.stride(0), MAGIC, BITS=bits, GROUP_SIZE=group, HAS_BIAS=f.bias is not None,
+        BLOCK_N=c.block_n, BLOCK_K=c.block_k, R_PAD=c.block_r, X_PAIRS=x_pairs(x2d), PRECISE=x2d.dtype == torch.float32,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    return out
+
+
 def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tensor:
     """Run the hybrid kernels of `config` on x2d [M, K] into out [M, N]; `w` is a HybridWeights (read by attribute).
 
@@ -165,6 +184,8 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
     if M == 0:
         return out
     c = config
+    if c.one_launch:
+        raise ValueError("launch_hybrid: one_launch is a low-rank plan; the hybrid has none")
     bits, group, _, up_scale = _pointers(f)
     bias = w.bias if w.bias is not None else w.base_scale  # never read without HAS_BIAS
     precision, dot_upcast = _dot_flags(x2d)

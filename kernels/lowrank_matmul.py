@@ -102,6 +102,35 @@ def _store_lane(y_ptr, stride_ym, acc, offset, bias_ptr, cols, LANE: tl.constexp
 
 
 @triton.jit
+def _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, bias_ptr, n0, m, N,
+                 BITS: tl.constexpr, PRECISE: tl.constexpr, HAS_BIAS: tl.constexpr, LANES: tl.constexpr,
+                 T: tl.constexpr):
+    """Phase 2's end: each lane's accumulators reduced over rows, its RAW offset times Σ h' removed, bias, store."""
+    cols = n0 // LANES + tl.arange(0, T)[:, None] * 4 + tl.arange(0, 4)[None, :]  # unclamped: stores
+    # the lanes' RAW offsets times Σ h' (per chunk): [T, 1]
+    h_total = tl.sum(hsum, axis=0)[:, None]
+    if BITS == 8:
+        even = INT8_RAW_OFFSET * h_total
+        odd = even
+    elif BITS == 4:
+        even = 0.0 if PRECISE else INT4_EVEN_OFFSET * h_total
+        odd = INT4_ODD_OFFSET * h_total
+    else:
+        even = 0.0
+        odd = 0.0
+    _store_lane(y_ptr, stride_ym, acc0, even, bias_ptr, cols, 0, LANES, m, N, HAS_BIAS)
+    if LANES > 1:
+        _store_lane(y_ptr, stride_ym, acc1, odd, bias_ptr, cols, 1, LANES, m, N, HAS_BIAS)
+        _store_lane(y_ptr, stride_ym, acc2, even, bias_ptr, cols, 2, LANES, m, N, HAS_BIAS)
+        _store_lane(y_ptr, stride_ym, acc3, odd, bias_ptr, cols, 3, LANES, m, N, HAS_BIAS)
+    if LANES > 4:
+        _store_lane(y_ptr, stride_ym, acc4, even, bias_ptr, cols, 4, LANES, m, N, HAS_BIAS)
+        _store_lane(y_ptr, stride_ym, acc5, odd, bias_ptr, cols, 5, LANES, m, N, HAS_BIAS)
+        _store_lane(y_ptr, stride_ym, acc6, even, bias_ptr, cols, 6, LANES, m, N, HAS_BIAS)
+        _store_lane(y_ptr, stride_ym, acc7, odd, bias_ptr, cols, 7, LANES, m, N, HAS_BIAS)
+
+
+@triton.jit
 def _expand_weights(w_ptrs, rows, r0, R, row_words, SUB_R: tl.constexpr, U: tl.constexpr):
     """Phase 2: the U sub-tiles [SUB_R, T, 4] of the row block at r0, one 128-bit load per thread each, all issued
     before any is used; rows past R masked (no memory traffic, zeros)."""
@@ -147,6 +176,42 @@ def _expand_multipliers(h_ptrs, s_ptrs, rows, r0, R, s_stride, SUB_R: tl.constex
 
 
 @triton.jit
+def _shrink_rows_cc(x_row_ptr, down_ptr, down_scale_ptr, rows, k_lo, k_hi, K, magic, BITS: tl.constexpr,
+                    GROUP_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr,
+                    PRECISE: tl.constexpr):
+    """Phase 1 on CUDA cores: hidden [BLOCK_R] = x[k range] · down[rows, k range]ᵀ, scales applied (fp32).
+    rows [BLOCK_R] are in range (clamped by the caller, so the hot loop needs no row mask)."""
+    k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K  # end of the unmasked tiles
+    LANES: tl.constexpr = 4 if BITS == 8 else 8 if BITS == 4 else 1
+    T: tl.constexpr = BLOCK_K // (4 * LANES)
+    row_words = tl.multiple_of(K // LANES, 4)  # rows are 16-byte multiples (configs.decode_supported)
+    if BITS == 8 or BITS == 4:
+        w_rows_ptr = down_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None, None] * row_words
+    else:
+        w_rows_ptr = down_ptr + rows[:, None, None] * row_words
+    scale_rows_ptr = down_scale_ptr + rows[:, None] * (K // GROUP_SIZE)  # int4 only
+    if BITS == 4:  # (a sum of 3-D zeros: the layout the loop's chunk sums come in)
+        acc = tl.sum(tl.zeros((BLOCK_R, T, 4), dtype=tl.float32), axis=2)
+    else:
+        acc = tl.zeros((BLOCK_R, T, 4), dtype=tl.float32)
+    xoff = tl.zeros((T, 4), dtype=tl.float32)
+    for k0 in range(k_lo, k_full, BLOCK_K):
+        acc, xoff = shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, k_hi, K, magic, BITS,
+                                    GROUP_SIZE, BLOCK_K, X_PAIRS, PRECISE, False)
+    if k_full < k_hi:
+        acc, xoff = shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k_full, k_hi, K, magic, BITS,
+                                    GROUP_SIZE, BLOCK_K, X_PAIRS, PRECISE, True)
+    if BITS != 4:
+        acc = tl.sum(acc, axis=2)
+    hidden = tl.sum(acc, axis=1)  # [BR]: the one cross-thread reduction
+    if BITS == 8:  # every row's values kept INT8_RAW_OFFSET: subtract offset * Σx once
+        hidden -= INT8_RAW_OFFSET * tl.sum(tl.sum(xoff, axis=1), axis=0)
+    if BITS == 8:
+        hidden = hidden * tl.load(down_scale_ptr + rows)
+    return hidden
+
+
+@triton.jit
 def decode_shrink_kernel(
     x_ptr, down_ptr, down_scale_ptr, hidden_ptr, M, K, R, stride_xm, k_per_split, magic,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -163,7 +228,6 @@ def decode_shrink_kernel(
     pid_r = tl.program_id(0)
     k_lo = tl.program_id(1) * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
-    k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K  # end of the unmasked tiles
     r_offs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = tl.minimum(r_offs, R - 1)  # clamped, so the hot loop needs no row mask
     m0 = tl.program_id(2) * BLOCK_M
@@ -186,33 +250,8 @@ def decode_shrink_kernel(
         mask = (m_offs[:, None] < M) & (r_offs[None, :] < R)
         tl.atomic_add(hidden_ptr + m_offs[:, None] * R + r_offs[None, :], hidden, mask=mask, sem="relaxed")
     else:
-        LANES: tl.constexpr = 4 if BITS == 8 else 8 if BITS == 4 else 1
-        T: tl.constexpr = BLOCK_K // (4 * LANES)
-        row_words = tl.multiple_of(K // LANES, 4)  # rows are 16-byte multiples (configs.decode_supported)
-        if BITS == 8 or BITS == 4:
-            w_rows_ptr = down_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None, None] * row_words
-        else:
-            w_rows_ptr = down_ptr + rows[:, None, None] * row_words
-        scale_rows_ptr = down_scale_ptr + rows[:, None] * (K // GROUP_SIZE)  # int4 only
-        x_row_ptr = x_ptr + m0 * stride_xm
-        if BITS == 4:  # (a sum of 3-D zeros: the layout the loop's chunk sums come in)
-            acc = tl.sum(tl.zeros((BLOCK_R, T, 4), dtype=tl.float32), axis=2)
-        else:
-            acc = tl.zeros((BLOCK_R, T, 4), dtype=tl.float32)
-        xoff = tl.zeros((T, 4), dtype=tl.float32)
-        for k0 in range(k_lo, k_full, BLOCK_K):
-            acc, xoff = shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, k_hi, K, magic, BITS,
-                                        GROUP_SIZE, BLOCK_K, X_PAIRS, PRECISE, False)
-        if k_full < k_hi:
-            acc, xoff = shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k_full, k_hi, K, magic, BITS,
-                                        GROUP_SIZE, BLOCK_K, X_PAIRS, PRECISE, True)
-        if BITS != 4:
-            acc = tl.sum(acc, axis=2)
-        hidden = tl.sum(acc, axis=1)  # [BR]: the one cross-thread reduction
-        if BITS == 8:  # every row's values kept INT8_RAW_OFFSET: subtract offset * Σx once
-            hidden -= INT8_RAW_OFFSET * tl.sum(tl.sum(xoff, axis=1), axis=0)
-        if BITS == 8:
-            hidden = hidden * tl.load(down_scale_ptr + rows)
+        hidden = _shrink_rows_cc(x_ptr + m0 * stride_xm, down_ptr, down_scale_ptr, rows, k_lo, k_hi, K, magic, BITS,
+                                 GROUP_SIZE, BLOCK_R, BLOCK_K, X_PAIRS, PRECISE)  # [BR]
         tl.atomic_add(hidden_ptr + m0 * R + r_offs, hidden, mask=r_offs < R, sem="relaxed")
 
 
@@ -301,30 +340,64 @@ def decode_expand_kernel(
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_block(
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, wb0, wb1, wb2, wb3, hb0, hb1, hb2, hb3,
                 sb0, sb1, sb2, sb3, magic, BITS, PRECISE, U)
-        cols = n0 // LANES + tl.arange(0, T)[:, None] * 4 + tl.arange(0, 4)[None, :]  # unclamped: stores
-        # the lanes' RAW offsets times Σ h' (per chunk): [T, 1]
-        h_total = tl.sum(hsum, axis=0)[:, None]
-        if BITS == 8:
-            even = INT8_RAW_OFFSET * h_total
-            odd = even
-        elif BITS == 4:
-            even = 0.0 if PRECISE else INT4_EVEN_OFFSET * h_total
-            odd = INT4_ODD_OFFSET * h_total
-        else:
-            even = 0.0
-            odd = 0.0
-        _store_lane(y_ptr, stride_ym, acc0, even, bias_ptr, cols, 0, LANES, m0, N, HAS_BIAS)
-        if LANES > 1:
-            _store_lane(y_ptr, stride_ym, acc1, odd, bias_ptr, cols, 1, LANES, m0, N, HAS_BIAS)
-            _store_lane(y_ptr, stride_ym, acc2, even, bias_ptr, cols, 2, LANES, m0, N, HAS_BIAS)
-            _store_lane(y_ptr, stride_ym, acc3, odd, bias_ptr, cols, 3, LANES, m0, N, HAS_BIAS)
-        if LANES > 4:
-            _store_lane(y_ptr, stride_ym, acc4, even, bias_ptr, cols, 4, LANES, m0, N, HAS_BIAS)
-            _store_lane(y_ptr, stride_ym, acc5, odd, bias_ptr, cols, 5, LANES, m0, N, HAS_BIAS)
-            _store_lane(y_ptr, stride_ym, acc6, even, bias_ptr, cols, 6, LANES, m0, N, HAS_BIAS)
-            _store_lane(y_ptr, stride_ym, acc7, odd, bias_ptr, cols, 7, LANES, m0, N, HAS_BIAS)
+        _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, bias_ptr, n0, m0, N, BITS,
+                     PRECISE, HAS_BIAS, LANES, T)
 
     release_hidden(hidden_ptr, ticket_ptr, pid_m, tl.num_programs(0), m0, M, R, BLOCK_M, BLOCK_R)
+
+
+@triton.jit
+def decode_one_launch_kernel(
+    x_ptr, down_ptr, down_scale_ptr, up_ptr, up_scale_ptr, bias_ptr, y_ptr, N, K, R, stride_xm, stride_ym, magic,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, X_PAIRS: tl.constexpr = False, PRECISE: tl.constexpr = False,
+):
+    """Small layers in one launch: y[m, n block] = (x[m] · downᵀ) · up_t[:, n block] + bias on CUDA cores.
+
+    grid = (cdiv(N, BLOCK_N), M); R <= R_PAD. Every program computes all of hidden [R] itself: `down` is small
+    (configs.one_launch_supported) and, re-read by every program, comes from L2 after the first. So there is no
+    workspace, no atomic, no ticket and no second launch or dependent-launch wait. The program's up_t slice
+    [R_PAD, BLOCK_N] is loaded first (it does not depend on x), so its round trip overlaps phase 1; then one
+    _expand_step over all its rows, and the cross-thread reduction and store of decode_expand_kernel.
+    """
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    LANES: tl.constexpr = 4 if BITS == 8 else 8 if BITS == 4 else 1
+    T: tl.constexpr = BLOCK_N // (4 * LANES)
+    rows = tl.arange(0, R_PAD)
+    r_ok = rows < R
+    rows_in = tl.minimum(rows, R - 1)  # clamped: in-range addresses for phase 1's unmasked hot loop
+    # up_t first: [R_PAD, T, 4] words, one 128-bit load per thread and row; rows past R masked (zeros, no traffic)
+    row_words = tl.multiple_of(N // LANES, 4)  # rows are 16-byte multiples (configs.decode_supported)
+    w_ptr = up_ptr.to(tl.pointer_type(tl.int32)) if BITS == 8 or BITS == 4 else up_ptr
+    starts = tl.multiple_of(tl.minimum(n0 // LANES + tl.arange(0, T) * 4, row_words - 4), 4)  # [T], as phase 2
+    words = tl.load(w_ptr + rows[:, None, None] * row_words + (starts[:, None] + tl.arange(0, 4)[None, :])[None, :, :],
+                    mask=r_ok[:, None, None], other=0)
+    if BITS == 4:  # one scale per (row, chunk)
+        scale = tl.load(up_scale_ptr + rows[:, None] * (N // GROUP_SIZE) + ((starts * LANES) // GROUP_SIZE)[None, :],
+                        mask=r_ok[:, None], other=0.0)
+    elif BITS == 8:
+        scale = tl.load(up_scale_ptr + rows, mask=r_ok, other=0.0)
+    # phase 1: all of hidden, masked rows zero
+    h = _shrink_rows_cc(x_ptr + m * stride_xm, down_ptr, down_scale_ptr, rows_in, 0, K, K, magic, BITS, GROUP_SIZE,
+                        R_PAD, BLOCK_K, X_PAIRS, PRECISE)
+    h = tl.where(r_ok, h, 0.0)  # [R_PAD]
+    if BITS != 4 and BITS != 8:
+        scale = h  # float factors: a stand-in, never read
+    acc0 = tl.zeros((R_PAD, T, 4), dtype=tl.float32)
+    acc1 = tl.zeros_like(acc0)
+    acc2 = tl.zeros_like(acc0)
+    acc3 = tl.zeros_like(acc0)
+    acc4 = tl.zeros_like(acc0)
+    acc5 = tl.zeros_like(acc0)
+    acc6 = tl.zeros_like(acc0)
+    acc7 = tl.zeros_like(acc0)
+    hsum = tl.sum(tl.zeros_like(acc0), axis=2)  # [R_PAD, T]
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_step(
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, words, h, scale, magic, BITS, PRECISE)
+    _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, bias_ptr, n0, m, N, BITS,
+                 PRECISE, HAS_BIAS, LANES, T)
 
 
 # ---- prefill path: two launches, tensor cores -----------------------------------------------------

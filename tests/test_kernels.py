@@ -28,10 +28,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from triton_lowrank.kernels import launch as kernel_launch  # noqa: E402
-from triton_lowrank.kernels.configs import TileConfig, decode_chunk
+from triton_lowrank.kernels.configs import TileConfig, decode_chunk, next_pow2
 
 from triton_lowrank.core import ops
-from triton_lowrank.core.autotune import default_config
+from triton_lowrank.core.autotune import candidate_configs, default_config
 from triton_lowrank.core.factors import LowRankFactors, random_factors, round_factors  # noqa: E402
 from triton_lowrank.core.format import FORMATS  # noqa: E402
 from triton_lowrank.core.reference import lowrank_reference  # noqa: E402
@@ -132,6 +132,50 @@ def test_config_variants(bits, config):
     f = make_factors(64, 96, 24, bits, 32, torch.float16, seed=3)
     x = torch.randn(m, 64, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
     assert_close(run_poisoned(x, f, config), x, f)
+
+
+def one_launch_test_config(bits, rank, chunks=2, k_chunks=2) -> TileConfig:
+    """decode_one_launch_kernel with small tiles: phase 1 in K tiles of `k_chunks` thread chunks (a loop and a tail)."""
+    chunk = decode_chunk(bits)
+    return TileConfig("decode", 1, chunks * chunk, k_chunks * chunk, next_pow2(rank), num_warps=1, one_launch=True)
+
+
+# (M, K, N, rank): rank 1 and a rank that is not a power of two (masked rows), one past a power of two, the largest
+# the rule takes (128); K with a tail after whole tiles; N past the last column block; M = 2 (one program per row)
+ONE_LAUNCH_SHAPES = [(1, 96, 160, 1), (1, 160, 96, 7), (2, 64, 96, 33), (1, 32, 64, 128)]
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k,n,rank", ONE_LAUNCH_SHAPES)
+def test_one_launch_matches_reference(bits, dtype, m, k, n, rank):
+    """The small-layer path: one kernel, every program computing all of hidden itself."""
+    f = make_factors(k, n, rank, bits, 32, dtype, bias=rank % 2 == 1, seed=rank)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    assert_close(run_poisoned(x, f, one_launch_test_config(bits, rank)), x, f)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_one_launch_is_the_default_for_small_layers_only(bits):
+    """The size rule: a small `down` takes one launch at M = 1 (and its default plan matches the reference); a large
+    one, or M > 1, keeps the two-launch decode path."""
+    small = ops.problem_for(make_factors(64, 96, 16, bits, 32, torch.float16), 1, 2)
+    config = default_config(small)
+    assert config.one_launch and config.block_r >= small.rank
+    f = make_factors(64, 96, 16, bits, 32, torch.float16, seed=4)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
+    assert_close(run_poisoned(x, f, config), x, f)
+    assert not default_config(dataclasses.replace(small, m=2)).one_launch
+    assert not default_config(dataclasses.replace(small, k=4096, rank=64)).one_launch  # 256 KB of int8 `down`
+    assert not default_config(dataclasses.replace(small, rank=300)).one_launch  # past ONE_LAUNCH_MAX_RANK
+    assert any(c.one_launch for c in candidate_configs(small, "default"))
+
+
+def test_one_launch_refuses_a_rank_past_its_rows():
+    f = make_factors(64, 96, 9, 8, 32, torch.float16)
+    x = torch.randn(1, 64).half().to(DEVICE)
+    with pytest.raises(ValueError, match="block_r >= rank"):
+        run_poisoned(x, f, one_launch_test_config(8, 8))
 
 
 @pytest.mark.parametrize("path", ["cuda-cores", "tensor-cores", "split"])
@@ -249,12 +293,12 @@ sys.path.insert(0, "bench")
 from sass import compile as sc, problems as sp
 
 # every kernel and branch, specialized as the launcher launches them: decode on CUDA cores and tensor cores,
-# split; int8, int4 and float factors
+# split; int8, int4 and float factors; the small layers' one launch
 SPECS = (sp.spec(1, 1600, 6400, 8, 400), sp.spec(1, 4096, 11008, 4, 1024), sp.spec(1, 768, 3072, None),
          sp.spec(16, 768, 3072, 4), sp.spec(16, 768, 3072, None), sp.spec(4096, 768, 3072, 8),
          sp.spec(300, 768, 3072, 4), sp.hybrid_spec(1, 768, 3072, 4), sp.hybrid_spec(1, 768, 3072, 3),
          sp.hybrid_spec(1, 768, 3072, 2, bits=4), sp.hybrid_spec(16, 768, 3072, 3, bits=4),
-         sp.hybrid_spec(300, 768, 3072, 2, bits=None))
+         sp.hybrid_spec(300, 768, 3072, 2, bits=None), *sp.SMALL_PROBLEMS, sp.spec(1, 256, 1024, None, 16))
 for s in SPECS:
     for launch in sc.record_launches(s, sp.configs_for(s, False)[0]):
         sc.compile_launch(launch)

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from sass import hotloops, model, targets  # noqa: E402
+from sass.problems import SMALL_PROBLEMS  # noqa: E402
 
 # x_ptr at c[0x0][0x210] (parameter 0), the weights at 0x218 (parameter 1)
 OFFSETS = {0x210: 0, 0x214: 0, 0x218: 1, 0x21C: 1}
@@ -108,7 +109,8 @@ def test_static_targets_hold_for_the_default_configs(tmp_path):
     records = json.loads(out.read_text())
     assert {(r["problem"]["K"], r["problem"]["N"], r["problem"]["M"], r["problem"]["bits"], r["problem"]["base_bits"])
             for r in records} == {(1600, 6400, 1, 8, None), (4096, 11008, 1, 8, None), (4096, 11008, 1, 4, None),
-                                  (4096, 11008, 1, 8, 4), (4096, 11008, 16, 8, 4)}
+                                  (4096, 11008, 1, 8, 4), (4096, 11008, 16, 8, 4), (576, 1536, 1, 8, None),
+                                  (768, 3072, 1, 4, None), (256, 1024, 1, 8, None)}
     for r in records:
         assert {"problem", "kernel", "config", "regs", "spills", "shared_bytes", "hot_loops", "estimate_us",
                 "issue_bound_us", "hbm_floor_us", "latency_bound_us", "plan_graph_us", "plan_eager_us"} <= set(r)
@@ -126,5 +128,8 @@ def test_static_targets_hold_for_the_default_configs(tmp_path):
             assert f"{name}: {kernel} loop 1 >= 4 weight loads before first use" in passed
             assert f"{name}: {kernel} loop 1 >= 16 KB (or all it reads) in flight per SM" in passed
     assert "1600->6400 r=400 int8 M=1: plan ESTIMATE (CUDA graphs, PDL) <= 5.0 us" in passed
+    # small layers: one launch, and it estimates faster than two (every one of their checks holds)
+    small = [name for name in passed | set(failed) if any(name.startswith(s.label() + ":") for s in SMALL_PROBLEMS)]
+    assert len(small) == 4 * len(SMALL_PROBLEMS) and set(small) <= passed, sorted(set(small) - passed)
     # the M = 16 hybrid: int4 base in quarters, 128-bit copies, <= 8 insts per weight byte, plan ESTIMATE <= 12 us
     assert set(targets.M16_TARGETS) <= passed, sorted(set(targets.M16_TARGETS) - passed)

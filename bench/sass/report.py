@@ -23,12 +23,14 @@ from .problems import (
     HYBRID_PROBLEMS,
     LLAMA,
     PROXY_PROBLEMS,
+    SMALL_PROBLEMS,
     Spec,
     configs_for,
     default_problems,
     spec,
+    two_launch_config,
 )
-from .targets import KNOWN_MISSES, proxy_checks
+from .targets import KNOWN_MISSES, one_launch_plan_us, proxy_checks
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -45,6 +47,8 @@ def rereads(name: str, pname: str, launch: Launch) -> int:
         return kw["SPLIT_N"] if pname.startswith("down") else kw["SPLIT_K"]
     if name in ("shrink_kernel", "expand_kernel", "hybrid_tile_kernel"):
         return grid[0]  # every M block streams the whole factor (the base)
+    if name == "decode_one_launch_kernel":  # every program re-reads all of `down` (from L2), its slice of up_t once
+        return grid[0] * grid[1] if pname.startswith("down") else grid[1]
     if name.startswith("decode_") or name == "hybrid_gemv_kernel":
         return grid[-1]  # every M block streams its factor (the base) once
     return 1
@@ -121,12 +125,11 @@ def report_problem(s: Spec, config, workdir: str) -> list[dict]:
 
 
 def _work(job) -> list[dict]:
-    s, index, everything, workdir = job
-    config = configs_for(s, everything)[index]
+    s, config, is_default, workdir = job
     try:
         records = report_problem(s, config, workdir)
         for rec in records:
-            rec["default_config"] = index == 0  # candidate_configs puts the heuristic (the tuner's default) first
+            rec["default_config"] = is_default  # candidate_configs puts the heuristic (the tuner's default) first
         return records
     except Exception as err:  # noqa: BLE001 - a config the compiler rejects is reported, not fatal
         return [{"problem": s.problem(), "config": str(config), "error": f"{type(err).__name__}: {err}"}]
@@ -229,6 +232,16 @@ def print_hybrid_estimates(records: list[dict]) -> None:
               f"{est / fp16_us:>8.2f}")
 
 
+def print_one_launch(records: list[dict]) -> None:
+    """The small layers' plans, one launch (their default) against two (ESTIMATES, CUDA graphs)."""
+    rows = [(Spec.of(s.problem()).label(), one, two) for s in SMALL_PROBLEMS
+            if (one := one_launch_plan_us(records, s, True)) and (two := one_launch_plan_us(records, s, False))]
+    if rows:
+        print("\nSmall layers, one launch against two (plan ESTIMATES, us, CUDA graphs):")
+        for label, one, two in rows:
+            print(f"  {label:<46} one launch {one:>6.2f}   two launches {two:>6.2f}   {one / two:>5.2f}x")
+
+
 def main(argv=None, description: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/sass_report.py", description=description or __doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,14 +264,16 @@ def main(argv=None, description: str | None = None) -> int:
     if args.dry_run:
         problems = [spec(1, 768, 3072, 8)]
     elif args.proxy:
-        problems = PROXY_PROBLEMS
+        problems = PROXY_PROBLEMS + SMALL_PROBLEMS
     elif args.hybrid:
         problems = [s for s in HYBRID_PROBLEMS if s.m == 1 or not args.all]
     else:
         problems = default_problems(DEFAULT_SHAPES if args.shapes == "default" else [*GPT2_SMALL, *GPT2_XL, LLAMA])
-        problems += [s for s in dict.fromkeys(PROXY_PROBLEMS + HYBRID_PROBLEMS) if s not in problems]
+        problems += [s for s in dict.fromkeys(PROXY_PROBLEMS + SMALL_PROBLEMS + HYBRID_PROBLEMS) if s not in problems]
     with tempfile.TemporaryDirectory(prefix="sass-report-") as workdir:
-        jobs = [(s, i, args.all, workdir) for s in problems for i in range(len(configs_for(s, args.all)))]
+        jobs = [(s, c, i == 0, workdir) for s in problems for i, c in enumerate(configs_for(s, args.all))]
+        if not (args.dry_run or args.hybrid):  # the small layers' two-launch plan, for print_one_launch
+            jobs += [(s, two_launch_config(s), False, workdir) for s in SMALL_PROBLEMS]
         if args.jobs > 1:
             with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
                 results = list(pool.map(_work, jobs))
@@ -268,6 +283,7 @@ def main(argv=None, description: str | None = None) -> int:
     attach_measurements(records, load_measurements())
     print_table(records)
     print_hybrid_estimates(records)
+    print_one_launch(records)
     checks = [c for c in proxy_checks(records) if args.proxy or c[1] != "not compiled"]
     print("\nStatic targets (issues 9, 10 and 20; default configs; plan times are ESTIMATES):")
     for name, value, ok in checks:

@@ -14,7 +14,7 @@ KNOWN_MISSES lists the misses a note explains (tests/test_sass_report.py allows 
 from __future__ import annotations
 
 from .model import SMS
-from .problems import PROXY_PROBLEMS, Spec, hybrid_spec, spec
+from .problems import PROXY_PROBLEMS, SMALL_PROBLEMS, Spec, hybrid_spec, spec
 
 IPB_LIMIT = {8: 4.5, 4: 7.0}
 MIN_LOADS_BEFORE_USE = 4
@@ -44,6 +44,15 @@ KNOWN_MISSES = (
 M16_TARGETS = (f"{_H16}: base loop insts/weight byte <= {M16_BASE_IPB_LIMIT}",
                f"{_H16}: base loop weight loads 128 bits",
                f"{_H16}: plan ESTIMATE (CUDA graphs, PDL) <= {PLAN_TARGET_US[hybrid_spec(16, 4096, 11008, 4)]} us")
+
+
+def one_launch_plan_us(records: list[dict], s: Spec, one_launch: bool) -> float | None:
+    """The plan ESTIMATE (CUDA graphs) of a small problem's one-launch or two-launch decode plan, if compiled."""
+    for r in records:
+        if "error" not in r and r["problem"] == s.problem() and isinstance(r.get("config"), dict) \
+                and r["config"].get("path") == "decode" and r["config"].get("one_launch", False) == one_launch:
+            return r["plan_graph_us"]
+    return None
 
 
 def _records(records: list[dict], s: Spec) -> list[dict]:
@@ -92,6 +101,27 @@ def proxy_checks(records: list[dict]) -> list[tuple[str, str, bool]]:
             est = recs[0]["plan_graph_us"]
             checks.append((f"{name}: plan ESTIMATE (CUDA graphs, PDL) <= {PLAN_TARGET_US[s]} us", f"{est:.2f} us",
                            est <= PLAN_TARGET_US[s]))
+    return checks + one_launch_checks(records)
+
+
+def one_launch_checks(records: list[dict]) -> list[tuple[str, str, bool]]:
+    """Issue 20's small layers: the default plan is one launch, spills nothing, keeps >= MIN_LOADS_BEFORE_USE weight
+    loads in flight at their first use, and its plan ESTIMATE beats the two-launch plan's."""
+    checks = []
+    for s in SMALL_PROBLEMS:
+        name, recs = s.label(), _records(records, s)
+        one, two = one_launch_plan_us(records, s, True), one_launch_plan_us(records, s, False)
+        if not recs or one is None or two is None:
+            checks.append((f"{name}: one launch", "not compiled", False))
+            continue
+        checks.append((f"{name}: the default plan is one launch", recs[0]["kernel"],
+                       [r["kernel"] for r in recs] == ["decode_one_launch_kernel"]))
+        checks.append((f"{name}: one launch: 0 spills", str(recs[0]["spills"]), recs[0]["spills"] == 0))
+        use = min((lp["weight_loads_before_first_use"] for lp in recs[0]["hot_loops"]), default=0)
+        checks.append((f"{name}: one launch: >= {MIN_LOADS_BEFORE_USE} weight loads before first use", str(use),
+                       use >= MIN_LOADS_BEFORE_USE))
+        checks.append((f"{name}: one launch plan ESTIMATE < two launches'", f"{one:.2f} us against {two:.2f} us",
+                       one < two))
     return checks
 
 
