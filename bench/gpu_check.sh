@@ -91,7 +91,7 @@ if [ "$DRY" = 1 ]; then
 else
     step 60 gpu-tests "$PY" -m pytest -q -x -m gpu tests/
     step 60 kernel-tests "$PY" -m pytest -q tests/test_kernels.py tests/test_hybrid_kernels.py \
-        -k "default or workspace or variants or fp32 or model or layer"
+        -k "default or workspace or variants or fp32 or model or layer or one_launch"
     # the benchmark stops starting cases 25 s before its limit and keeps what it measured
     step 150 bench-kernels "$PY" bench/kernel_bench.py --no-plots --budget 125
     step 90 bench-e2e "$PY" bench/e2e.py --quick

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from triton_lowrank.kernels.configs import Problem
+from triton_lowrank.kernels.configs import Problem, one_launch_config
 from triton_lowrank.kernels.launch import launch
 
 from triton_lowrank.core.autotune import Autotuner, default_config
@@ -73,6 +73,25 @@ def test_real_sizes_both_paths(bits, k, n, rank, m):
         launch(x, f, default_config(problem, num_sms(), interpret=not ON_GPU, fused_max_m=fused_max_m), out)
         assert_close_scaled(out, ref)
     assert_close_scaled(lowrank_matmul(x, f), ref)
+
+
+@pytest.mark.parametrize("bits,k,n,rank", sizes([(8, 576, 1536, 32), (4, 768, 3072, 64), (None, 256, 1024, 16)],
+                                                 [(8, 64, 96, 7), (4, 64, 96, 16), (None, 32, 48, 5)]))
+def test_small_layers_take_one_launch(bits, k, n, rank):
+    """A small layer's default decode plan is one launch (on the GPU), and it matches the reference, as does the
+    custom op's own choice."""
+    group = sizes(128, 32)  # the decode path's int4 groups are whole 32-column chunks
+    layer = make_layer(k, n, rank, bits, group_size=group)
+    f = layer.factors()
+    problem = Problem(1, n, k, rank, bits, group if bits == 4 else 0)
+    config = default_config(problem, num_sms(), interpret=not ON_GPU)
+    if ON_GPU:
+        assert config.one_launch, config
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
+    out = torch.full((1, n), float("nan"), device=DEVICE, dtype=torch.float16)
+    launch(x, f, one_launch_config(problem), out)
+    assert_close_scaled(out, reference(x, layer))
+    assert_close_scaled(lowrank_matmul(x, f), reference(x, layer))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
