@@ -102,6 +102,15 @@ def _store_lane(y_ptr, stride_ym, acc, offset, bias_ptr, cols, LANE: tl.constexp
 
 
 @triton.jit
+def _expand_zeros(ROWS: tl.constexpr, T: tl.constexpr):
+    """Phase 2's accumulators: one [ROWS, T, 4] per lane (8: int4's lanes; int8 uses 4, float factors 1) and hsum."""
+    acc0 = tl.zeros((ROWS, T, 4), dtype=tl.float32)
+    hsum = tl.sum(tl.zeros_like(acc0), axis=2)  # [ROWS, T]
+    return acc0, tl.zeros_like(acc0), tl.zeros_like(acc0), tl.zeros_like(acc0), tl.zeros_like(acc0), \
+        tl.zeros_like(acc0), tl.zeros_like(acc0), tl.zeros_like(acc0), hsum
+
+
+@triton.jit
 def _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, bias_ptr, n0, m, N,
                  BITS: tl.constexpr, PRECISE: tl.constexpr, HAS_BIAS: tl.constexpr, LANES: tl.constexpr,
                  T: tl.constexpr):
@@ -308,15 +317,7 @@ def decode_expand_kernel(
         else:
             s_ptrs = up_scale_ptr + rows
             s_stride = 1
-        acc0 = tl.zeros((SUB_R, T, 4), dtype=tl.float32)
-        acc1 = tl.zeros_like(acc0)
-        acc2 = tl.zeros_like(acc0)
-        acc3 = tl.zeros_like(acc0)
-        acc4 = tl.zeros_like(acc0)
-        acc5 = tl.zeros_like(acc0)
-        acc6 = tl.zeros_like(acc0)
-        acc7 = tl.zeros_like(acc0)
-        hsum = tl.sum(tl.zeros_like(acc0), axis=2)  # [SUB_R, T]
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_zeros(SUB_R, T)
         # Software-pipelined over blocks of BLOCK_R rows, two blocks (A, B) per iteration: each block's U 128-bit
         # loads per thread (and its h and scales) are issued one block ahead of their use, so 2 U weight loads are in
         # flight at a first use, and the ping-pong needs no register copies (a copy would wait for its load). Rows
@@ -385,15 +386,7 @@ def decode_one_launch_kernel(
     h = tl.where(r_ok, h, 0.0)  # [R_PAD]
     if BITS != 4 and BITS != 8:
         scale = h  # float factors: a stand-in, never read
-    acc0 = tl.zeros((R_PAD, T, 4), dtype=tl.float32)
-    acc1 = tl.zeros_like(acc0)
-    acc2 = tl.zeros_like(acc0)
-    acc3 = tl.zeros_like(acc0)
-    acc4 = tl.zeros_like(acc0)
-    acc5 = tl.zeros_like(acc0)
-    acc6 = tl.zeros_like(acc0)
-    acc7 = tl.zeros_like(acc0)
-    hsum = tl.sum(tl.zeros_like(acc0), axis=2)  # [R_PAD, T]
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_zeros(R_PAD, T)
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_step(
         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, words, h, scale, magic, BITS, PRECISE)
     _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, bias_ptr, n0, m, N, BITS,
