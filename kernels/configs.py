@@ -217,7 +217,7 @@ ONE_LAUNCH_MAX_DOWN_BYTES = 32 * 1024  # `down` re-read by every program: its by
 
 def one_launch_supported(p: Problem) -> bool:
     """Small enough for decode_one_launch_kernel: a decode-path problem whose `down` fits the size rule."""
-    return (decode_supported(p) and p.base_bits is None and next_pow2(p.rank) <= ONE_LAUNCH_MAX_RANK
+    return (decode_supported(p) and next_pow2(p.rank) <= ONE_LAUNCH_MAX_RANK
             and p.rank * p.k * p.factor_elem_bytes <= ONE_LAUNCH_MAX_DOWN_BYTES)
 
 
