@@ -264,9 +264,10 @@ def lowrank_default_config(
 
 
 # ---- the hybrid format (kernels/hybrid_matmul.py): phase 1 as above, then one base-plus-correction kernel ----
-# Paths as for low rank: "decode" (phase 1 decode_shrink_kernel into the workspace; block_m 1: hybrid_gemv_kernel,
-# block_m 16: hybrid_tile_kernel) and "split" (shrink_kernel, then hybrid_tile_kernel). Fields: block_r, block_k and
-# split_k (and shrink_warps) shape phase 1; block_n, block_k, num_warps the base; expand_block_r the epilogue's rows.
+# Paths as for low rank: "decode" (phase 1 decode_shrink_kernel; block_m 1: per-split partial sums, then
+# hybrid_gemv_kernel; block_m 16: into the workspace, then hybrid_tile_kernel) and "split" (shrink_kernel, then
+# hybrid_tile_kernel). Fields: block_r, block_k and split_k (and shrink_warps) shape phase 1; block_n, block_k (CUDA
+# cores: base_block_k), num_warps the base; expand_block_r the epilogue's rows.
 
 
 def gemv_chunk(base_bits: int) -> int:
@@ -297,6 +298,20 @@ def _tile_block(p: Problem, wanted: int) -> int:
     return block
 
 
+def hybrid_gemv_phase1(p: Problem) -> TileConfig:
+    """Phase 1 of the CUDA-core hybrid (hybrid_gemv_kernel, M = 1), which leaves per-split partial sums for the gemv
+    to add up (decode_shrink_kernel with PARTIALS): each CTA reads one [block_r, block_k] tile of `down`, 4 rows x one
+    16-byte chunk per thread (4 loads in flight, all of its bytes in one round trip), 16 threads along K (256 bytes of
+    a row per warp), block_r 32 rows from 4 warps (8 or 16 from 1 or 2 for smaller ranks). split_k = the K tiles:
+    4096 in and int8 give 16 splits, so the gemv reads 16 x 32 fp32 (2 KB) of partials per CTA after its wait; the
+    low-rank decode's 64 (1-warp CTAs of 64 columns) would be 8 KB per CTA, 2.8 MB over the 344 CTAs of
+    4096->11008. bench/sass_report.py (sm_90, static ESTIMATES) on 4096->11008 int4 g128 + r32 int8: phase 1 1.07 us
+    (16 CTAs, 8 KB in flight per SM: all it reads), well inside the base's 8.8 us before the gemv's wait."""
+    block_r = min(32, max(8, next_pow2(p.rank)))
+    block_k = 16 * decode_chunk(p.bits)
+    return TileConfig("decode", 1, 16, block_k, block_r, _cdiv(p.k, block_k), num_warps=block_r // 8)
+
+
 def hybrid_default_config(
     p: Problem, num_sms: int = DEFAULT_NUM_SMS, interpret: bool = False, fused_max_m: int = FUSED_MAX_M
 ) -> TileConfig:
@@ -315,7 +330,7 @@ def hybrid_default_config(
         warps, block_n, base_block_k = {4: (2, 32, 512), 3: (2, 32, 256), 2: (1, 16, 512)}[p.base_bits]
         if _cdiv(p.n, block_n) < WAVE_CTAS * num_sms:
             block_n //= 2
-        phase1 = decode_cuda_core_config(p, num_sms)
+        phase1 = hybrid_gemv_phase1(p)
         return TileConfig("decode", 1, block_n, phase1.block_k, phase1.block_r, phase1.split_k, num_warps=warps,
                           expand_block_r=32, shrink_warps=phase1.phase1_warps, base_block_k=base_block_k)
     block_k = _tile_block(p, 64)
@@ -340,7 +355,7 @@ def hybrid_candidate_configs(p: Problem, first: TileConfig, wide: bool, num_sms:
     out = [first]
     if p.m <= 4 * FUSED_MAX_M and hybrid_decode_supported(p):
         if hybrid_gemv_supported(p):
-            phase1 = decode_cuda_core_config(p, num_sms)
+            phase1 = hybrid_gemv_phase1(p)
             for warps, block_n, block_k in itertools.product((4, 2, 1), (16, 32, 64, 128) if wide else (16, 32),
                                                              (256, 512, 1024) if p.base_bits == 4 else (256, 512)):
                 out.append(TileConfig("decode", 1, block_n, phase1.block_k, phase1.block_r, phase1.split_k,

@@ -9,14 +9,24 @@ Storage (triton_lowrank/quant.py, hybrid_storage.py): the base Q [out, in] is qu
   int3 and int2 have a uint8 zero point per group: w = (code - zero) · scale.
 The correction's factors (down [r, in], up_t [r, out]) are low-rank factor storage, read by dequant_tile.
 
-The rank-r intermediate hidden = x · Dᵀ (fp32) comes from the low-rank phase-1 kernels: decode_shrink_kernel into
-the zeroed decode workspace for decode M, shrink_kernel for prefill M. One kernel then does the rest for a block of
-output features: the base matmul over all of `in`, the correction as an epilogue (hidden · up_t[:, block]), bias, one
-store. Under programmatic dependent launch (sm_90) it starts while phase 1 runs and waits for hidden only before the
-epilogue, so phase 1 (r·in factor bytes against out·in·bits/8 base bytes) hides behind the base's stream.
+The rank-r intermediate hidden = x · Dᵀ (fp32) comes from the low-rank phase-1 kernels: decode_shrink_kernel for
+decode M, shrink_kernel for prefill M. One kernel then does the rest for a block of output features: the base matmul
+over all of `in`, the correction as an epilogue (hidden · up_t[:, block]), bias, one store. Under programmatic
+dependent launch (sm_90) it starts while phase 1 runs and waits for hidden only before the epilogue, so phase 1 (r·in
+factor bytes against out·in·bits/8 base bytes) hides behind the base's stream.
+How hidden gets from phase 1 to the epilogue:
+- CUDA cores (hybrid_gemv_kernel): decode_shrink_kernel with PARTIALS stores each K split's partial sums into its own
+  slice of partials [S, M, R] (plain stores into a buffer of its own, any content on entry: launch.partials_buffer);
+  the epilogue adds the S slices as it reads hidden (_hidden_rows). No zeroed workspace, no ticket, no atomics in
+  either kernel, so nothing has to be left zero for the next call.
+- tensor cores at decode M (hybrid_tile_kernel, RELEASE_HIDDEN): decode_shrink_kernel adds into the zeroed decode
+  workspace with atomics; the last program of each M block re-zeroes it (utils.release_hidden: an atomic ticket).
 
-- hybrid_gemv_kernel: M = 1, int4 base, CUDA cores. Each program owns BLOCK_N base rows; each thread multiply-adds
-  16-byte chunks of its rows (the low-rank phase-1 tile, utils.shrink_tile_cc), one cross-thread reduction per row.
+- hybrid_gemv_kernel: M = 1, CUDA cores. Each program owns BLOCK_N base rows; each thread multiply-adds 16-byte
+  chunks of its rows (the low-rank phase-1 tile, utils.shrink_tile_cc), one cross-thread reduction per row. The
+  correction's up_t slice (int8 words: all of it when R <= UP_ROWS, e.g. 32 rows x 32 bytes per CTA: one 128-bit load
+  per thread), its row scales and the bias are loaded before the dependent-launch wait: after it, the partials' round
+  trip is the only one.
 - hybrid_tile_kernel: tensor cores for everything else (M > 1, int3 and int2 bases, rows that are not whole 16-byte
   chunks): [BLOCK_M, BLOCK_N] output tiles, the base codes of each [BLOCK_N, BLOCK_K] tile exact in the activation
   dtype, the group scale applied to the partial product when BLOCK_K divides the group (per element otherwise). An
@@ -252,27 +262,44 @@ def _int8_up_words(up_ptr, r0, n0, N, R, BLOCK_N: tl.constexpr, BLOCK_R: tl.cons
 
 
 @triton.jit
-def _int8_correction_words(first, hidden_row_ptr, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N: tl.constexpr,
-                           BLOCK_R: tl.constexpr):
-    """fp32 [BLOCK_N]: Σ_r hidden[r] · s_r · up_t[r, n0 .. n0 + BLOCK_N] for int8 up_t rows read as 32-bit words.
-    `first` is the first row block (_int8_up_words at row 0, loaded before the dependent-launch wait: up_t does not
-    depend on phase 1); each iteration loads the next block before it consumes the current one. The bytes keep
-    int8_lane's RAW offset (SHF + LOP3 + FFMA per value); offset · Σ h·s comes off once at the end. Rows past R are
-    masked (h = 0)."""
+def _hidden_rows(partials_ptr, m, M, R, S, r_offs, S_BLOCK: tl.constexpr):
+    """fp32 hidden[m, r_offs] (0 past R) from phase 1's partials [S, M, R] (decode_shrink_kernel, PARTIALS): the sum of
+    the S splits' slices, all S_BLOCK x rows loaded at once (one round trip), reduced in registers."""
+    s = tl.arange(0, S_BLOCK)
+    p = tl.load(partials_ptr + (s[:, None] * M + m) * R + r_offs[None, :],
+                mask=(s < S)[:, None] & (r_offs < R)[None, :], other=0.0)
+    return tl.sum(p, axis=0)
+
+
+@triton.jit
+def _int8_correction_words(first, first_scale, partials_ptr, m, M, S, up_ptr, up_scale_ptr, n0, N, R, magic,
+                           BLOCK_N: tl.constexpr, UP_ROWS: tl.constexpr, ONE_STEP: tl.constexpr,
+                           S_BLOCK: tl.constexpr):
+    """fp32 [BLOCK_N]: Σ_r hidden[r] · s_r · up_t[r, n0 .. n0 + BLOCK_N] for int8 up_t rows read as 32-bit words,
+    UP_ROWS rows per step, hidden summed from phase 1's partials (_hidden_rows). `first` is the first step's rows
+    (_int8_up_words at row 0) and `first_scale` their row scales, both loaded before the dependent-launch wait (up_t
+    does not depend on phase 1), so the partials' round trip is the only one after it. ONE_STEP
+    (R <= UP_ROWS): that is the whole slice, and there is no loop; otherwise each iteration loads the next step's rows
+    before it consumes the current ones. The bytes keep int8_lane's RAW offset (SHF + LOP3 + FFMA per value);
+    offset · Σ h·s comes off once at the end. Rows past R are masked (h = 0)."""
     W: tl.constexpr = BLOCK_N // 4
-    r = tl.arange(0, BLOCK_R)
-    acc0 = tl.zeros((BLOCK_R, W), dtype=tl.float32)
+    r = tl.arange(0, UP_ROWS)
+    acc0 = tl.zeros((UP_ROWS, W), dtype=tl.float32)
     acc1 = tl.zeros_like(acc0)
     acc2 = tl.zeros_like(acc0)
     acc3 = tl.zeros_like(acc0)
-    h_total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    chunk = first
-    for r0 in range(0, R, BLOCK_R):
-        nxt = _int8_up_words(up_ptr, r0 + BLOCK_R, n0, N, R, BLOCK_N, BLOCK_R)
-        ok = r0 + r < R
-        h = tl.load(hidden_row_ptr + r0 + r, mask=ok, other=0.0) * tl.load(up_scale_ptr + r0 + r, mask=ok, other=0.0)
-        acc0, acc1, acc2, acc3, h_total = _int8_words_step(acc0, acc1, acc2, acc3, h_total, chunk, h, magic)
-        chunk = nxt
+    h_total = tl.zeros((UP_ROWS,), dtype=tl.float32)
+    if ONE_STEP:
+        h = _hidden_rows(partials_ptr, m, M, R, S, r, S_BLOCK) * first_scale
+        acc0, acc1, acc2, acc3, h_total = _int8_words_step(acc0, acc1, acc2, acc3, h_total, first, h, magic)
+    else:
+        chunk = first
+        for r0 in range(0, R, UP_ROWS):
+            nxt = _int8_up_words(up_ptr, r0 + UP_ROWS, n0, N, R, BLOCK_N, UP_ROWS)
+            h = _hidden_rows(partials_ptr, m, M, R, S, r0 + r, S_BLOCK) * tl.load(up_scale_ptr + r0 + r,
+                                                                                   mask=r0 + r < R, other=0.0)
+            acc0, acc1, acc2, acc3, h_total = _int8_words_step(acc0, acc1, acc2, acc3, h_total, chunk, h, magic)
+            chunk = nxt
     offset = INT8_RAW_OFFSET * tl.sum(h_total, axis=0)
     c0 = tl.sum(acc0, axis=0) - offset  # [W]: columns 4w
     c1 = tl.sum(acc1, axis=0) - offset
@@ -283,22 +310,25 @@ def _int8_correction_words(first, hidden_row_ptr, up_ptr, up_scale_ptr, n0, N, R
 
 @triton.jit
 def hybrid_gemv_kernel(
-    x_ptr, base_ptr, base_scale_ptr, base_zero_ptr, hidden_ptr, up_ptr, up_scale_ptr, bias_ptr, y_ptr, ticket_ptr,
-    N, K, R, stride_xm, stride_ym, magic,
+    x_ptr, base_ptr, base_scale_ptr, base_zero_ptr, partials_ptr, up_ptr, up_scale_ptr, bias_ptr, y_ptr,
+    N, K, R, S, stride_xm, stride_ym, magic,
     BASE_BITS: tl.constexpr, BASE_GROUP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     X_PAIRS: tl.constexpr = False, PRECISE: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-    UP_WORDS: tl.constexpr = False,
+    UP_WORDS: tl.constexpr = False, S_BLOCK: tl.constexpr = 1, UP_ROWS: tl.constexpr = 16,
+    UP_ONE_STEP: tl.constexpr = False,
 ):
     """y[m, n block] = x[m] · Q̂[n block]ᵀ + hidden[m] · up_t[:, n block] + bias on CUDA cores.
 
     grid = (cdiv(N, BLOCK_N), M). int4: K, BASE_GROUP and BLOCK_K multiples of 32 (whole 16-byte chunks); int2 and
-    int3: multiples of 64 (int3: K of 128, so rows stay 16-byte aligned). hidden is the decode workspace (fp32
-    [M, R]), re-zeroed by the last program of each row (ticket [M]). UP_WORDS: int8 up_t rows of whole 32-bit words
-    (N % 4 == 0), read as words.
+    int3: multiples of 64 (int3: K of 128, so rows stay 16-byte aligned). hidden[m] is the sum of phase 1's S partial
+    sums, partials [S, M, R] fp32 (decode_shrink_kernel with PARTIALS; S <= S_BLOCK): read only, no workspace to
+    re-zero, no ticket, no atomics. UP_WORDS: int8 up_t rows of whole 32-bit words (N % 4 == 0), read as words,
+    UP_ROWS rows per step (UP_ONE_STEP: R <= UP_ROWS, the whole slice in one step); otherwise BLOCK_R rows per step.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
+    M = tl.num_programs(1)
     n0 = pid_n * BLOCK_N
     rows = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)  # clamped, so the hot loop needs no row mask
     row_words = tl.multiple_of(K * BASE_BITS // 32, 4)
@@ -326,22 +356,27 @@ def hybrid_gemv_kernel(
         if k_full < K:
             acc = _zero_point_tile_cc(acc, x_row_ptr, w_rows_ptr, scale_rows_ptr, zero_rows_ptr, k_full, K, K, magic,
                                       BASE_BITS, BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, True)
-    if BITS == 8 and UP_WORDS:  # the correction's first up_t block: it does not depend on phase 1
-        first = _int8_up_words(up_ptr, 0, n0, N, R, BLOCK_N, BLOCK_R)
+    if BITS == 8 and UP_WORDS:  # the correction's first up_t rows (all of them: UP_ONE_STEP): no phase-1 dependence
+        first = _int8_up_words(up_ptr, 0, n0, N, R, BLOCK_N, UP_ROWS)
+        up_rows = tl.arange(0, UP_ROWS)
+        first_scale = tl.load(up_scale_ptr + up_rows, mask=up_rows < R, other=0.0)
+    n_offs = n0 + tl.arange(0, BLOCK_N)
     y = tl.sum(acc, axis=1)  # [BN]: the one cross-thread reduction of the base
-    if USE_PDL:  # phase 1 must be complete before hidden is read
+    if HAS_BIAS:  # before the wait too: after it, the partials' round trip is the only one
+        y += tl.load(bias_ptr + n_offs, mask=n_offs < N, other=0.0).to(tl.float32)
+    if USE_PDL:  # phase 1 must be complete before its partials are read
         gdc_wait()
     # The correction: per-thread partial sums over r, reduced across threads once after the loop (no shuffles in it);
     # int8 row scales go on h, not on every element.
     if BITS == 8 and UP_WORDS:
-        y += _int8_correction_words(first, hidden_ptr + m * R, up_ptr, up_scale_ptr, n0, N, R, magic, BLOCK_N,
-                                    BLOCK_R)
+        y += _int8_correction_words(first, first_scale, partials_ptr, m, M, S, up_ptr, up_scale_ptr, n0, N, R, magic,
+                                    BLOCK_N, UP_ROWS, UP_ONE_STEP, S_BLOCK)
     else:
         corr = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             r_offs = r0 + tl.arange(0, BLOCK_R)
             rows_r = tl.minimum(r_offs, R - 1)
-            h = tl.load(hidden_ptr + m * R + r_offs, mask=r_offs < R, other=0.0)  # [BR] fp32
+            h = _hidden_rows(partials_ptr, m, M, R, S, r_offs, S_BLOCK)  # [BR] fp32
             if BITS == 8:
                 h = h * tl.load(up_scale_ptr + rows_r)
                 u = dequant_tile(up_ptr, rows_r[:, None], n0, N, N, magic, BITS, BLOCK_N, True)  # [BR, BN]
@@ -349,11 +384,7 @@ def hybrid_gemv_kernel(
                 u = scaled_up_tile(up_ptr, up_scale_ptr, rows_r, n0, N, magic, BITS, GROUP_SIZE, BLOCK_N)
             corr += h[:, None] * u
         y += tl.sum(corr, axis=0)
-    n_offs = n0 + tl.arange(0, BLOCK_N)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + n_offs, mask=n_offs < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + n_offs, y.to(y_ptr.dtype.element_ty), mask=n_offs < N)
-    release_hidden(hidden_ptr, ticket_ptr, m, tl.num_programs(0), m, m + 1, R, 1, BLOCK_R)
 
 
 @triton.jit

@@ -46,6 +46,23 @@ def workspace(device: torch.device, numel: int) -> torch.Tensor:
     return _WORKSPACES[key]
 
 
+# The CUDA-core hybrid's phase-1 partial sums (decode_shrink_kernel with PARTIALS): fp32 buffers that need no
+# particular content (every element a call reads, its phase 1 writes first), one per (device, stream, size bucket),
+# reused so that no call allocates; never the zero-invariant workspace above. Graph capture allocates its own.
+_PARTIALS: dict[tuple, torch.Tensor] = {}
+
+
+def partials_buffer(device: torch.device, numel: int) -> torch.Tensor:
+    bucket = 1 << max(12, (numel - 1).bit_length())
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.empty(bucket, dtype=torch.float32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, bucket)
+    if key not in _PARTIALS:
+        _PARTIALS[key] = torch.empty(bucket, dtype=torch.float32, device=device)
+    return _PARTIALS[key]
+
+
 def pdl_supported(x2d: torch.Tensor) -> bool:
     """Programmatic dependent launch (sm_90+): the decode path's phase 2 launches while phase 1 runs."""
     return x2d.is_cuda and torch.cuda.get_device_capability(x2d.device)[0] >= 9
@@ -69,23 +86,48 @@ def decode_phase1(x2d: torch.Tensor, f, c) -> tuple[torch.Tensor, torch.Tensor, 
 
     Returns (hidden, tickets, M blocks); the phase-2 kernel must re-zero both (release_hidden)."""
     M, K = x2d.shape
+    k_per_split, split_k = _phase1_splits(K, c)
+    m_blocks = triton.cdiv(M, c.block_m)
+    buf = workspace(x2d.device, M * f.rank + m_blocks)
+    hidden, tickets = buf[: M * f.rank], buf[M * f.rank : M * f.rank + m_blocks].view(torch.int32)
+    _decode_shrink(x2d, f, c, hidden, k_per_split, split_k, m_blocks, partials=False)
+    return hidden, tickets, m_blocks
+
+
+def decode_phase1_partials(x2d: torch.Tensor, f, c) -> tuple[torch.Tensor, int]:
+    """Launch decode_shrink_kernel with PARTIALS (CUDA cores, block_m 1): each split stores its partial sums of
+    x2d · downᵀ into its own slice of partials [S, M, R] (fp32, plain stores, any content on entry: a buffer of its
+    own, not the zero-invariant workspace). Returns (partials, S); the reader sums the S slices. Nothing to re-zero."""
+    M, K = x2d.shape
+    if c.uses_dot:
+        raise ValueError("decode_phase1_partials: the CUDA-core decode path (block_m < 16) only")
+    k_per_split, split_k = _phase1_splits(K, c)
+    partials = partials_buffer(x2d.device, split_k * M * f.rank)[: split_k * M * f.rank]
+    _decode_shrink(x2d, f, c, partials, k_per_split, split_k, triton.cdiv(M, c.block_m), partials=True)
+    return partials, split_k
+
+
+def _phase1_splits(K: int, c) -> tuple[int, int]:
+    """(columns per K split, realized split count): a whole number of block_k tiles per split."""
+    k_per_split = triton.cdiv(triton.cdiv(K, c.split_k), c.block_k) * c.block_k
+    return k_per_split, triton.cdiv(K, k_per_split)
+
+
+def _decode_shrink(x2d: torch.Tensor, f, c, out: torch.Tensor, k_per_split: int, split_k: int, m_blocks: int,
+                   partials: bool) -> None:
+    M, K = x2d.shape
     R = f.rank
     bits, group, down_scale, _ = _pointers(f)
     precision, dot_upcast = _dot_flags(x2d)
-    k_per_split = triton.cdiv(triton.cdiv(K, c.split_k), c.block_k) * c.block_k
-    split_k, m_blocks = triton.cdiv(K, k_per_split), triton.cdiv(M, c.block_m)
-    buf = workspace(x2d.device, M * R + m_blocks)
-    hidden, tickets = buf[: M * R], buf[M * R : M * R + m_blocks].view(torch.int32)
     # CUDA cores: fp32 activations get exact int4 values (see int4_lane); 16-bit x rows that start 4-byte
     # aligned are read two columns per load
     kern.decode_shrink_kernel[(triton.cdiv(R, c.block_r), split_k, m_blocks)](
-        x2d, f.down, down_scale, hidden, M, K, R, x2d.stride(0), k_per_split, MAGIC,
+        x2d, f.down, down_scale, out, M, K, R, x2d.stride(0), k_per_split, MAGIC,
         BITS=bits, GROUP_SIZE=group, USE_DOT=c.uses_dot, DOT_PRECISION=precision, DOT_UPCAST=dot_upcast,
         BLOCK_M=c.block_m, BLOCK_R=c.block_r, BLOCK_K=c.block_k, X_PAIRS=x_pairs(x2d),
         PRECISE=x2d.dtype == torch.float32, USE_PDL=pdl_supported(x2d), num_warps=c.phase1_warps,
-        num_stages=c.num_stages,
+        num_stages=c.num_stages, PARTIALS=partials,
     )
-    return hidden, tickets, m_blocks
 
 
 def split_phase1(x2d: torch.Tensor, f, c) -> torch.Tensor:
@@ -176,7 +218,10 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
     """Run the hybrid kernels of `config` on x2d [M, K] into out [M, N]; `w` is a HybridWeights (read by attribute).
 
     Phase 1 (hidden = x · Dᵀ) is the low-rank one; phase 2 is hybrid_gemv_kernel (decode at block_m 1) or
-    hybrid_tile_kernel, a programmatic dependent launch on sm_90 for the decode path.
+    hybrid_tile_kernel, a programmatic dependent launch on sm_90 for the decode path. At block_m 1 phase 1 leaves
+    per-split partial sums in a buffer of its own (decode_phase1_partials), which the gemv adds up: neither kernel
+    touches the zeroed workspace or a ticket. At block_m 16 phase 1 adds into the workspace with atomics and
+    hybrid_tile_kernel re-zeroes it (RELEASE_HIDDEN).
     """
     M, K = x2d.shape
     f = w.correction
@@ -201,22 +246,29 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
         raise ValueError(f"launch_hybrid: block_m 1 needs M=1, in and base_group_size multiples of {chunk} for "
                          f"base_bits={w.base_bits} (int3: in of 128) and a base block_k multiple of {chunk}; got M={M} "
                          f"in={K} base_group_size={w.base_group_size} base block_k={base_block_k}")
+    pdl = decode and pdl_supported(x2d)
+    zero = w.base_zero if w.base_zero is not None else w.base_scale  # never read for an int4 base
+    if decode and not c.uses_dot:
+        # phase 1 leaves per-split partial sums (plain stores into a buffer of their own); the gemv adds them up as
+        # it reads hidden: no zeroed workspace, no ticket, no atomics in either kernel
+        partials, splits = decode_phase1_partials(x2d, f, c)
+        block_r = c.rows_per_expand_step
+        # int8 words: up to 4 row blocks per step (4 loads per thread), all of up_t's rows in one step where they fit
+        up_rows = min(max(block_r, triton.next_power_of_2(R)), 4 * block_r)
+        hybrid.hybrid_gemv_kernel[(triton.cdiv(N, c.block_n), M)](
+            x2d, w.base, w.base_scale, zero, partials, f.up_t, up_scale, bias, out, N, K, R, splits, x2d.stride(0),
+            out.stride(0), MAGIC, BASE_BITS=w.base_bits, BASE_GROUP=w.base_group_size, BITS=bits, GROUP_SIZE=group,
+            HAS_BIAS=w.bias is not None, BLOCK_N=c.block_n, BLOCK_K=base_block_k, BLOCK_R=block_r,
+            X_PAIRS=x_pairs(x2d), PRECISE=x2d.dtype == torch.float32, USE_PDL=pdl, UP_WORDS=N % 4 == 0,
+            S_BLOCK=triton.next_power_of_2(splits), UP_ROWS=up_rows, UP_ONE_STEP=up_rows >= R,
+            num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
+        )
+        return out
     if decode:
         hidden, tickets, _ = decode_phase1(x2d, f, c)
     else:
         hidden = split_phase1(x2d, f, c)
         tickets = hidden  # unused without RELEASE_HIDDEN
-    pdl = decode and pdl_supported(x2d)
-    zero = w.base_zero if w.base_zero is not None else w.base_scale  # never read for an int4 base
-    if decode and not c.uses_dot:
-        hybrid.hybrid_gemv_kernel[(triton.cdiv(N, c.block_n), M)](
-            x2d, w.base, w.base_scale, zero, hidden, f.up_t, up_scale, bias, out, tickets, N, K, R, x2d.stride(0),
-            out.stride(0), MAGIC, BASE_BITS=w.base_bits, BASE_GROUP=w.base_group_size, BITS=bits, GROUP_SIZE=group,
-            HAS_BIAS=w.bias is not None, BLOCK_N=c.block_n, BLOCK_K=base_block_k, BLOCK_R=c.rows_per_expand_step,
-            X_PAIRS=x_pairs(x2d), PRECISE=x2d.dtype == torch.float32, USE_PDL=pdl, UP_WORDS=N % 4 == 0,
-            num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
-        )
-        return out
     hybrid.hybrid_tile_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))](
         x2d, w.base, w.base_scale, zero, hidden, f.up_t, up_scale, bias, out, tickets, M, N, K, R, x2d.stride(0),
         out.stride(0), MAGIC, MAGIC16, BASE_BITS=w.base_bits, BASE_GROUP=w.base_group_size, BITS=bits,

@@ -10,7 +10,8 @@ Kernels:
   byte is read once, by many CTAs per SM. The last phase-2 program re-zeroes hidden (atomic ticket),
   so the workspace is zero between calls without a memset (CUDA-graph safe). On sm_90 phase 2 is a
   programmatic dependent launch: it starts while phase 1 runs and waits (griddepcontrol) before
-  reading hidden.
+  reading hidden. (The hybrid's CUDA-core path runs phase 1 with PARTIALS instead: per-split partial sums, plain
+  stores, summed by its reader; see kernels/hybrid_matmul.py.)
   BLOCK_M == 1 runs on CUDA cores, one program per row of x: tiles are [rows, threads, 4 words], so
   each thread loads 16 contiguous bytes per row (LDG.128) and keeps fp32 partial sums per (row, word):
   no shuffles or barriers in the hot loops, one cross-thread reduction at the end. In phase 1 the x
@@ -226,12 +227,17 @@ def decode_shrink_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     X_PAIRS: tl.constexpr = False, PRECISE: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    PARTIALS: tl.constexpr = False,
 ):
     """Phase 1: hidden[M, R] (fp32, zero on entry) += x[:, k range] · down[:, k range]ᵀ, scales applied.
 
     grid = (cdiv(R, BLOCK_R), split_k, cdiv(M, BLOCK_M)); k_per_split is a multiple of BLOCK_K.
     USE_PDL: phase 2 is a programmatic dependent launch; it may start (and wait) as soon as every program here has.
+    PARTIALS (CUDA cores only; the hybrid's hybrid_gemv_kernel): hidden_ptr is partials [split_k, M, R] fp32 instead,
+    any content on entry: each program stores its partial sums into its split's slice with plain stores (no atomics,
+    nothing to re-zero); the reader adds the split_k slices.
     """
+    tl.static_assert(not (PARTIALS and USE_DOT), "PARTIALS is the CUDA-core (BLOCK_M 1) path's")
     if USE_PDL:
         gdc_launch_dependents()
     pid_r = tl.program_id(0)
@@ -261,7 +267,10 @@ def decode_shrink_kernel(
     else:
         hidden = _shrink_rows_cc(x_ptr + m0 * stride_xm, down_ptr, down_scale_ptr, rows, k_lo, k_hi, K, magic, BITS,
                                  GROUP_SIZE, BLOCK_R, BLOCK_K, X_PAIRS, PRECISE)  # [BR]
-        tl.atomic_add(hidden_ptr + m0 * R + r_offs, hidden, mask=r_offs < R, sem="relaxed")
+        if PARTIALS:  # this split's own slice: every (split, m, r) is written by exactly one program
+            tl.store(hidden_ptr + tl.program_id(1) * M * R + m0 * R + r_offs, hidden, mask=r_offs < R)
+        else:
+            tl.atomic_add(hidden_ptr + m0 * R + r_offs, hidden, mask=r_offs < R, sem="relaxed")
 
 
 @triton.jit

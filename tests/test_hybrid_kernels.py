@@ -116,6 +116,49 @@ def test_decode_workspace_left_zeroed(path):
     assert all(not ws.any() for ws in kernel_launch._WORKSPACES.values())
 
 
+def test_cuda_core_path_needs_no_zeroed_workspace():
+    """hybrid_gemv_kernel reads phase 1's per-split partial sums (plain stores into a buffer of their own), not the
+    zero-invariant workspace: a call leaves the workspace zero; then, with the partials buffers and the workspace
+    NaN-poisoned (an element read but not written first would reach the output), a call with a different input
+    still matches the reference and leaves the poisoned workspace untouched."""
+    w = make_weights(64, 48, 20, 4, 32, 8, 32, torch.float16, seed=7)
+    run_poisoned(torch.randn(1, 64).half().to(DEVICE), w, CONFIGS["tensor-cores"])  # a workspace exists (and is 0)
+    workspaces = list(kernel_launch._WORKSPACES.values())
+    assert workspaces and all(not ws.any() for ws in workspaces)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(7)).half().to(DEVICE)
+    assert_close(run_poisoned(x, w, CONFIGS["cuda-cores"]), x, w)
+    assert kernel_launch._PARTIALS, "the CUDA-core path keeps its partial sums in a buffer of its own"
+    assert all(not ws.any() for ws in kernel_launch._WORKSPACES.values())
+    try:
+        for buf in [*kernel_launch._PARTIALS.values(), *workspaces]:
+            buf.fill_(float("nan"))
+        x = torch.randn(1, 64, generator=torch.Generator().manual_seed(8)).half().to(DEVICE)
+        assert_close(run_poisoned(x, w, CONFIGS["cuda-cores"]), x, w)
+        assert all(ws.isnan().all() for ws in workspaces)
+    finally:
+        for ws in kernel_launch._WORKSPACES.values():
+            ws.zero_()
+
+
+@pytest.mark.parametrize("rank,split_k,expand_block_r", [
+    (5, 3, 16),  # 3 splits of a 4-split block (S < S_BLOCK), one up_t step of 16 rows
+    (40, 2, 16),  # one step of 64 rows (next power of two), 24 of them masked
+    (70, 5, 16),  # more than 4 row blocks: the loop, 64 rows per step, the last step masked past the rank
+    (33, 1, 8),  # one split, a loop of 32-row steps
+])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_core_correction_steps_and_splits(rank, split_k, expand_block_r, bits):
+    """The gemv's correction over every up_t step shape (one step, loop) and split count (S_BLOCK > S, S = 1), int8 up_t
+    read as words and int4 (the row-block loop); partials NaN-poisoned."""
+    for buf in kernel_launch._PARTIALS.values():
+        buf.fill_(float("nan"))
+    k, n = 384, 64
+    w = make_weights(k, n, rank, 4, 32, bits, 32, torch.float16, bias=rank % 2 == 1, seed=rank)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(rank)).half().to(DEVICE)
+    config = dataclasses.replace(CONFIGS["cuda-cores"], split_k=split_k, expand_block_r=expand_block_r)
+    assert_close(run_poisoned(x, w, config), x, w)
+
+
 def test_default_configs_are_launchable():
     """Heuristic configs (interpreter and real GPU sizes) give correct results on small problems too."""
     for m, base_bits in ((1, 4), (1, 3), (4, 2), (40, 4)):

@@ -80,6 +80,16 @@ def test_plans_overlap_a_dependent_launch_instead_of_summing():
     assert plan["plan_eager_us"] >= 2 * model.HOST_LAUNCH_US
 
 
+def test_weight_loads_are_counted_on_both_sides_of_the_wait():
+    """A load issued before the dependent-launch wait (ACQBULK) overlaps the kernel before; one after it does not."""
+    waiting = SASS.replace("        /*00c0*/                   EXIT ;", "        /*00c0*/                   ACQBULK ;\n"
+                           "        /*00d0*/                   LDG.E.128 R8, desc[UR4][R2.64] ;\n"
+                           "        /*00e0*/                   EXIT ;")
+    info = hotloops.analyze_sass(waiting, OFFSETS, ROLES)
+    assert info["has_wait"] and (info["weight_loads_before_wait"], info["weight_loads_after_wait"]) == (1, 1)
+    assert hotloops.analyze_sass(SASS, OFFSETS, ROLES)["weight_loads_after_wait"] == 0
+
+
 def test_loops_without_weight_loads_are_not_hot():
     assert hotloops.analyze_sass(SASS.replace("c[0x0][0x218]", "c[0x0][0x210]"), OFFSETS, ROLES)["hot_loops"] == []
 
@@ -133,3 +143,5 @@ def test_static_targets_hold_for_the_default_configs(tmp_path):
     assert len(small) == 4 * len(SMALL_PROBLEMS) and set(small) <= passed, sorted(set(small) - passed)
     # the M = 16 hybrid: int4 base in quarters, 128-bit copies, <= 8 insts per weight byte, plan ESTIMATE <= 12 us
     assert set(targets.M16_TARGETS) <= passed, sorted(set(targets.M16_TARGETS) - passed)
+    # the M = 1 hybrid: per-split partials (no ticket, no atomics), up_t before the wait, plan ESTIMATE <= 11 us
+    assert set(targets.H1_TARGETS) <= passed, sorted(set(targets.H1_TARGETS) - passed)

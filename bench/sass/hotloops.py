@@ -17,7 +17,7 @@ Asynchronous copies to shared memory (LDGSTS, Triton's pipelined loads for tl.do
 counts them in flight for num_stages - 1 iterations instead (async_copies).
 
 A kernel's dependent-launch wait (griddepcontrol.wait: ACQBULK) splits it into the part that may overlap the kernel
-before it and the rest; weight loads issued before it are counted.
+before it and the rest; weight loads issued before it and after it are counted.
 """
 
 from __future__ import annotations
@@ -161,6 +161,7 @@ def analyze_sass(text: str, offsets: dict[int, int], roles: dict[int, str]) -> d
         "global_atomics": sum(ins.base in ("RED", "ATOMG", "ATOM") or ins.base.startswith("REDG") for ins in instrs),
         "has_wait": wait is not None,
         "weight_loads_before_wait": 0 if wait is None else sum(i < wait for i in weight_loads),
+        "weight_loads_after_wait": 0 if wait is None else sum(i > wait for i in weight_loads),
         "hot_loops": hot_loops,
     }
 
