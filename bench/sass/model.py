@@ -20,8 +20,9 @@ A plan (the kernels of one layer call, in launch order) under CUDA graphs:
   GRAPH_LAUNCH_US + kernel 1, then for each programmatic dependent launch (PDL) k, launched as kernel k-1 starts (at
   s): end = max(end of k-1 + PDL_GAP_US, s + pre_k, s + bytes of k-1 and of pre_k at HBM) + post_k,
   where pre_k is the part of kernel k before its griddepcontrol.wait (its
-  hot loops there, plus one DRAM_LATENCY when it issues weight loads before the wait: their first round trip
-  overlaps) and post_k the rest. Kernels without PDL add GRAPH_LAUNCH_US + their time.
+  hot loops there, plus one DRAM_LATENCY when it issues weight loads before the wait and has a hot loop after it: that
+  loop's first round trip overlaps) and post_k the rest, never less than one L2_LATENCY (reading what kernel k-1
+  wrote) plus post_k's issue. Kernels without PDL add GRAPH_LAUNCH_US + their time.
 Eager (no graph): the same with EAGER_LAUNCH_US per launch on the GPU, but never faster than the host can launch:
   max(kernels x HOST_LAUNCH_US, that).
 Assumed, not modelled: a dependent kernel's CTAs find room beside the running kernel's; HBM shared evenly.
@@ -36,6 +37,9 @@ CLOCK_GHZ = 1.755  # sustained SM clock under load
 HBM_TBS = 3.0  # achievable DRAM bandwidth (3.35 TB/s peak)
 L2_TBS = 7.0  # L2 read bandwidth for re-read weight tiles
 DRAM_LATENCY_NS = 650.0  # loaded round trip
+# An L2 hit, loaded (an assumption: unloaded L2-hit pointer chases on recent NVIDIA parts take ~220-340 cycles,
+# 0.13-0.19 us at CLOCK_GHZ); what a dependent launch pays to read what the kernel before it wrote
+L2_LATENCY_NS = 300.0
 ISSUE_PER_CLK = 128  # thread-instructions per SM per clock: 4 schedulers x 32 lanes
 GRAPH_LAUNCH_US = 1.0  # a kernel node of a CUDA graph (issue 20: "about 1 us")
 PDL_GAP_US = 0.5  # a programmatic dependent launch's hand-off after its primary ends (issue 20: 0.3-0.7 us)
@@ -44,6 +48,7 @@ HOST_LAUNCH_US = 6.0  # host time of one Triton launch from Python (a guess; the
 REGS_PER_SM, MAX_WARPS_PER_SM, MAX_CTAS_PER_SM = 65536, 64, 32
 SMEM_PER_SM, SMEM_RESERVED_PER_CTA = 233472, 1024
 LATENCY_US = DRAM_LATENCY_NS * 1e-3
+L2_LATENCY_US = L2_LATENCY_NS * 1e-3
 CLOCKS_PER_US = CLOCK_GHZ * 1e3
 
 
@@ -97,8 +102,11 @@ def estimate_kernel(r: dict) -> dict:
 
     pre, post = (bound(*parts[after], any(_after_wait(r, lp) == after for lp in r["hot_loops"]))
                  for after in (False, True))
-    if r.get("launch_pdl") and r.get("weight_loads_before_wait") and post:
-        pre, post = pre + LATENCY_US, post - LATENCY_US  # the first round trip overlaps the kernel before
+    if r.get("launch_pdl") and post:  # the part after griddepcontrol.wait
+        if r.get("weight_loads_before_wait") and any(_after_wait(r, lp) for lp in r["hot_loops"]):
+            pre, post = pre + LATENCY_US, post - LATENCY_US  # its loop's first round trip overlaps the kernel before
+        # but its first use of what the kernel before wrote (hidden, partials) is a dependent read, an L2 hit
+        post = max(post, L2_LATENCY_US + parts[True][0])
     weight_unique = sum(lp["weight_bytes_streamed"] for lp in r["hot_loops"]) - r["weight_reread_bytes"]
     other = max(0.0, r["unique_bytes"] - weight_unique) / (HBM_TBS * 1e6) + r["weight_reread_bytes"] / (L2_TBS * 1e6)
     body = pre + post + other + LATENCY_US * (r["global_atomics"] > 0)
