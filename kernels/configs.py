@@ -38,6 +38,10 @@ TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 DEFAULT_NUM_SMS = 132
 DEFAULT_SMEM_BYTES = 232448
 WAVE_CTAS = 2  # decode grids aim at this many CTAs per SM: one hides the other's load latency
+# Decode on CUDA cores, the tuner's whole-K candidates: a phase 1 whose CTAs each cover all of K in one tile of at most
+# this many warps (8 rows per thread, every thread along K) stores hidden with plain stores into a buffer of its own:
+# no atomics, and phase 2 has no workspace to re-zero (no ticket). 8 warps: ~250 registers x 256 threads fit an SM.
+WHOLE_K_MAX_WARPS = 8
 
 
 @dataclass(frozen=True)
@@ -168,15 +172,31 @@ def _realized_split(k: int, block_k: int, split_k: int) -> int:
     return _cdiv(k, k_per_split)
 
 
+def _whole_k_phase1(p: Problem) -> tuple[int, int, int] | None:
+    """(warps, block_k, block_r) of a CUDA-core phase 1 without a K split: 8 rows per thread (8 128-bit loads in
+    flight), every thread of the CTA along K, the fewest warps whose tile covers all of K; its CTAs (one per 8 ranks)
+    each read their whole share in one round trip and store hidden (no atomics). None past WHOLE_K_MAX_WARPS."""
+    chunk = decode_chunk(p.bits)
+    for warps in (1, 2, 4, 8):
+        if warps > WHOLE_K_MAX_WARPS:
+            break
+        if 32 * warps * chunk >= p.k:
+            return warps, 32 * warps * chunk, 8
+    return None
+
+
 def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_per_thread: int = 8,
-                            row_chunks: int = 2) -> TileConfig:
+                            row_chunks: int = 2, whole_k: bool = False) -> TileConfig:
     """The CUDA-core decode plan (block_m = 1), sized from what bench/sass_report.py shows.
 
-    Phase 1: a thread holds 16-byte chunks of `rows_per_thread` rows; 8 threads along K make a 128-byte
-    (one cache line) row tile (4 in 1-warp CTAs). The x values a thread loads are shared by its rows, so their
-    cost per weight is 1 / rows_per_thread: keep 8 rows per thread and shrink the CTA (4, 2, 1 warps), then the
-    rows (not below 4), until the grid has WAVE_CTAS CTAs per SM (two resident CTAs hide each other's load
-    latency); a phase too small for that gets fewer CTAs.
+    Phase 1 with `whole_k` where K allows (_whole_k_phase1; a tuner candidate, not the default: bench/results/sass/
+    README.md, "Phase 1 without a K split"): no K split, hidden stored with plain stores, no atomics and no ticket.
+    Otherwise (the atomic plan): a thread holds 16-byte
+    chunks of `rows_per_thread` rows; 8 threads along K make a 128-byte (one cache line) row tile (4 in 1-warp
+    CTAs). The x values a thread loads are shared by its rows, so their cost per weight is 1 / rows_per_thread:
+    keep 8 rows per thread and shrink the CTA (4, 2, 1 warps), then the rows (not below 4), until the grid has
+    WAVE_CTAS CTAs per SM (two resident CTAs hide each other's load latency); a phase too small for that gets fewer
+    CTAs.
     Phase 2: one thread per row and per 16-byte chunk of columns, `row_chunks` chunks per CTA row (2: 32 bytes,
     whole sectors; 1 doubles the grid but leaves each warp half of every sector, for a neighbouring CTA to read);
     each block of rows is up to 4 sub-tiles (one 128-bit load per thread each), loaded a block ahead of its use
@@ -199,6 +219,8 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
     split_k = max(1, min(k_tiles, _cdiv(target, r_blocks)))
     while split_k < k_tiles and r_blocks * _realized_split(p.k, block_k, split_k) < target:
         split_k += 1
+    if whole_k and (phase1 := _whole_k_phase1(p)):
+        (shrink_warps, block_k, block_r), split_k = phase1, 1
     # two threads per row chunk pair: a warp reads 16 rows x 32 bytes, whole sectors (one thread per 16-byte chunk
     # would read half of each 32-byte sector)
     block_n = row_chunks * chunk
@@ -426,6 +448,7 @@ def lowrank_candidate_configs(p: Problem, first: TileConfig, wide: bool, num_sms
                                                          (2, 1, 4) if wide else (2, 1)):
                 c = decode_cuda_core_config(p, num_sms, warps, rows, chunks)
                 out.append(c)
+                out.append(decode_cuda_core_config(p, num_sms, warps, rows, chunks, whole_k=True))
                 if wide:
                     out.append(dataclasses.replace(c, split_k=max(1, c.split_k // 2)))
             if p.m <= CUDA_CORE_MAX_M and one_launch_supported(p):  # the tuner weighs one launch against two

@@ -171,7 +171,14 @@ def launch(x2d: torch.Tensor, f, config, out: torch.Tensor) -> torch.Tensor:
                              f"bits={f.bits}, got {c.block_k} and {c.block_n}")
         if c.one_launch:
             return launch_one(x2d, f, c, out)
-        hidden, tickets, m_blocks = decode_phase1(x2d, f, c)
+        # CUDA cores, one K split: phase 1 stores hidden into a buffer of its own (no atomics), phase 2 reads it and
+        # releases nothing; more splits add into the zeroed workspace, re-zeroed by phase 2's last program (a ticket)
+        release = c.uses_dot or _phase1_splits(K, c)[1] > 1
+        if release:
+            hidden, tickets, m_blocks = decode_phase1(x2d, f, c)
+        else:
+            hidden, _ = decode_phase1_partials(x2d, f, c)
+            tickets, m_blocks = hidden, M  # (no ticket is read)
         precise, pdl = x2d.dtype == torch.float32, pdl_supported(x2d)  # see decode_phase1
         block_r = c.rows_per_expand_step
         # CUDA cores: a sub-tile gives each thread one row of its chunk across block_n; up to 4 sub-tiles per
@@ -184,7 +191,7 @@ def launch(x2d: torch.Tensor, f, config, out: torch.Tensor) -> torch.Tensor:
             BITS=bits, GROUP_SIZE=group, HAS_BIAS=f.bias is not None, USE_DOT=c.uses_dot,
             DOT_PRECISION=precision, DOT_UPCAST=dot_upcast,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=block_r, SUB_R=sub_r, PRECISE=precise,
-            USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
+            USE_PDL=pdl, RELEASE_HIDDEN=release, num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
         )
         return out
     hidden = split_phase1(x2d, f, c)

@@ -233,9 +233,9 @@ def decode_shrink_kernel(
 
     grid = (cdiv(R, BLOCK_R), split_k, cdiv(M, BLOCK_M)); k_per_split is a multiple of BLOCK_K.
     USE_PDL: phase 2 is a programmatic dependent launch; it may start (and wait) as soon as every program here has.
-    PARTIALS (CUDA cores only; the hybrid's hybrid_gemv_kernel): hidden_ptr is partials [split_k, M, R] fp32 instead,
-    any content on entry: each program stores its partial sums into its split's slice with plain stores (no atomics,
-    nothing to re-zero); the reader adds the split_k slices.
+    PARTIALS (CUDA cores only: the hybrid gemv, and low rank without a K split): hidden_ptr is partials [split_k, M, R]
+    fp32 instead, any content on entry: each program stores its partial sums into its split's slice with plain stores
+    (no atomics, nothing to re-zero); the reader adds the split_k slices (one slice: it is hidden).
     """
     tl.static_assert(not (PARTIALS and USE_DOT), "PARTIALS is the CUDA-core (BLOCK_M 1) path's")
     if USE_PDL:
@@ -279,10 +279,12 @@ def decode_expand_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUB_R: tl.constexpr,
-    PRECISE: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    PRECISE: tl.constexpr = False, USE_PDL: tl.constexpr = False, RELEASE_HIDDEN: tl.constexpr = True,
 ):
-    """Phase 2: y[M, n block] = hidden[M, R] · up_t[R, n block] + bias; then the last program of each M block
-    re-zeroes its hidden rows and ticket. grid = (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)); ticket [cdiv(M, BM)].
+    """Phase 2: y[M, n block] = hidden[M, R] · up_t[R, n block] + bias; then (RELEASE_HIDDEN: hidden is the zeroed
+    workspace) the last program of each M block re-zeroes its hidden rows and ticket. grid = (cdiv(N, BLOCK_N),
+    cdiv(M, BLOCK_M)); ticket [cdiv(M, BM)]. Without RELEASE_HIDDEN hidden is a buffer of phase 1's own, written with
+    plain stores (one K split: decode_shrink_kernel with PARTIALS): no ticket, no atomics.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -353,7 +355,8 @@ def decode_expand_kernel(
         _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, bias_ptr, n0, m0, N, BITS,
                      PRECISE, HAS_BIAS, LANES, T)
 
-    release_hidden(hidden_ptr, ticket_ptr, pid_m, tl.num_programs(0), m0, M, R, BLOCK_M, BLOCK_R)
+    if RELEASE_HIDDEN:  # the zeroed workspace: the last reader re-zeroes it
+        release_hidden(hidden_ptr, ticket_ptr, pid_m, tl.num_programs(0), m0, M, R, BLOCK_M, BLOCK_R)
 
 
 @triton.jit

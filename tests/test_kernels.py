@@ -87,6 +87,7 @@ def test_config(path, m, bits=8, split_k=2, lowp=False) -> TileConfig:
 
 test_config.__test__ = False  # a helper, not a test
 
+
 # (M, K, N, rank): non-powers of two, r=1, M=1, M above one 16-row block, r > K, N; a last column block that is
 # partly past N; rank blocks with a tail. The decode path needs 16-byte factor rows (int4: K, N multiples of 32).
 SHAPES = [(1, 64, 96, 7), (3, 96, 160, 1), (37, 96, 64, 40), (2, 32, 64, 300)]
@@ -129,8 +130,8 @@ def test_odd_feature_counts_take_the_split_path(bits, m, k, n, rank):
         "cuda-cores-one-sub-tile"])
 def test_config_variants(bits, config):
     m = 20 if config.block_m >= 16 else 2
-    f = make_factors(64, 96, 24, bits, 32, torch.float16, seed=3)
-    x = torch.randn(m, 64, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
+    f = make_factors(320, 96, 24, bits, 32, torch.float16, seed=3)
+    x = torch.randn(m, 320, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
     assert_close(run_poisoned(x, f, config), x, f)
 
 
@@ -218,12 +219,16 @@ def test_custom_op_with_layer(m):
     assert_close(y, x, layer.factors())
 
 
-@pytest.mark.parametrize("path", ["cuda-cores", "tensor-cores"])
+@pytest.mark.parametrize("path", ["cuda-cores", "cuda-cores-whole-k", "tensor-cores"])
 def test_decode_workspace_left_zeroed(path):
-    """The last phase-2 program must re-zero the rank-r workspace and its ticket for the next call."""
+    """The atomic plans' last phase-2 program must re-zero the rank-r workspace and its ticket for the next call; the
+    CUDA-core plan without a K split stores hidden into a buffer of its own and never touches the workspace."""
     f = make_factors(64, 96, 40, 8, 32, torch.float16, seed=6)
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
-    config = test_config(path, 2)
+    config = test_config("cuda-cores", 2, split_k=1) if path == "cuda-cores-whole-k" else test_config(path, 2)
+    assert (kernel_launch._phase1_splits(64, config)[1] == 1) == (path == "cuda-cores-whole-k")
+    for ws in kernel_launch._PARTIALS.values():
+        ws.fill_(float("nan"))  # phase 1 writes every element phase 2 reads
     first = run_poisoned(x, f, config)
     second = run_poisoned(x, f, config)  # would double-count if the workspace kept the first sums
     torch.testing.assert_close(first, second, atol=0, rtol=0)
