@@ -124,6 +124,27 @@ def report_problem(s: Spec, config, workdir: str) -> list[dict]:
     return records
 
 
+def reestimate(records: list[dict]) -> list[dict]:
+    """Stored records (a report's --json) with today's model applied: each kernel, then each plan (a problem's
+    consecutive records with one config, in launch order)."""
+    plans: list[list[dict]] = []
+    for rec in records:
+        if "error" in rec:
+            continue
+        rec.update(model.estimate_kernel(rec))
+        same = plans and (plans[-1][0]["problem"], plans[-1][0]["config"]) == (rec["problem"], rec["config"])
+        if same and rec["kernel"] not in [r["kernel"] for r in plans[-1]]:
+            plans[-1].append(rec)
+        else:
+            plans.append([rec])
+    for plan in plans:
+        estimate = model.estimate_plan(plan)
+        for rec in plan:
+            rec.update(estimate)
+            rec["problem_estimate_us"] = estimate["plan_graph_us"]
+    return records
+
+
 def _work(job) -> list[dict]:
     s, config, is_default, workdir = job
     try:
@@ -253,7 +274,16 @@ def main(argv=None, description: str | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--dry-run", action="store_true", help="one small problem (GPT-2 c_fc int8 M=1): the plumbing")
+    parser.add_argument("--reestimate", type=Path, metavar="JSON",
+                        help="no compiling: apply today's time model to the SASS facts stored in JSON (an earlier "
+                             "--json), print the table, and write the result to --json")
     args = parser.parse_args(argv)
+    if args.reestimate:
+        records = reestimate(json.loads(args.reestimate.read_text()))
+        print_table(records)
+        if args.json:
+            args.json.write_text(json.dumps(records, indent=1, default=str))
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the report compiles for sm_90")
     missing = [t for t in ("cuobjdump", "nvdisasm") if tool(t) is None]
