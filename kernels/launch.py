@@ -33,34 +33,33 @@ MAGIC16 = 0x6400
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 
 
-def workspace(device: torch.device, numel: int) -> torch.Tensor:
+def _stream_buffer(cache: dict, device: torch.device, numel: int, make) -> torch.Tensor:
+    """`make(bucket)` fp32 elements, one per (device, stream, size bucket) in `cache`, reused so that no call allocates;
+    under CUDA-graph capture a fresh one from the graph's private pool (graphs captured on one stream may replay in any
+    order, or concurrently on several streams)."""
     bucket = 1 << max(12, (numel - 1).bit_length())
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # Each CUDA graph gets its own workspace from its private pool, zeroed by a node of that graph:
-        # graphs captured on one stream may replay in any order, or concurrently on several streams.
-        return torch.zeros(bucket, dtype=torch.float32, device=device)
+        return make(bucket)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream, bucket)
-    if key not in _WORKSPACES:
-        _WORKSPACES[key] = torch.zeros(bucket, dtype=torch.float32, device=device)
-    return _WORKSPACES[key]
+    if key not in cache:
+        cache[key] = make(bucket)
+    return cache[key]
 
 
-# The CUDA-core hybrid's phase-1 partial sums (decode_shrink_kernel with PARTIALS): fp32 buffers that need no
-# particular content (every element a call reads, its phase 1 writes first), one per (device, stream, size bucket),
-# reused so that no call allocates; never the zero-invariant workspace above. Graph capture allocates its own.
+def workspace(device: torch.device, numel: int) -> torch.Tensor:
+    return _stream_buffer(_WORKSPACES, device, numel,
+                          lambda n: torch.zeros(n, dtype=torch.float32, device=device))  # (in a graph: a zeroing node)
+
+
+# Phase-1 partial sums (decode_shrink_kernel with PARTIALS: the CUDA-core hybrid, and low rank without a K split):
+# fp32 buffers that need no particular content (every element a call reads, its phase 1 writes first); never the
+# zero-invariant workspace above.
 _PARTIALS: dict[tuple, torch.Tensor] = {}
 
 
 def partials_buffer(device: torch.device, numel: int) -> torch.Tensor:
-    bucket = 1 << max(12, (numel - 1).bit_length())
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.empty(bucket, dtype=torch.float32, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream, bucket)
-    if key not in _PARTIALS:
-        _PARTIALS[key] = torch.empty(bucket, dtype=torch.float32, device=device)
-    return _PARTIALS[key]
+    return _stream_buffer(_PARTIALS, device, numel, lambda n: torch.empty(n, dtype=torch.float32, device=device))
 
 
 def pdl_supported(x2d: torch.Tensor) -> bool:
