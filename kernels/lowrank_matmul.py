@@ -10,8 +10,9 @@ Kernels:
   byte is read once, by many CTAs per SM. The last phase-2 program re-zeroes hidden (atomic ticket),
   so the workspace is zero between calls without a memset (CUDA-graph safe). On sm_90 phase 2 is a
   programmatic dependent launch: it starts while phase 1 runs and waits (griddepcontrol) before
-  reading hidden. (The hybrid's CUDA-core path runs phase 1 with PARTIALS instead: per-split partial sums, plain
-  stores, summed by its reader; see kernels/hybrid_matmul.py.)
+  reading hidden. (Phase 1 with PARTIALS stores per-split partial sums with plain stores into a buffer of its own,
+  summed by the reader: the hybrid's CUDA-core path, and the tuner's whole-K candidate here, one split, whose phase 2
+  then runs without RELEASE_HIDDEN: no atomics, no ticket.)
   BLOCK_M == 1 runs on CUDA cores, one program per row of x: tiles are [rows, threads, 4 words], so
   each thread loads 16 contiguous bytes per row (LDG.128) and keeps fp32 partial sums per (row, word):
   no shuffles or barriers in the hot loops, one cross-thread reduction at the end. In phase 1 the x
@@ -20,6 +21,8 @@ Kernels:
   loaded one block ahead of its use (two blocks, A and B, per iteration: no register copies), the first block
   before the dependent-launch wait, so 8 weight loads per thread are in flight at a first use.
   BLOCK_M >= 16 pads M to 16 rows and uses tl.dot (tensor cores).
+- decode_one_launch_kernel: small layers (configs.one_launch_supported) in one launch: every program computes all of
+  hidden itself from `down` (re-read from L2), then its BLOCK_N columns of y.
 - shrink_kernel / expand_kernel: the two-launch prefill path. hidden[M, r] is fp32 in global memory;
   plain tiled GEMMs on tensor cores.
 """
