@@ -176,12 +176,11 @@ def _whole_k_phase1(p: Problem) -> tuple[int, int, int] | None:
     """(warps, block_k, block_r) of a CUDA-core phase 1 without a K split: 8 rows per thread (8 128-bit loads in
     flight), every thread of the CTA along K, the fewest warps whose tile covers all of K; its CTAs (one per 8 ranks)
     each read their whole share in one round trip and store hidden (no atomics). None past WHOLE_K_MAX_WARPS."""
-    chunk = decode_chunk(p.bits)
-    for warps in (1, 2, 4, 8):
-        if warps > WHOLE_K_MAX_WARPS:
-            break
+    chunk, warps = decode_chunk(p.bits), 1
+    while warps <= WHOLE_K_MAX_WARPS:
         if 32 * warps * chunk >= p.k:
             return warps, 32 * warps * chunk, 8
+        warps *= 2
     return None
 
 

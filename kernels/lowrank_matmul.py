@@ -160,18 +160,45 @@ def _expand_weights(w_ptrs, rows, r0, R, row_words, SUB_R: tl.constexpr, U: tl.c
 
 
 @triton.jit
-def _expand_multiplier(h_ptrs, s_ptrs, rows, r, R, s_stride, BITS: tl.constexpr):
-    """h [SUB_R] of rows r + rows (0 past R) and their scales: int4 [SUB_R, T] per (row, chunk), int8 [SUB_R] per
-    row, float factors a stand-in (never read)."""
-    ok = r + rows < R
-    h = tl.load(h_ptrs + r, mask=ok, other=0.0)
+def _expand_pointers(up_ptr, up_scale_ptr, n0, N, rows, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                     LANES: tl.constexpr, T: tl.constexpr):
+    """Phase 2's addresses for rows `rows` and the BLOCK_N columns at n0: (w_ptrs [rows, T, 4] int32 words, row_words,
+    s_ptrs, s_stride). Each thread owns 4 words of a row; past the last column a chunk is clamped onto the last one
+    (in bounds and aligned without a mask; its outputs are never stored). Scales: int4 one per (row, chunk) (a chunk
+    lies in one group: configs.decode_supported), int8 one per row."""
+    row_words = tl.multiple_of(N // LANES, 4)  # rows are 16-byte multiples (configs.decode_supported)
+    w_ptr = up_ptr.to(tl.pointer_type(tl.int32)) if BITS == 8 or BITS == 4 else up_ptr
+    starts = tl.multiple_of(tl.minimum(n0 // LANES + tl.arange(0, T) * 4, row_words - 4), 4)  # [T]
+    cols = starts[:, None] + tl.arange(0, 4)[None, :]  # [T, 4] word index
+    w_ptrs = w_ptr + rows[:, None, None] * row_words + cols[None, :, :]  # [rows, T, 4]
+    if BITS == 4:
+        s_ptrs = up_scale_ptr + rows[:, None] * (N // GROUP_SIZE) + ((starts * LANES) // GROUP_SIZE)[None, :]
+        s_stride = N // GROUP_SIZE
+    else:
+        s_ptrs = up_scale_ptr + rows
+        s_stride = 1
+    return w_ptrs, row_words, s_ptrs, s_stride
+
+
+@triton.jit
+def _expand_scale(s_ptrs, ok, r, s_stride, stand_in, BITS: tl.constexpr):
+    """The scales of rows r + rows where `ok`: int4 [rows, T] per (row, chunk), int8 [rows] per row; float factors
+    have none (`stand_in`, never read)."""
     if BITS == 4:
         scale = tl.load(s_ptrs + r * s_stride, mask=ok[:, None], other=0.0)
     elif BITS == 8:
         scale = tl.load(s_ptrs + r * s_stride, mask=ok, other=0.0)
     else:
-        scale = h
-    return h, scale
+        scale = stand_in
+    return scale
+
+
+@triton.jit
+def _expand_multiplier(h_ptrs, s_ptrs, rows, r, R, s_stride, BITS: tl.constexpr):
+    """h [SUB_R] of rows r + rows (0 past R) and their scales (_expand_scale)."""
+    ok = r + rows < R
+    h = tl.load(h_ptrs + r, mask=ok, other=0.0)
+    return h, _expand_scale(s_ptrs, ok, r, s_stride, h, BITS)
 
 
 @triton.jit
@@ -217,10 +244,8 @@ def _shrink_rows_cc(x_row_ptr, down_ptr, down_scale_ptr, rows, k_lo, k_hi, K, ma
     if BITS != 4:
         acc = tl.sum(acc, axis=2)
     hidden = tl.sum(acc, axis=1)  # [BR]: the one cross-thread reduction
-    if BITS == 8:  # every row's values kept INT8_RAW_OFFSET: subtract offset * Σx once
-        hidden -= INT8_RAW_OFFSET * tl.sum(tl.sum(xoff, axis=1), axis=0)
-    if BITS == 8:
-        hidden = hidden * tl.load(down_scale_ptr + rows)
+    if BITS == 8:  # every row's values kept INT8_RAW_OFFSET: subtract offset * Σx once, then the row scale
+        hidden = (hidden - INT8_RAW_OFFSET * tl.sum(tl.sum(xoff, axis=1), axis=0)) * tl.load(down_scale_ptr + rows)
     return hidden
 
 
@@ -316,21 +341,10 @@ def decode_expand_kernel(
         LANES: tl.constexpr = 4 if BITS == 8 else 8 if BITS == 4 else 1
         T: tl.constexpr = BLOCK_N // (4 * LANES)
         U: tl.constexpr = BLOCK_R // SUB_R  # sub-tiles per iteration (1, 2 or 4: the launcher caps it)
-        row_words = tl.multiple_of(N // LANES, 4)  # rows are 16-byte multiples (configs.decode_supported)
-        w_ptr = up_ptr.to(tl.pointer_type(tl.int32)) if BITS == 8 or BITS == 4 else up_ptr
-        # each thread owns 4 words of a row; past the last column a chunk is clamped onto the last one
-        # (in bounds and aligned without a mask; its outputs are never stored)
-        starts = tl.multiple_of(tl.minimum(n0 // LANES + tl.arange(0, T) * 4, row_words - 4), 4)  # [T]
-        cols = starts[:, None] + tl.arange(0, 4)[None, :]  # [T, 4] word index
         rows = tl.arange(0, SUB_R)
-        w_ptrs = w_ptr + rows[:, None, None] * row_words + cols[None, :, :]  # [SUB_R, T, 4]
+        w_ptrs, row_words, s_ptrs, s_stride = _expand_pointers(up_ptr, up_scale_ptr, n0, N, rows, BITS, GROUP_SIZE,
+                                                                LANES, T)  # w_ptrs [SUB_R, T, 4]
         h_ptrs = hidden_ptr + m0 * R + rows
-        if BITS == 4:  # one scale per (row, chunk): a chunk lies in one group (configs.decode_supported)
-            s_ptrs = up_scale_ptr + rows[:, None] * (N // GROUP_SIZE) + ((starts * LANES) // GROUP_SIZE)[None, :]
-            s_stride = N // GROUP_SIZE
-        else:
-            s_ptrs = up_scale_ptr + rows
-            s_stride = 1
         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_zeros(SUB_R, T)
         # Software-pipelined over blocks of BLOCK_R rows, two blocks (A, B) per iteration: each block's U 128-bit
         # loads per thread (and its h and scales) are issued one block ahead of their use, so 2 U weight loads are in
@@ -385,22 +399,14 @@ def decode_one_launch_kernel(
     r_ok = rows < R
     rows_in = tl.minimum(rows, R - 1)  # clamped: in-range addresses for phase 1's unmasked hot loop
     # up_t first: [R_PAD, T, 4] words, one 128-bit load per thread and row; rows past R masked (zeros, no traffic)
-    row_words = tl.multiple_of(N // LANES, 4)  # rows are 16-byte multiples (configs.decode_supported)
-    w_ptr = up_ptr.to(tl.pointer_type(tl.int32)) if BITS == 8 or BITS == 4 else up_ptr
-    starts = tl.multiple_of(tl.minimum(n0 // LANES + tl.arange(0, T) * 4, row_words - 4), 4)  # [T], as phase 2
-    words = tl.load(w_ptr + rows[:, None, None] * row_words + (starts[:, None] + tl.arange(0, 4)[None, :])[None, :, :],
-                    mask=r_ok[:, None, None], other=0)
-    if BITS == 4:  # one scale per (row, chunk)
-        scale = tl.load(up_scale_ptr + rows[:, None] * (N // GROUP_SIZE) + ((starts * LANES) // GROUP_SIZE)[None, :],
-                        mask=r_ok[:, None], other=0.0)
-    elif BITS == 8:
-        scale = tl.load(up_scale_ptr + rows, mask=r_ok, other=0.0)
+    w_ptrs, row_words, s_ptrs, s_stride = _expand_pointers(up_ptr, up_scale_ptr, n0, N, rows, BITS, GROUP_SIZE, LANES,
+                                                            T)
+    words = _expand_weights(w_ptrs, rows, 0, R, row_words, R_PAD, 1)[0]
+    scale = _expand_scale(s_ptrs, r_ok, 0, s_stride, r_ok, BITS)
     # phase 1: all of hidden, masked rows zero
     h = _shrink_rows_cc(x_ptr + m * stride_xm, down_ptr, down_scale_ptr, rows_in, 0, K, K, magic, BITS, GROUP_SIZE,
                         R_PAD, BLOCK_K, X_PAIRS, PRECISE)
     h = tl.where(r_ok, h, 0.0)  # [R_PAD]
-    if BITS != 4 and BITS != 8:
-        scale = h  # float factors: a stand-in, never read
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_zeros(R_PAD, T)
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_step(
         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, words, h, scale, magic, BITS, PRECISE)
