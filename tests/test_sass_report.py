@@ -66,9 +66,11 @@ def test_loads_in_flight_follow_the_sass_order():
 
 def test_plans_overlap_a_dependent_launch_instead_of_summing():
     """Phase 2 (PDL) starts as phase 1 does: its pre-wait part overlaps, the rest follows phase 1 and the hand-off;
-    eager launches are never faster than the host can issue them."""
-    first = {"estimate_us": 3.0, "pre_wait_us": 0.0, "unique_bytes": 0, "launch_pdl": False}
-    second = {"estimate_us": 5.0, "pre_wait_us": 4.0, "unique_bytes": 0, "launch_pdl": True}
+    eager launches are never faster than the host can issue them. A phase 2 whose CTA has no room beside phase 1's
+    resident CTAs starts as those leave: only the hand-off is saved."""
+    cta = {"regs": 64, "num_warps": 4, "shared_bytes": 0, "ctas_per_sm": 8, "programs": 264}  # 2 resident, 16 KB regs
+    first = {"estimate_us": 3.0, "pre_wait_us": 0.0, "unique_bytes": 0, "launch_pdl": False, **cta}
+    second = {"estimate_us": 5.0, "pre_wait_us": 4.0, "unique_bytes": 0, "launch_pdl": True, **cta}
     plan = model.estimate_plan([first, second])
     # the pre-wait part (4 us) outlasts phase 1 + hand-off (3.5 us): 1 us launch + 4 + the remaining 1
     assert plan["plan_graph_us"] == pytest.approx(model.GRAPH_LAUNCH_US + 4.0 + 1.0)
@@ -78,6 +80,10 @@ def test_plans_overlap_a_dependent_launch_instead_of_summing():
     unpdl = dict(second, launch_pdl=False)
     assert model.estimate_plan([first, unpdl])["plan_graph_us"] == pytest.approx(2 * model.GRAPH_LAUNCH_US + 8.0)
     assert plan["plan_eager_us"] >= 2 * model.HOST_LAUNCH_US
+    full = dict(first, regs=255, num_warps=8, ctas_per_sm=1, programs=128)  # 8 x 32 x 256 registers: the whole SM
+    assert not model.fits_beside(full, second) and model.fits_beside(first, second)
+    assert model.estimate_plan([full, second])["plan_graph_us"] == pytest.approx(
+        model.GRAPH_LAUNCH_US + 3.0 + model.PDL_GAP_US + 5.0)
 
 
 def test_the_part_after_the_wait_pays_a_dependent_read():

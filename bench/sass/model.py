@@ -25,7 +25,10 @@ A plan (the kernels of one layer call, in launch order) under CUDA graphs:
   wrote) plus post_k's issue. Kernels without PDL add GRAPH_LAUNCH_US + their time.
 Eager (no graph): the same with EAGER_LAUNCH_US per launch on the GPU, but never faster than the host can launch:
   max(kernels x HOST_LAUNCH_US, that).
-Assumed, not modelled: a dependent kernel's CTAs find room beside the running kernel's; HBM shared evenly.
+  A dependent launch overlaps only if one of its CTAs fits (registers, warps, shared memory, CTA slots) beside the
+  kernel before's resident CTAs on the busiest SM (fits_beside); if not, its CTAs start as the kernel before's leave:
+  end = end of k-1 + PDL_GAP_US + kernel k (the hand-off still replaces a launch).
+Assumed, not modelled: HBM shared evenly.
 """
 
 from __future__ import annotations
@@ -59,6 +62,19 @@ def occupancy(regs: int, warps: int, shared: int) -> int:
     by_warps = MAX_WARPS_PER_SM // warps
     by_smem = SMEM_PER_SM // (shared + SMEM_RESERVED_PER_CTA)
     return max(0, min(by_regs, by_warps, by_smem, MAX_CTAS_PER_SM))
+
+
+def fits_beside(before: dict, r: dict) -> bool:
+    """One CTA of kernel r fits on an SM beside kernel `before`'s resident CTAs (its busiest SM's)."""
+    def regs(k: dict) -> int:
+        return math.ceil(max(k["regs"], 1) * 32 / 256) * 256 * k["num_warps"]
+
+    resident = max(1, min(before["ctas_per_sm"], math.ceil(before["programs"] / SMS)))
+    return (resident * regs(before) + regs(r) <= REGS_PER_SM
+            and resident * before["num_warps"] + r["num_warps"] <= MAX_WARPS_PER_SM
+            and resident * (before["shared_bytes"] + SMEM_RESERVED_PER_CTA) + r["shared_bytes"]
+            + SMEM_RESERVED_PER_CTA <= SMEM_PER_SM
+            and resident + 1 <= MAX_CTAS_PER_SM)
 
 
 def resident_warps(r: dict) -> int:
@@ -121,9 +137,12 @@ def estimate_plan(records: list[dict]) -> dict:
     def run(launch_us: float) -> float:
         t = started = 0.0  # now; when the previous kernel started
         previous_bytes = 0.0
-        for r in records:
+        for i, r in enumerate(records):
             body, pre = r["estimate_us"], r["pre_wait_us"]
-            if r.get("launch_pdl") and t:
+            if r.get("launch_pdl") and t and not fits_beside(records[i - 1], r):
+                t += PDL_GAP_US + body  # no room beside the kernel before: its CTAs start as those leave
+                started = t - body
+            elif r.get("launch_pdl") and t:
                 # launched while the previous kernel runs: its pre-wait part overlaps it, sharing HBM
                 pre_bytes = r["unique_bytes"] * pre / max(body, 1e-9)
                 shared = (previous_bytes + pre_bytes) / (HBM_TBS * 1e6)
