@@ -38,10 +38,14 @@ TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 DEFAULT_NUM_SMS = 132
 DEFAULT_SMEM_BYTES = 232448
 WAVE_CTAS = 2  # decode grids aim at this many CTAs per SM: one hides the other's load latency
-# Decode on CUDA cores, the tuner's whole-K candidates: a phase 1 whose CTAs each cover all of K in one tile of at most
-# this many warps (8 rows per thread, every thread along K) stores hidden with plain stores into a buffer of its own:
-# no atomics, and phase 2 has no workspace to re-zero (no ticket). 8 warps: ~250 registers x 256 threads fit an SM.
-WHOLE_K_MAX_WARPS = 8
+# Decode on CUDA cores, whole-K plans (the default for int8 and float factors): a phase 1 whose CTAs each cover all of K
+# in one tile (8 rows per thread, every thread along K, at most this many warps and 16-byte chunks per row per thread)
+# stores hidden with plain stores into a buffer of its own: no atomics, and phase 2 has no workspace to re-zero (no
+# ticket). 4 warps x 2 chunks (4096 int8 columns): 255 registers x 128 threads, half an SM's registers, so phase 2's
+# CTAs fit beside it and its pre-wait loads overlap (bench/sass/model.py fits_beside); 8 warps x 1 chunk took 249 x 256,
+# the whole SM.
+WHOLE_K_MAX_WARPS = 4
+WHOLE_K_MAX_CHUNKS = 2
 
 
 @dataclass(frozen=True)
@@ -173,24 +177,24 @@ def _realized_split(k: int, block_k: int, split_k: int) -> int:
 
 
 def _whole_k_phase1(p: Problem) -> tuple[int, int, int] | None:
-    """(warps, block_k, block_r) of a CUDA-core phase 1 without a K split: 8 rows per thread (8 128-bit loads in
-    flight), every thread of the CTA along K, the fewest warps whose tile covers all of K; its CTAs (one per 8 ranks)
-    each read their whole share in one round trip and store hidden (no atomics). None past WHOLE_K_MAX_WARPS."""
+    """(warps, block_k, block_r) of a CUDA-core phase 1 without a K split: 8 rows per thread, every thread of the CTA
+    along K, the fewest warps (then 16-byte chunks per row per thread) whose tile covers all of K: 8 or 16 128-bit loads
+    in flight; its CTAs (one per 8 ranks) each read their whole share in one round trip and store hidden (no atomics).
+    None past WHOLE_K_MAX_WARPS x WHOLE_K_MAX_CHUNKS."""
     chunk, warps = decode_chunk(p.bits), 1
-    while warps <= WHOLE_K_MAX_WARPS:
-        if 32 * warps * chunk >= p.k:
-            return warps, 32 * warps * chunk, 8
+    while warps < WHOLE_K_MAX_WARPS and 32 * warps * chunk < p.k:
         warps *= 2
-    return None
+    chunks = next_pow2(_cdiv(p.k, 32 * warps * chunk))  # block_k stays a power of two
+    return (warps, 32 * warps * chunks * chunk, 8) if chunks <= WHOLE_K_MAX_CHUNKS else None
 
 
 def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_per_thread: int = 8,
                             row_chunks: int = 2, whole_k: bool = False) -> TileConfig:
     """The CUDA-core decode plan (block_m = 1), sized from what bench/sass_report.py shows.
 
-    Phase 1 with `whole_k` where K allows (_whole_k_phase1; a tuner candidate, not the default: bench/results/sass/
-    README.md, "Phase 1 without a K split"): no K split, hidden stored with plain stores, no atomics and no ticket.
-    Otherwise (the atomic plan): a thread holds 16-byte
+    Phase 1 with `whole_k` where K allows (_whole_k_phase1; the default for int8 and float factors:
+    lowrank_default_config): no K split, hidden stored with plain stores, no atomics and no ticket, so the output is
+    the same bits on every call. Otherwise (the atomic plan): a thread holds 16-byte
     chunks of `rows_per_thread` rows; 8 threads along K make a 128-byte (one cache line) row tile (4 in 1-warp
     CTAs). The x values a thread loads are shared by its rows, so their cost per weight is 1 / rows_per_thread:
     keep 8 rows per thread and shrink the CTA (4, 2, 1 warps), then the rows (not below 4), until the grid has
@@ -229,6 +233,14 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
                       expand_block_r=sub_r * units, shrink_warps=shrink_warps)
 
 
+def two_launch_default_config(p: Problem, num_sms: int) -> TileConfig:
+    """The default two-launch CUDA-core decode plan: phase 1 without a K split where K allows (no atomics:
+    bench/results/sass/README.md, "Phase 1 without a K split"), but not for int4, whose whole-K tile loads x in a layout
+    Triton converts through shared memory (18 barriers per tile, 7.02 thread-instructions per weight byte against
+    issue 9's 7): int4 keeps the atomic plan, and its whole-K plan stays a tuner candidate."""
+    return decode_cuda_core_config(p, num_sms, whole_k=p.bits != 4)
+
+
 # The one-launch path (decode_one_launch_kernel) for small layers: every program re-reads all of `down` (from L2 after
 # the first) and keeps hidden in registers. PROVISIONAL: from the static sm_90 ESTIMATES (bench/results/sass/README.md,
 # "One launch for small layers"); the autotuner times both paths, so a GPU run corrects the rule per shape.
@@ -265,7 +277,7 @@ def lowrank_default_config(
             return TileConfig("decode", 16, 32, 32, 16, split_k=2)
         return TileConfig("split", 16, 32, 32, 16)
     if decode and p.m <= CUDA_CORE_MAX_M:
-        return one_launch_config(p) if one_launch_supported(p) else decode_cuda_core_config(p, num_sms)
+        return one_launch_config(p) if one_launch_supported(p) else two_launch_default_config(p, num_sms)
     if decode:
         block_k = _int4_block(p.k, p.group_size, 64) if p.bits == 4 else 64
         block_n = _int4_block(p.n, p.group_size, 64) if p.bits == 4 else 64

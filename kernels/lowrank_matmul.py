@@ -11,15 +11,17 @@ Kernels:
   so the workspace is zero between calls without a memset (CUDA-graph safe). On sm_90 phase 2 is a
   programmatic dependent launch: it starts while phase 1 runs and waits (griddepcontrol) before
   reading hidden. (Phase 1 with PARTIALS stores per-split partial sums with plain stores into a buffer of its own,
-  summed by the reader: the hybrid's CUDA-core path, and the tuner's whole-K candidate here, one split, whose phase 2
-  then runs without RELEASE_HIDDEN: no atomics, no ticket.)
+  summed by the reader: the hybrid's CUDA-core path, and the whole-K plan here (one split: configs, the default for
+  int8 and float factors at M = 1), whose phase 2 then runs without RELEASE_HIDDEN: no atomics, no ticket, the same
+  output bits on every call.)
   BLOCK_M == 1 runs on CUDA cores, one program per row of x: tiles are [rows, threads, 4 words], so
   each thread loads 16 contiguous bytes per row (LDG.128) and keeps fp32 partial sums per (row, word):
-  no shuffles or barriers in the hot loops, one cross-thread reduction at the end. In phase 1 the x
+  no weight data crosses threads in the hot loops, one cross-thread reduction at the end (a whole-K tile's x values
+  do: Triton moves them through shared memory, 8 barriers per int8 tile). In phase 1 the x
   values a thread loads serve all its rows (8 where the grid allows); in phase 2 each thread owns one
   row per sub-tile and per-lane accumulators; a block of up to 4 sub-tiles (one 128-bit load per thread each) is
   loaded one block ahead of its use (two blocks, A and B, per iteration: no register copies), the first block
-  before the dependent-launch wait, so 8 weight loads per thread are in flight at a first use.
+  before the dependent-launch wait, so at least 4 weight loads per thread are in flight at a first use.
   BLOCK_M >= 16 pads M to 16 rows and uses tl.dot (tensor cores).
 - decode_one_launch_kernel: small layers (configs.one_launch_supported) in one launch: every program computes all of
   hidden itself from `down` (re-read from L2), then its BLOCK_N columns of y.
@@ -216,6 +218,22 @@ def _expand_multipliers(h_ptrs, s_ptrs, rows, r0, R, s_stride, SUB_R: tl.constex
 
 
 @triton.jit
+def _expand_next(w_ptrs, h_ptrs, s_ptrs, rows, r0, R, row_words, s_stride, SUB_R: tl.constexpr, U: tl.constexpr,
+                 BITS: tl.constexpr, MULTIPLIERS_FIRST: tl.constexpr):
+    """Phase 2's loads of the next row block: its weights (_expand_weights) and multipliers (_expand_multipliers), in
+    the order ptxas keeps the most weight loads in flight at the current block's first use: weights first in the
+    atomic plan (8, with the ticket's code after the loop), multipliers first without it (4; weights first, ptxas
+    spread them through the current block's arithmetic: 2)."""
+    if MULTIPLIERS_FIRST:
+        h0, h1, h2, h3, s0, s1, s2, s3 = _expand_multipliers(h_ptrs, s_ptrs, rows, r0, R, s_stride, SUB_R, U, BITS)
+        w0, w1, w2, w3 = _expand_weights(w_ptrs, rows, r0, R, row_words, SUB_R, U)
+    else:
+        w0, w1, w2, w3 = _expand_weights(w_ptrs, rows, r0, R, row_words, SUB_R, U)
+        h0, h1, h2, h3, s0, s1, s2, s3 = _expand_multipliers(h_ptrs, s_ptrs, rows, r0, R, s_stride, SUB_R, U, BITS)
+    return w0, w1, w2, w3, h0, h1, h2, h3, s0, s1, s2, s3
+
+
+@triton.jit
 def _shrink_rows_cc(x_row_ptr, down_ptr, down_scale_ptr, rows, k_lo, k_hi, K, magic, BITS: tl.constexpr,
                     GROUP_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr,
                     PRECISE: tl.constexpr):
@@ -347,8 +365,8 @@ def decode_expand_kernel(
         h_ptrs = hidden_ptr + m0 * R + rows
         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_zeros(SUB_R, T)
         # Software-pipelined over blocks of BLOCK_R rows, two blocks (A, B) per iteration: each block's U 128-bit
-        # loads per thread (and its h and scales) are issued one block ahead of their use, so 2 U weight loads are in
-        # flight at a first use, and the ping-pong needs no register copies (a copy would wait for its load). Rows
+        # loads per thread (and its h and scales) are issued one block ahead of their use, and the ping-pong needs no
+        # register copies (a copy would wait for its load); _expand_next orders each block's loads for ptxas. Rows
         # past R are masked (no traffic; h = 0). Block 0's weights are loaded before the dependent-launch wait: up_t
         # does not depend on phase 1.
         wa0, wa1, wa2, wa3 = _expand_weights(w_ptrs, rows, 0, R, row_words, SUB_R, U)
@@ -357,15 +375,14 @@ def decode_expand_kernel(
         ha0, ha1, ha2, ha3, sa0, sa1, sa2, sa3 = _expand_multipliers(h_ptrs, s_ptrs, rows, 0, R, s_stride, SUB_R, U,
                                                                      BITS)
         for r0 in range(0, R, 2 * BLOCK_R):
-            wb0, wb1, wb2, wb3 = _expand_weights(w_ptrs, rows, r0 + BLOCK_R, R, row_words, SUB_R, U)
-            hb0, hb1, hb2, hb3, sb0, sb1, sb2, sb3 = _expand_multipliers(h_ptrs, s_ptrs, rows, r0 + BLOCK_R, R,
-                                                                         s_stride, SUB_R, U, BITS)
+            wb0, wb1, wb2, wb3, hb0, hb1, hb2, hb3, sb0, sb1, sb2, sb3 = _expand_next(
+                w_ptrs, h_ptrs, s_ptrs, rows, r0 + BLOCK_R, R, row_words, s_stride, SUB_R, U, BITS, not RELEASE_HIDDEN)
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_block(
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, wa0, wa1, wa2, wa3, ha0, ha1, ha2, ha3,
                 sa0, sa1, sa2, sa3, magic, BITS, PRECISE, U)
-            wa0, wa1, wa2, wa3 = _expand_weights(w_ptrs, rows, r0 + 2 * BLOCK_R, R, row_words, SUB_R, U)
-            ha0, ha1, ha2, ha3, sa0, sa1, sa2, sa3 = _expand_multipliers(h_ptrs, s_ptrs, rows, r0 + 2 * BLOCK_R, R,
-                                                                         s_stride, SUB_R, U, BITS)
+            wa0, wa1, wa2, wa3, ha0, ha1, ha2, ha3, sa0, sa1, sa2, sa3 = _expand_next(
+                w_ptrs, h_ptrs, s_ptrs, rows, r0 + 2 * BLOCK_R, R, row_words, s_stride, SUB_R, U, BITS,
+                not RELEASE_HIDDEN)
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_block(
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, wb0, wb1, wb2, wb3, hb0, hb1, hb2, hb3,
                 sb0, sb1, sb2, sb3, magic, BITS, PRECISE, U)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from triton_lowrank.kernels.configs import Problem, one_launch_config
+from triton_lowrank.kernels.configs import Problem, one_launch_config, two_launch_default_config
 from triton_lowrank.kernels.launch import launch
 
 from triton_lowrank.core.autotune import Autotuner, default_config
@@ -73,6 +73,26 @@ def test_real_sizes_both_paths(bits, k, n, rank, m):
         launch(x, f, default_config(problem, num_sms(), interpret=not ON_GPU, fused_max_m=fused_max_m), out)
         assert_close_scaled(out, ref)
     assert_close_scaled(lowrank_matmul(x, f), ref)
+
+
+@pytest.mark.parametrize("k,n,rank", sizes([(1600, 6400, 400), (4096, 11008, 1024)], [(224, 96, 24)]))
+def test_int8_decode_repeats_bit_for_bit(k, n, rank):
+    """The int8 M = 1 default plan runs phase 1 without a K split (no float atomics, whose order varies between
+    calls): a repeated call gives the same bits, and matches the reference."""
+    layer = make_layer(k, n, rank, 8)
+    f = layer.factors()
+    config = two_launch_default_config(Problem(1, n, k, rank, 8, 0), num_sms())
+    assert config.split_k == 1, config
+    if ON_GPU:
+        assert default_config(Problem(1, n, k, rank, 8, 0), num_sms()) == config
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
+    outs = []
+    for _ in range(3):
+        out = torch.full((1, n), float("nan"), device=DEVICE, dtype=torch.float16)
+        launch(x, f, config, out)
+        outs.append(out)
+    assert_close_scaled(outs[0], reference(x, layer))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
 @pytest.mark.parametrize("bits,k,n,rank", sizes([(8, 576, 1536, 32), (4, 768, 3072, 64), (None, 256, 1024, 16)],

@@ -28,7 +28,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from triton_lowrank.kernels import launch as kernel_launch  # noqa: E402
-from triton_lowrank.kernels.configs import TileConfig, decode_chunk, next_pow2
+from triton_lowrank.kernels.configs import (
+    DEFAULT_NUM_SMS,
+    TileConfig,
+    decode_chunk,
+    next_pow2,
+    two_launch_default_config,
+)
 
 from triton_lowrank.core import ops
 from triton_lowrank.core.autotune import candidate_configs, default_config
@@ -170,6 +176,25 @@ def test_one_launch_is_the_default_for_small_layers_only(bits):
     assert not default_config(dataclasses.replace(small, k=4096, rank=64)).one_launch  # 256 KB of int8 `down`
     assert not default_config(dataclasses.replace(small, rank=300)).one_launch  # past ONE_LAUNCH_MAX_RANK
     assert any(c.one_launch for c in candidate_configs(small, "default"))
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_two_launch_default_plan(bits):
+    """The default two-launch M = 1 plan, sized as on an H100: int8 and float factors run phase 1 without a K split
+    (plain stores into a buffer of its own: no atomics, no ticket), int4 keeps the atomic K split (its whole-K tile
+    costs more instructions per weight byte: configs.two_launch_default_config). Both match the reference into
+    NaN-poisoned outputs, with the partials buffers NaN-poisoned too, and the whole-K plan repeats bit for bit."""
+    f = make_factors(224, 96, 24, bits, 32, torch.float16, seed=8)  # K = 224: a whole-K tile past K (masked tail)
+    x = torch.randn(1, 224, generator=torch.Generator().manual_seed(8)).half().to(DEVICE)
+    config = two_launch_default_config(ops.problem_for(f, 1, 2), DEFAULT_NUM_SMS)
+    assert not config.one_launch and config.block_m == 1
+    assert (kernel_launch._phase1_splits(224, config)[1] == 1) == (bits != 4), config
+    for buf in kernel_launch._PARTIALS.values():
+        buf.fill_(float("nan"))
+    first = run_poisoned(x, f, config)
+    assert_close(first, x, f)
+    if bits != 4:
+        torch.testing.assert_close(run_poisoned(x, f, config), first, atol=0, rtol=0)
 
 
 def test_one_launch_refuses_a_rank_past_its_rows():

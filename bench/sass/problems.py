@@ -87,7 +87,7 @@ def configs_for(s: Spec, everything: bool) -> list:
 
 def two_launch_config(s: Spec):
     """The two-launch CUDA-core decode plan of a small problem (what it would run without the one-launch rule)."""
-    from triton_lowrank.kernels.configs import DEFAULT_NUM_SMS, Problem, decode_cuda_core_config
+    from triton_lowrank.kernels.configs import DEFAULT_NUM_SMS, Problem, two_launch_default_config
 
     p = Problem(s.m, s.n, s.k, s.rank, s.bits, s.group_size, 2)
-    return decode_cuda_core_config(p, DEFAULT_NUM_SMS)
+    return two_launch_default_config(p, DEFAULT_NUM_SMS)

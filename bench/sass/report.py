@@ -254,13 +254,15 @@ def print_hybrid_estimates(records: list[dict]) -> None:
 
 
 def print_one_launch(records: list[dict]) -> None:
-    """The small layers' plans, one launch (their default) against two (ESTIMATES, CUDA graphs)."""
-    rows = [(Spec.of(s.problem()).label(), one, two) for s in SMALL_PROBLEMS
+    """The small layers' plans, one launch (their default) against two (ESTIMATES, CUDA graphs and eager)."""
+    rows = [(Spec.of(s.problem()).label(), one, two, one_launch_plan_us(records, s, True, "plan_eager_us"),
+             one_launch_plan_us(records, s, False, "plan_eager_us")) for s in SMALL_PROBLEMS
             if (one := one_launch_plan_us(records, s, True)) and (two := one_launch_plan_us(records, s, False))]
     if rows:
-        print("\nSmall layers, one launch against two (plan ESTIMATES, us, CUDA graphs):")
-        for label, one, two in rows:
-            print(f"  {label:<46} one launch {one:>6.2f}   two launches {two:>6.2f}   {one / two:>5.2f}x")
+        print("\nSmall layers, one launch against two (plan ESTIMATES, us; CUDA graphs, then eager):")
+        for label, one, two, one_eager, two_eager in rows:
+            print(f"  {label:<46} one launch {one:>6.2f}   two launches {two:>6.2f}   {one / two:>5.2f}x   "
+                  f"eager {one_eager:>6.2f} against {two_eager:>6.2f}")
 
 
 def main(argv=None, description: str | None = None) -> int:
