@@ -146,7 +146,7 @@ def test_static_targets_hold_for_the_default_configs(tmp_path):
                                   (4096, 11008, 1, 8, 4), (4096, 11008, 16, 8, 4), (576, 1536, 1, 8, None),
                                   (768, 3072, 1, 4, None), (256, 1024, 1, 8, None)}
     for r in records:
-        assert {"problem", "kernel", "config", "regs", "spills", "shared_bytes", "hot_loops", "estimate_us",
+        assert {"problem", "kernel", "triton", "config", "regs", "spills", "shared_bytes", "hot_loops", "estimate_us",
                 "issue_bound_us", "hbm_floor_us", "latency_bound_us", "plan_graph_us", "plan_eager_us"} <= set(r)
         assert r["hot_loops"], f"{r['kernel']}: no hot loop found"
         for loop in r["hot_loops"]:

@@ -56,6 +56,7 @@ def rereads(name: str, pname: str, launch: Launch) -> int:
 
 def analyze_launch(s: Spec, launch: Launch, workdir: str) -> dict:
     import torch
+    import triton
 
     compiled, ordinal_index = compile_launch(launch)
     roles = {o: launch.roles.get(i, "scalar") for o, i in ordinal_index.items()}
@@ -97,8 +98,9 @@ def analyze_launch(s: Spec, launch: Launch, workdir: str) -> dict:
                if isinstance(a, torch.Tensor) and launch.roles.get(i) in ("weight", "scale", "x", "out", "bias")}
     unique = sum(_tensor_bytes(a) for a in counted.values())
     record = {
-        "kernel": name, "grid": list(launch.grid), "programs": programs, "num_warps": warps,
-        "num_stages": getattr(meta, "num_stages", None), "launch_pdl": bool(getattr(meta, "launch_pdl", False)),
+        "kernel": name, "triton": triton.__version__, "grid": list(launch.grid), "programs": programs,
+        "num_warps": warps, "num_stages": getattr(meta, "num_stages", None),
+        "launch_pdl": bool(getattr(meta, "launch_pdl", False)),
         "regs": res["regs"],
         "spills": res["local"] + res["stack"], "shared_bytes": shared, "ctas_per_sm": ctas,
         "resident_ctas_per_sm": min(ctas, programs // model.SMS) if programs >= model.SMS else (1 if programs else 0),
@@ -188,6 +190,8 @@ def attach_measurements(records: list[dict], measured: dict) -> None:
 
 # ---- output ------------------------------------------------------------------------------------------
 def print_table(records: list[dict]) -> None:
+    versions = sorted({r.get("triton", "unknown") for r in records if "error" not in r})
+    print(f"static sm_90 SASS compiled by Triton {', '.join(versions) or 'unknown'} (its bundled ptxas)")
     head = (f"{'problem':<46} {'path':<7} {'kernel':<22} {'grid':>6} {'regs':>4} {'spill':>5} {'smem':>6} "
             f"{'CTA/SM':>6} | {'loop insts':>10} {'B/thr':>6} {'inst/B':>6} {'loads':<20} {'use@':>4} {'KB/SM':>6} "
             f"{'I2F':>4} {'SHFL':>4} {'BAR':>4} {'pf':>2} | {'issue':>6} {'HBM':>6} {'lat':>6} {'est us':>7} "
