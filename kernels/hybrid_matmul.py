@@ -46,6 +46,7 @@ from .utils import (
     int4_halves_fp16,
     int4_quarters_fp16,
     int8_lane,
+    load_row_chunks,
     release_hidden,
     shrink_tile_cc,
     store_output,
@@ -203,10 +204,7 @@ def _zero_point_tile_cc(acc, x_row_ptr, low_rows_ptr, scale_rows_ptr, zero_rows_
     Codes keep RAW offsets (subtracted per chunk through Σ offset · x, shared by all rows) unless PRECISE."""
     T: tl.constexpr = BLOCK_K // 64
     words = tl.multiple_of(k0 // 16, 4) + tl.arange(0, T)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [T, 4]
-    if MASKED:
-        low = tl.load(low_rows_ptr + words[None, :, :], mask=(words < k_hi // 16)[None, :, :], other=0)
-    else:
-        low = tl.load(low_rows_ptr + words[None, :, :])  # [BN, T, 4]
+    low = load_row_chunks(low_rows_ptr + words[None, :, :], (words < k_hi // 16)[None, :, :], MASKED)  # [BN, T, 4]
     s0 = low << 12
     s1 = low << 2
     s2 = low >> 8
@@ -215,7 +213,7 @@ def _zero_point_tile_cc(acc, x_row_ptr, low_rows_ptr, scale_rows_ptr, zero_rows_
         high_words = tl.multiple_of(k0 // 32, 2) + tl.arange(0, T)[:, None] * 2 + tl.arange(0, 2)[None, :]  # [T, 2]
         high_ptr = low_rows_ptr + tl.multiple_of(K // 16, 8) + high_words[None, :, :]  # K % 128 == 0
         # [BN, T, 2]
-        high = tl.load(high_ptr, mask=(high_words < k_hi // 32)[None, :, :], other=0) if MASKED else tl.load(high_ptr)
+        high = load_row_chunks(high_ptr, (high_words < k_hi // 32)[None, :, :], MASKED)
         halves = tl.join(high, high >> 16).reshape(high.shape[0], T, 4)  # word j's 16 high bits, low half
         h0 = halves << 12
         h1 = halves << 1

@@ -41,6 +41,7 @@ from .utils import (
     dot,
     int4_lane,
     int8_lane,
+    load_row_chunks,
     release_hidden,
     shrink_tile_cc,
     store_output,
@@ -149,15 +150,15 @@ def _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc
 def _expand_weights(w_ptrs, rows, r0, R, row_words, SUB_R: tl.constexpr, U: tl.constexpr):
     """Phase 2: the U sub-tiles [SUB_R, T, 4] of the row block at r0, one 128-bit load per thread each, all issued
     before any is used; rows past R masked (no memory traffic, zeros)."""
-    w0 = tl.load(w_ptrs + r0 * row_words, mask=(r0 + rows < R)[:, None, None], other=0)
+    w0 = load_row_chunks(w_ptrs + r0 * row_words, (r0 + rows < R)[:, None, None], True)
     w1 = w0
     w2 = w0
     w3 = w0
     if U > 1:
-        w1 = tl.load(w_ptrs + (r0 + SUB_R) * row_words, mask=(r0 + SUB_R + rows < R)[:, None, None], other=0)
+        w1 = load_row_chunks(w_ptrs + (r0 + SUB_R) * row_words, (r0 + SUB_R + rows < R)[:, None, None], True)
     if U > 2:
-        w2 = tl.load(w_ptrs + (r0 + 2 * SUB_R) * row_words, mask=(r0 + 2 * SUB_R + rows < R)[:, None, None], other=0)
-        w3 = tl.load(w_ptrs + (r0 + 3 * SUB_R) * row_words, mask=(r0 + 3 * SUB_R + rows < R)[:, None, None], other=0)
+        w2 = load_row_chunks(w_ptrs + (r0 + 2 * SUB_R) * row_words, (r0 + 2 * SUB_R + rows < R)[:, None, None], True)
+        w3 = load_row_chunks(w_ptrs + (r0 + 3 * SUB_R) * row_words, (r0 + 3 * SUB_R + rows < R)[:, None, None], True)
     return w0, w1, w2, w3
 
 

@@ -23,6 +23,20 @@ import triton
 import triton.language as tl
 
 FLOAT_BITS = tl.constexpr(0)  # the BITS of unquantized factors
+
+
+def _coalesce_ties_to_lower_dimension() -> bool:
+    """Triton's coalescing pass orders a load's dimensions by contiguity, and a weight tile [rows, chunks, 4 words]
+    ties its first two (only a chunk's 4 words are contiguous). Triton 3.6 puts the threads along the lower of the
+    two (rows: each thread then holds every chunk of its rows and loads every x value of the tile), 3.9 along the
+    higher (chunks). bench/results/sass/README.md, "The GPU image's Triton", has the SASS of both."""
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return (major, minor) < (3, 7)
+
+
+# Weight tiles are loaded through their [chunks, rows, 4] transpose where ties go to the lower dimension, so every
+# release puts the threads along the chunks (a permute of a distributed tensor moves no data).
+LOAD_CHUNKS_FIRST = tl.constexpr(_coalesce_ties_to_lower_dimension())
 # What int8_lane / int4_lane(..., RAW=True) leave in the values (the caller subtracts it once per sum):
 INT8_RAW_OFFSET = tl.constexpr(384.0)  # 2^8 + 128
 INT4_EVEN_OFFSET = tl.constexpr(2056.0)  # 2^11 + 8: lanes 0, 2, 4, 6
@@ -195,6 +209,20 @@ def x_pair(x_row_ptr, pair, k_hi, X_PAIRS: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
+def load_row_chunks(ptrs, ok, MASKED: tl.constexpr):
+    """tl.load of a weight tile ptrs [rows, chunks, 4 words] (where ok [.., .., 4] when MASKED, else 0), with the
+    threads along the chunks on every Triton release (LOAD_CHUNKS_FIRST)."""
+    if LOAD_CHUNKS_FIRST:
+        if MASKED:
+            ok = tl.permute(tl.broadcast_to(ok, ptrs.shape), (1, 0, 2))
+        ptrs = tl.permute(ptrs, (1, 0, 2))
+    tile = tl.load(ptrs, mask=ok, other=0) if MASKED else tl.load(ptrs)
+    if LOAD_CHUNKS_FIRST:
+        tile = tl.permute(tile, (1, 0, 2))
+    return tile
+
+
+@triton.jit
 def shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, k_hi, K, magic, BITS: tl.constexpr,
                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr, PRECISE: tl.constexpr,
                     MASKED: tl.constexpr):
@@ -207,10 +235,7 @@ def shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, k_hi, K
     LANES: tl.constexpr = 4 if BITS == 8 else 8 if BITS == 4 else 1
     T: tl.constexpr = BLOCK_K // (4 * LANES)
     cols = tl.multiple_of(k0 // LANES, 4) + tl.arange(0, T)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [T, 4]
-    if MASKED:
-        chunk = tl.load(w_rows_ptr + cols[None, :, :], mask=(cols < k_hi // LANES)[None, :, :], other=0)
-    else:
-        chunk = tl.load(w_rows_ptr + cols[None, :, :])  # [BR, T, 4]
+    chunk = load_row_chunks(w_rows_ptr + cols[None, :, :], (cols < k_hi // LANES)[None, :, :], MASKED)  # [BR, T, 4]
     if BITS == FLOAT_BITS:
         if MASKED:
             x = tl.load(x_row_ptr + cols, mask=cols < k_hi, other=0.0).to(tl.float32)

@@ -12,6 +12,7 @@ import test_kernels
 import torch
 from test_kernels import DEVICE
 from triton_lowrank.kernels import launch as kernel_launch
+from triton_lowrank.kernels import utils as kernel_utils
 from triton_lowrank.kernels.configs import TileConfig
 
 from triton_lowrank.core import ops
@@ -92,6 +93,19 @@ def test_leading_dims_fp32_and_no_bias(path, base_bits):
     y = run_poisoned(x, w, CONFIGS[path])
     assert y.shape == (m, 1, 48)
     assert_close(y, x, w)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="a compiled kernel keeps the flag it was compiled with")
+@pytest.mark.parametrize("chunks_first", [True, False])
+@pytest.mark.parametrize("base_bits", [4, 3, 2])
+def test_base_tiles_loaded_either_way(monkeypatch, chunks_first, base_bits):
+    """The gemv's base tiles (int4 through utils.shrink_tile_cc, int3/int2 planes through _zero_point_tile_cc) loaded
+    directly or through their transpose (utils.LOAD_CHUNKS_FIRST): both give the reference, K = 384 with a tail after
+    one whole 256-column tile."""
+    monkeypatch.setattr(kernel_utils, "LOAD_CHUNKS_FIRST", kernel_utils.tl.constexpr(chunks_first))
+    w = make_weights(384, 64, 2, base_bits, 64, 8, correction_group(64), torch.float16, seed=base_bits)
+    x = torch.randn(1, 384, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
+    assert_close(run_poisoned(x, w, CONFIGS["cuda-cores"]), x, w)
 
 
 def test_the_correction_and_the_base_both_reach_the_output():

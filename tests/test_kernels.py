@@ -28,6 +28,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from triton_lowrank.kernels import launch as kernel_launch  # noqa: E402
+from triton_lowrank.kernels import utils as kernel_utils  # noqa: E402
 from triton_lowrank.kernels.configs import (
     DEFAULT_NUM_SMS,
     TileConfig,
@@ -195,6 +196,21 @@ def test_two_launch_default_plan(bits):
     assert_close(first, x, f)
     if bits != 4:
         torch.testing.assert_close(run_poisoned(x, f, config), first, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="a compiled kernel keeps the flag it was compiled with")
+@pytest.mark.parametrize("chunks_first", [True, False])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_weight_tiles_loaded_either_way(monkeypatch, chunks_first, bits):
+    """utils.load_row_chunks loads a weight tile [rows, chunks, 4 words] directly or through its transpose
+    (LOAD_CHUNKS_FIRST: what Triton 3.6 needs to put the threads along the chunks; CI's Triton takes the direct load,
+    the lent GPU image the transposed one). Both give the reference: the CUDA-core decode path (K tail masked, rows past
+    R masked) and one launch."""
+    monkeypatch.setattr(kernel_utils, "LOAD_CHUNKS_FIRST", kernel_utils.tl.constexpr(chunks_first))
+    f = make_factors(96, 160, 7, bits, 32, torch.float16, seed=9)
+    x = torch.randn(1, 96, generator=torch.Generator().manual_seed(9)).half().to(DEVICE)
+    assert_close(run_poisoned(x, f, test_config("cuda-cores", 1, bits)), x, f)
+    assert_close(run_poisoned(x, f, one_launch_test_config(bits, 7)), x, f)
 
 
 def test_one_launch_refuses_a_rank_past_its_rows():
