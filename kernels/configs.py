@@ -193,7 +193,7 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
     """The CUDA-core decode plan (block_m = 1), sized from what bench/sass_report.py shows.
 
     Phase 1 with `whole_k` where K allows (_whole_k_phase1; the default for int8 and float factors:
-    lowrank_default_config): no K split, hidden stored with plain stores, no atomics and no ticket, so the output is
+    two_launch_default_config): no K split, hidden stored with plain stores, no atomics and no ticket, so the output is
     the same bits on every call. Otherwise (the atomic plan): a thread holds 16-byte
     chunks of `rows_per_thread` rows; 8 threads along K make a 128-byte (one cache line) row tile (4 in 1-warp
     CTAs). The x values a thread loads are shared by its rows, so their cost per weight is 1 / rows_per_thread:

@@ -1,5 +1,6 @@
 """Building blocks of the Triton kernels (kernels/lowrank_matmul.py, kernels/hybrid_matmul.py): dequantization
-lanes, factor tiles, the CUDA-core K tile, the dot wrapper, the output store and the decode workspace release.
+lanes, factor tiles, the weight-tile load, the CUDA-core K tile, the dot wrapper, the output store and the decode
+workspace release.
 
 Storage (triton_lowrank/quant.py): both factors are [r, features] row-major.
   bits=None: float values.  bits=8: int8, fp32 scale per row [r].
@@ -24,12 +25,17 @@ import triton.language as tl
 
 FLOAT_BITS = tl.constexpr(0)  # the BITS of unquantized factors
 
+# What int8_lane / int4_lane(..., RAW=True) leave in the values (the caller subtracts it once per sum):
+INT8_RAW_OFFSET = tl.constexpr(384.0)  # 2^8 + 128
+INT4_EVEN_OFFSET = tl.constexpr(2056.0)  # 2^11 + 8: lanes 0, 2, 4, 6
+INT4_ODD_OFFSET = tl.constexpr(136.0)  # 2^7 + 8: lanes 1, 3, 5, 7
+
 
 def _coalesce_ties_to_lower_dimension() -> bool:
     """Triton's coalescing pass orders a load's dimensions by contiguity, and a weight tile [rows, chunks, 4 words]
     ties its first two (only a chunk's 4 words are contiguous). Triton 3.6 puts the threads along the lower of the
-    two (rows: each thread then holds every chunk of its rows and loads every x value of the tile), 3.9 along the
-    higher (chunks). bench/results/sass/README.md, "The GPU image's Triton", has the SASS of both."""
+    two (rows: each thread then holds every chunk of its rows and loads every x value of the tile); 3.7.1, 3.8.0 and
+    3.9.0 along the higher (chunks). bench/results/sass/README.md, "The GPU image's Triton", has the SASS of both."""
     major, minor = (int(part) for part in triton.__version__.split(".")[:2])
     return (major, minor) < (3, 7)
 
@@ -37,10 +43,6 @@ def _coalesce_ties_to_lower_dimension() -> bool:
 # Weight tiles are loaded through their [chunks, rows, 4] transpose where ties go to the lower dimension, so every
 # release puts the threads along the chunks (a permute of a distributed tensor moves no data).
 LOAD_CHUNKS_FIRST = tl.constexpr(_coalesce_ties_to_lower_dimension())
-# What int8_lane / int4_lane(..., RAW=True) leave in the values (the caller subtracts it once per sum):
-INT8_RAW_OFFSET = tl.constexpr(384.0)  # 2^8 + 128
-INT4_EVEN_OFFSET = tl.constexpr(2056.0)  # 2^11 + 8: lanes 0, 2, 4, 6
-INT4_ODD_OFFSET = tl.constexpr(136.0)  # 2^7 + 8: lanes 1, 3, 5, 7
 
 
 @triton.jit
@@ -210,8 +212,8 @@ def x_pair(x_row_ptr, pair, k_hi, X_PAIRS: tl.constexpr, MASKED: tl.constexpr):
 
 @triton.jit
 def load_row_chunks(ptrs, ok, MASKED: tl.constexpr):
-    """tl.load of a weight tile ptrs [rows, chunks, 4 words] (where ok [.., .., 4] when MASKED, else 0), with the
-    threads along the chunks on every Triton release (LOAD_CHUNKS_FIRST)."""
+    """tl.load of a weight tile ptrs [rows, chunks, words] (where `ok`, broadcast to it, when MASKED, else 0), with
+    the threads along the chunks on every Triton release (LOAD_CHUNKS_FIRST)."""
     if LOAD_CHUNKS_FIRST:
         if MASKED:
             ok = tl.permute(tl.broadcast_to(ok, ptrs.shape), (1, 0, 2))
