@@ -38,14 +38,12 @@ TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 DEFAULT_NUM_SMS = 132
 DEFAULT_SMEM_BYTES = 232448
 WAVE_CTAS = 2  # decode grids aim at this many CTAs per SM: one hides the other's load latency
-# Decode on CUDA cores, whole-K plans (the default for int8 and float factors): a phase 1 whose CTAs each cover all of K
-# in one tile (8 rows per thread, every thread along K, at most this many warps and 16-byte chunks per row per thread)
-# stores hidden with plain stores into a buffer of its own: no atomics, and phase 2 has no workspace to re-zero (no
-# ticket). 4 warps x 2 chunks (4096 int8 columns): 255 registers x 128 threads, half an SM's registers, so phase 2's
-# CTAs fit beside it and its pre-wait loads overlap (bench/sass/model.py fits_beside); 8 warps x 1 chunk took 249 x 256,
-# the whole SM.
-WHOLE_K_MAX_WARPS = 4
-WHOLE_K_MAX_CHUNKS = 2
+# Decode on CUDA cores, whole-K plans (the M = 1 default where K allows): a phase 1 whose CTAs each cover all of K in
+# one tile of at most this many warps (8 rows per thread, every thread along K) stores hidden with plain stores into a
+# buffer of its own: no atomics, and phase 2 has no workspace to re-zero (no ticket). 8 warps (4096 int8 or 8192 int4
+# columns): 128 registers x 256 threads, half an SM's registers, so phase 2's CTAs fit beside it and its pre-wait loads
+# overlap (bench/sass/model.py fits_beside).
+WHOLE_K_MAX_WARPS = 8
 
 
 @dataclass(frozen=True)
@@ -177,33 +175,32 @@ def _realized_split(k: int, block_k: int, split_k: int) -> int:
 
 
 def _whole_k_phase1(p: Problem) -> tuple[int, int, int] | None:
-    """(warps, block_k, block_r) of a CUDA-core phase 1 without a K split: 8 rows per thread, every thread of the CTA
-    along K, the fewest warps (then 16-byte chunks per row per thread) whose tile covers all of K: 8 or 16 128-bit loads
-    in flight; its CTAs (one per 8 ranks) each read their whole share in one round trip and store hidden (no atomics).
-    None past WHOLE_K_MAX_WARPS x WHOLE_K_MAX_CHUNKS."""
+    """(warps, block_k, block_r) of a CUDA-core phase 1 without a K split: 8 rows per thread (8 128-bit loads in
+    flight), every thread of the CTA along K, the fewest warps whose tile covers all of K; its CTAs (one per 8 ranks)
+    each read their whole share in one round trip and store hidden (no atomics). None past WHOLE_K_MAX_WARPS."""
     chunk, warps = decode_chunk(p.bits), 1
-    while warps < WHOLE_K_MAX_WARPS and 32 * warps * chunk < p.k:
+    while warps <= WHOLE_K_MAX_WARPS:
+        if 32 * warps * chunk >= p.k:
+            return warps, 32 * warps * chunk, 8
         warps *= 2
-    chunks = next_pow2(_cdiv(p.k, 32 * warps * chunk))  # block_k stays a power of two
-    return (warps, 32 * warps * chunks * chunk, 8) if chunks <= WHOLE_K_MAX_CHUNKS else None
+    return None
 
 
 def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_per_thread: int = 8,
                             row_chunks: int = 2, whole_k: bool = False) -> TileConfig:
     """The CUDA-core decode plan (block_m = 1), sized from what bench/sass_report.py shows.
 
-    Phase 1 with `whole_k` where K allows (_whole_k_phase1; the default for int8 and float factors:
-    two_launch_default_config): no K split, hidden stored with plain stores, no atomics and no ticket, so the output is
-    the same bits on every call. Otherwise (the atomic plan): a thread holds 16-byte
-    chunks of `rows_per_thread` rows; 8 threads along K make a 128-byte (one cache line) row tile (4 in 1-warp
-    CTAs). The x values a thread loads are shared by its rows, so their cost per weight is 1 / rows_per_thread:
-    keep 8 rows per thread and shrink the CTA (4, 2, 1 warps), then the rows (not below 4), until the grid has
-    WAVE_CTAS CTAs per SM (two resident CTAs hide each other's load latency); a phase too small for that gets fewer
-    CTAs.
+    Phase 1 with `whole_k` where K allows (_whole_k_phase1; the default: two_launch_default_config): no K split,
+    hidden stored with plain stores, no atomics and no ticket, so the output is the same bits on every call.
+    Otherwise (the atomic plan): a thread holds 16-byte chunks of `rows_per_thread` rows; 8 threads along K make a
+    128-byte (one cache line) row tile (4 in 1-warp CTAs). The x values a thread loads are shared by its rows, so
+    their cost per weight is 1 / rows_per_thread: keep 8 rows per thread and shrink the CTA (4, 2, 1 warps), then
+    the rows (not below 4), until the grid has WAVE_CTAS CTAs per SM (two resident CTAs hide each other's load
+    latency); a phase too small for that gets fewer CTAs.
     Phase 2: one thread per row and per 16-byte chunk of columns, `row_chunks` chunks per CTA row (2: 32 bytes,
     whole sectors; 1 doubles the grid but leaves each warp half of every sector, for a neighbouring CTA to read);
     each block of rows is up to 4 sub-tiles (one 128-bit load per thread each), loaded a block ahead of its use
-    (bench/sass_report.py: 8 weight loads in flight at a first use, from 4 warps).
+    (bench/sass_report.py: 4 or 8 weight loads in flight at a first use, from 4 warps).
     """
     chunk = decode_chunk(p.bits)
     target = WAVE_CTAS * num_sms
@@ -234,11 +231,10 @@ def decode_cuda_core_config(p: Problem, num_sms: int, num_warps: int = 4, rows_p
 
 
 def two_launch_default_config(p: Problem, num_sms: int) -> TileConfig:
-    """The default two-launch CUDA-core decode plan: phase 1 without a K split where K allows (no atomics:
-    bench/results/sass/README.md, "Phase 1 without a K split"), but not for int4, whose whole-K tile loads x in a layout
-    Triton converts through shared memory (18 barriers per tile, 7.02 thread-instructions per weight byte against
-    issue 9's 7): int4 keeps the atomic plan, and its whole-K plan stays a tuner candidate."""
-    return decode_cuda_core_config(p, num_sms, whole_k=p.bits != 4)
+    """The default two-launch CUDA-core decode plan: phase 1 without a K split where K allows (no atomics, so the
+    output is the same bits on every call: bench/results/sass/README.md, "Phase 1 without a K split"); past
+    WHOLE_K_MAX_WARPS, the atomic K split. The tuner tries the atomic plan too."""
+    return decode_cuda_core_config(p, num_sms, whole_k=True)
 
 
 # The one-launch path (decode_one_launch_kernel) for small layers: every program re-reads all of `down` (from L2 after
@@ -246,12 +242,22 @@ def two_launch_default_config(p: Problem, num_sms: int) -> TileConfig:
 # "One launch for small layers"); the autotuner times both paths, so a GPU run corrects the rule per shape.
 ONE_LAUNCH_MAX_RANK = 256  # hidden and the up_t slice in registers: [rank, block_n] per program
 ONE_LAUNCH_MAX_DOWN_BYTES = 32 * 1024  # `down` re-read by every program: its bytes bound each program's phase 1
+# The default takes one launch only up to here, and not for int4: past it (and for int4 at every size in the sweep)
+# the whole-K two-launch plan estimates faster under CUDA graphs; eagerly one launch stays faster (one host launch)
+ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES = 20 * 1024
 
 
 def one_launch_supported(p: Problem) -> bool:
     """Small enough for decode_one_launch_kernel: a decode-path problem whose `down` fits the size rule."""
     return (decode_supported(p) and next_pow2(p.rank) <= ONE_LAUNCH_MAX_RANK
             and p.rank * p.k * p.factor_elem_bytes <= ONE_LAUNCH_MAX_DOWN_BYTES)
+
+
+def one_launch_is_default(p: Problem) -> bool:
+    """The default M = 1 plan is one launch: int8 or float factors whose `down` has at most
+    ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES (and one_launch_supported)."""
+    return (one_launch_supported(p) and p.bits != 4
+            and p.rank * p.k * p.factor_elem_bytes <= ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES)
 
 
 def one_launch_config(p: Problem, num_warps: int = 4, row_chunks: int = 2) -> TileConfig:
@@ -277,7 +283,7 @@ def lowrank_default_config(
             return TileConfig("decode", 16, 32, 32, 16, split_k=2)
         return TileConfig("split", 16, 32, 32, 16)
     if decode and p.m <= CUDA_CORE_MAX_M:
-        return one_launch_config(p) if one_launch_supported(p) else two_launch_default_config(p, num_sms)
+        return one_launch_config(p) if one_launch_is_default(p) else two_launch_default_config(p, num_sms)
     if decode:
         block_k = _int4_block(p.k, p.group_size, 64) if p.bits == 4 else 64
         block_n = _int4_block(p.n, p.group_size, 64) if p.bits == 4 else 64

@@ -32,17 +32,18 @@ INT4_ODD_OFFSET = tl.constexpr(136.0)  # 2^7 + 8: lanes 1, 3, 5, 7
 
 
 def _coalesce_ties_to_lower_dimension() -> bool:
-    """Triton's coalescing pass orders a load's dimensions by contiguity, and a weight tile [rows, chunks, 4 words]
-    ties its first two (only a chunk's 4 words are contiguous). Triton 3.6 puts the threads along the lower of the
-    two (rows: each thread then holds every chunk of its rows and loads every x value of the tile); 3.7.1, 3.8.0 and
-    3.9.0 along the higher (chunks). bench/results/sass/README.md, "The GPU image's Triton", has the SASS of both."""
+    """Triton's coalescing pass orders a load's dimensions by contiguity, and the CUDA-core tiles tie: a weight tile
+    [rows, chunks, 4 words] in rows and chunks, an x tile [chunks, 4 words] of pair loads in both (only a chunk's 4
+    words of weights are contiguous). Triton 3.6 puts the threads along the lower tied dimension, 3.7.1, 3.8.0 and
+    3.9.0 along the higher; the kernels want them along the chunks in both tiles (bench/results/sass/README.md, "The
+    GPU image's Triton")."""
     major, minor = (int(part) for part in triton.__version__.split(".")[:2])
     return (major, minor) < (3, 7)
 
 
-# Weight tiles are loaded through their [chunks, rows, 4] transpose where ties go to the lower dimension, so every
-# release puts the threads along the chunks (a permute of a distributed tensor moves no data).
-LOAD_CHUNKS_FIRST = tl.constexpr(_coalesce_ties_to_lower_dimension())
+# Where a tile's chunks are not the dimension the release prefers, it is loaded through its transpose and transposed
+# back (a permute of a distributed tensor moves no data): load_row_chunks, load_chunk_words.
+TIES_TO_LOWER_DIMENSION = tl.constexpr(_coalesce_ties_to_lower_dimension())
 
 
 @triton.jit
@@ -197,31 +198,38 @@ def x_pair(x_row_ptr, pair, k_hi, X_PAIRS: tl.constexpr, MASKED: tl.constexpr):
     (16-bit activations, 4-byte aligned rows), else two loads."""
     mask = pair < k_hi // 2 if MASKED else None  # k_hi is even
     if X_PAIRS:
-        pair_ptr = x_row_ptr.to(tl.pointer_type(tl.int32)) + pair
-        both = tl.load(pair_ptr, mask=mask, other=0) if MASKED else tl.load(pair_ptr)
+        both = load_chunk_words(x_row_ptr.to(tl.pointer_type(tl.int32)) + pair, mask, MASKED)
         lo = both.to(tl.int16).to(x_row_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
         hi = (both >> 16).to(tl.int16).to(x_row_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
-    elif MASKED:
-        lo = tl.load(x_row_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32)
-        hi = tl.load(x_row_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
     else:
-        lo = tl.load(x_row_ptr + 2 * pair).to(tl.float32)
-        hi = tl.load(x_row_ptr + 2 * pair + 1).to(tl.float32)
+        lo = load_chunk_words(x_row_ptr + 2 * pair, mask, MASKED).to(tl.float32)
+        hi = load_chunk_words(x_row_ptr + 2 * pair + 1, mask, MASKED).to(tl.float32)
     return lo, hi
 
 
 @triton.jit
 def load_row_chunks(ptrs, ok, MASKED: tl.constexpr):
     """tl.load of a weight tile ptrs [rows, chunks, words] (where `ok`, broadcast to it, when MASKED, else 0), with
-    the threads along the chunks on every Triton release (LOAD_CHUNKS_FIRST)."""
-    if LOAD_CHUNKS_FIRST:
+    the threads along the chunks on every Triton release: through its [chunks, rows, words] transpose where ties go
+    to the lower dimension (TIES_TO_LOWER_DIMENSION)."""
+    if TIES_TO_LOWER_DIMENSION:
         if MASKED:
             ok = tl.permute(tl.broadcast_to(ok, ptrs.shape), (1, 0, 2))
         ptrs = tl.permute(ptrs, (1, 0, 2))
     tile = tl.load(ptrs, mask=ok, other=0) if MASKED else tl.load(ptrs)
-    if LOAD_CHUNKS_FIRST:
-        tile = tl.permute(tile, (1, 0, 2))
-    return tile
+    return tl.permute(tile, (1, 0, 2)) if TIES_TO_LOWER_DIMENSION else tile
+
+
+@triton.jit
+def load_chunk_words(ptrs, ok, MASKED: tl.constexpr):
+    """tl.load of an x tile ptrs [chunks, words] (where `ok` when MASKED, else 0), with the threads along the chunks
+    on every Triton release, matching the weight tile's: through its transpose where ties go to the higher dimension
+    (without it Triton 3.9 loaded a whole-K tile's x values across threads and moved them through shared memory)."""
+    if not TIES_TO_LOWER_DIMENSION:
+        ok = tl.trans(ok) if MASKED else ok
+        ptrs = tl.trans(ptrs)
+    tile = tl.load(ptrs, mask=ok, other=0) if MASKED else tl.load(ptrs)
+    return tile if TIES_TO_LOWER_DIMENSION else tl.trans(tile)
 
 
 @triton.jit

@@ -75,16 +75,19 @@ def test_real_sizes_both_paths(bits, k, n, rank, m):
     assert_close_scaled(lowrank_matmul(x, f), ref)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("k,n,rank", sizes([(1600, 6400, 400), (4096, 11008, 1024)], [(224, 96, 24)]))
-def test_int8_decode_repeats_bit_for_bit(k, n, rank):
-    """The int8 M = 1 default plan runs phase 1 without a K split (no float atomics, whose order varies between
-    calls): a repeated call gives the same bits, and matches the reference."""
-    layer = make_layer(k, n, rank, 8)
+def test_decode_repeats_bit_for_bit(k, n, rank, bits):
+    """The M = 1 default plan runs phase 1 without a K split (no float atomics, whose order varies between calls):
+    a repeated call gives the same bits, and matches the reference."""
+    group = sizes(GROUP, 32)  # the decode path's int4 groups are whole 32-column chunks
+    layer = make_layer(k, n, rank, bits, group_size=group)
     f = layer.factors()
-    config = two_launch_default_config(Problem(1, n, k, rank, 8, 0), num_sms())
+    problem = Problem(1, n, k, rank, bits, group if bits == 4 else 0)
+    config = two_launch_default_config(problem, num_sms())
     assert config.split_k == 1, config
     if ON_GPU:
-        assert default_config(Problem(1, n, k, rank, 8, 0), num_sms()) == config
+        assert default_config(problem, num_sms()) == config
     x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
     outs = []
     for _ in range(3):
@@ -98,15 +101,15 @@ def test_int8_decode_repeats_bit_for_bit(k, n, rank):
 @pytest.mark.parametrize("bits,k,n,rank", sizes([(8, 576, 1536, 32), (4, 768, 3072, 64), (None, 256, 1024, 16)],
                                                  [(8, 64, 96, 7), (4, 64, 96, 16), (None, 32, 48, 5)]))
 def test_small_layers_take_one_launch(bits, k, n, rank):
-    """A small layer's default decode plan is one launch (on the GPU), and it matches the reference, as does the
-    custom op's own choice."""
+    """A small int8 or float layer's default decode plan is one launch (on the GPU; int4's is the whole-K two-launch
+    plan), and one launch matches the reference, as does the custom op's own choice."""
     group = sizes(128, 32)  # the decode path's int4 groups are whole 32-column chunks
     layer = make_layer(k, n, rank, bits, group_size=group)
     f = layer.factors()
     problem = Problem(1, n, k, rank, bits, group if bits == 4 else 0)
     config = default_config(problem, num_sms(), interpret=not ON_GPU)
     if ON_GPU:
-        assert config.one_launch, config
+        assert config.one_launch == (bits != 4), config
     x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
     out = torch.full((1, n), float("nan"), device=DEVICE, dtype=torch.float16)
     launch(x, f, one_launch_config(problem), out)

@@ -99,10 +99,10 @@ def test_leading_dims_fp32_and_no_bias(path, base_bits):
 @pytest.mark.parametrize("chunks_first", [True, False])
 @pytest.mark.parametrize("base_bits", [4, 3, 2])
 def test_base_tiles_loaded_either_way(monkeypatch, chunks_first, base_bits):
-    """The gemv's base tiles (int4 through utils.shrink_tile_cc, int3/int2 planes through _zero_point_tile_cc) loaded
-    directly or through their transpose (utils.LOAD_CHUNKS_FIRST): both give the reference, K = 384 with a tail after
-    one whole 256-column tile."""
-    monkeypatch.setattr(kernel_utils, "LOAD_CHUNKS_FIRST", kernel_utils.tl.constexpr(chunks_first))
+    """The gemv's base tiles (int4 through utils.shrink_tile_cc, int3/int2 planes through _zero_point_tile_cc) and x
+    tiles loaded directly or through their transpose (utils.TIES_TO_LOWER_DIMENSION flipped): both give the
+    reference, K = 384 with a tail after one whole 256-column tile."""
+    monkeypatch.setattr(kernel_utils, "TIES_TO_LOWER_DIMENSION", kernel_utils.tl.constexpr(chunks_first))
     w = make_weights(384, 64, 2, base_bits, 64, 8, correction_group(64), torch.float16, seed=base_bits)
     x = torch.randn(1, 384, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
     assert_close(run_poisoned(x, w, CONFIGS["cuda-cores"]), x, w)

@@ -163,50 +163,49 @@ def test_one_launch_matches_reference(bits, dtype, m, k, n, rank):
     assert_close(run_poisoned(x, f, one_launch_test_config(bits, rank)), x, f)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [None, 8, 4])
 def test_one_launch_is_the_default_for_small_layers_only(bits):
-    """The size rule: a small `down` takes one launch at M = 1 (and its default plan matches the reference); a large
-    one, or M > 1, keeps the two-launch decode path."""
+    """The size rule: a small `down` of int8 or float factors takes one launch at M = 1 (and its default plan matches
+    the reference); int4 (its whole-K two-launch plan estimates faster), a `down` past 20 KB, or M > 1, keeps the
+    two-launch decode path; the tuner still tries one launch wherever it can run."""
     small = ops.problem_for(make_factors(64, 96, 16, bits, 32, torch.float16), 1, 2)
     config = default_config(small)
-    assert config.one_launch and config.block_r >= small.rank
+    assert config.one_launch == (bits != 4)
     f = make_factors(64, 96, 16, bits, 32, torch.float16, seed=4)
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
     assert_close(run_poisoned(x, f, config), x, f)
     assert not default_config(dataclasses.replace(small, m=2)).one_launch
     assert not default_config(dataclasses.replace(small, k=4096, rank=64)).one_launch  # 256 KB of int8 `down`
+    assert not default_config(dataclasses.replace(small, k=384, rank=64, bits=8)).one_launch  # 24 KB: past 20
     assert not default_config(dataclasses.replace(small, rank=300)).one_launch  # past ONE_LAUNCH_MAX_RANK
-    assert any(c.one_launch for c in candidate_configs(small, "default"))
+    assert any(c.one_launch and c.block_r >= small.rank for c in candidate_configs(small, "max"))
 
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_two_launch_default_plan(bits):
-    """The default two-launch M = 1 plan, sized as on an H100: int8 and float factors run phase 1 without a K split
-    (plain stores into a buffer of its own: no atomics, no ticket), int4 keeps the atomic K split (its whole-K tile
-    costs more instructions per weight byte: configs.two_launch_default_config). Both match the reference into
-    NaN-poisoned outputs, with the partials buffers NaN-poisoned too, and the whole-K plan repeats bit for bit."""
+    """The default two-launch M = 1 plan, sized as on an H100, runs phase 1 without a K split (plain stores into a
+    buffer of its own: no atomics, no ticket; configs.two_launch_default_config). It matches the reference into
+    NaN-poisoned outputs, with the partials buffers NaN-poisoned too, and repeats bit for bit."""
     f = make_factors(224, 96, 24, bits, 32, torch.float16, seed=8)  # K = 224: a whole-K tile past K (masked tail)
     x = torch.randn(1, 224, generator=torch.Generator().manual_seed(8)).half().to(DEVICE)
     config = two_launch_default_config(ops.problem_for(f, 1, 2), DEFAULT_NUM_SMS)
     assert not config.one_launch and config.block_m == 1
-    assert (kernel_launch._phase1_splits(224, config)[1] == 1) == (bits != 4), config
+    assert kernel_launch._phase1_splits(224, config)[1] == 1, config
     for buf in kernel_launch._PARTIALS.values():
         buf.fill_(float("nan"))
     first = run_poisoned(x, f, config)
     assert_close(first, x, f)
-    if bits != 4:
-        torch.testing.assert_close(run_poisoned(x, f, config), first, atol=0, rtol=0)
+    torch.testing.assert_close(run_poisoned(x, f, config), first, atol=0, rtol=0)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="a compiled kernel keeps the flag it was compiled with")
 @pytest.mark.parametrize("chunks_first", [True, False])
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_weight_tiles_loaded_either_way(monkeypatch, chunks_first, bits):
-    """utils.load_row_chunks loads a weight tile [rows, chunks, 4 words] directly or through its transpose
-    (LOAD_CHUNKS_FIRST: what Triton 3.6 needs to put the threads along the chunks; CI's Triton takes the direct load,
-    the lent GPU image the transposed one). Both give the reference: the CUDA-core decode path (K tail masked, rows past
-    R masked) and one launch."""
-    monkeypatch.setattr(kernel_utils, "LOAD_CHUNKS_FIRST", kernel_utils.tl.constexpr(chunks_first))
+    """utils.load_row_chunks and load_chunk_words load weight and x tiles directly or through their transpose, as
+    TIES_TO_LOWER_DIMENSION says (CI's Triton one way, the lent GPU image's Triton 3.6 the other). Both ways give the
+    reference: the CUDA-core decode path (K tail masked, rows past R masked) and one launch."""
+    monkeypatch.setattr(kernel_utils, "TIES_TO_LOWER_DIMENSION", kernel_utils.tl.constexpr(chunks_first))
     f = make_factors(96, 160, 7, bits, 32, torch.float16, seed=9)
     x = torch.randn(1, 96, generator=torch.Generator().manual_seed(9)).half().to(DEVICE)
     assert_close(run_poisoned(x, f, test_config("cuda-cores", 1, bits)), x, f)

@@ -144,7 +144,7 @@ def test_static_targets_hold_for_the_default_configs(tmp_path):
     assert {(r["problem"]["K"], r["problem"]["N"], r["problem"]["M"], r["problem"]["bits"], r["problem"]["base_bits"])
             for r in records} == {(1600, 6400, 1, 8, None), (4096, 11008, 1, 8, None), (4096, 11008, 1, 4, None),
                                   (4096, 11008, 1, 8, 4), (4096, 11008, 16, 8, 4), (576, 1536, 1, 8, None),
-                                  (768, 3072, 1, 4, None), (256, 1024, 1, 8, None)}
+                                  (256, 1024, 1, None, None), (256, 1024, 1, 8, None)}
     for r in records:
         assert {"problem", "kernel", "triton", "config", "regs", "spills", "shared_bytes", "hot_loops", "estimate_us",
                 "issue_bound_us", "hbm_floor_us", "latency_bound_us", "plan_graph_us", "plan_eager_us"} <= set(r)
@@ -161,11 +161,10 @@ def test_static_targets_hold_for_the_default_configs(tmp_path):
         for kernel in ("decode_shrink_kernel", "decode_expand_kernel"):
             assert f"{name}: {kernel} loop 1 >= 4 weight loads before first use" in passed
             assert f"{name}: {kernel} loop 1 >= 16 KB (or all it reads) in flight per SM" in passed
-    # the int8 M = 1 plans run phase 1 without a K split: no global atomics in either kernel (the same output bits on
-    # every call), and no ticket
+    # the low-rank M = 1 plans run phase 1 without a K split: no global atomics in either kernel (the same output
+    # bits on every call), and no ticket
     for r in records:
-        if r["problem"]["M"] == 1 and r["problem"]["bits"] == 8 and r["problem"]["base_bits"] is None \
-                and r["problem"]["K"] >= 1600:
+        if r["problem"]["M"] == 1 and r["problem"]["base_bits"] is None:
             assert r["global_atomics"] == 0 and r["config"]["split_k"] == 1, (r["problem"], r["kernel"])
     # small layers: one launch, no slower than two under CUDA graphs and faster eagerly (every one of their checks)
     small = [name for name in passed | set(failed) if any(name.startswith(s.label() + ":") for s in SMALL_PROBLEMS)]
