@@ -11,13 +11,13 @@ Kernels:
   so the workspace is zero between calls without a memset (CUDA-graph safe). On sm_90 phase 2 is a
   programmatic dependent launch: it starts while phase 1 runs and waits (griddepcontrol) before
   reading hidden. (Phase 1 with PARTIALS stores per-split partial sums with plain stores into a buffer of its own,
-  summed by the reader: the hybrid's CUDA-core path, and the whole-K plan here (one split: configs, the default for
-  int8 and float factors at M = 1), whose phase 2 then runs without RELEASE_HIDDEN: no atomics, no ticket, the same
-  output bits on every call.)
+  summed by the reader: the hybrid's CUDA-core path, and the whole-K plan here (one split: configs, the M = 1
+  default where K allows), whose phase 2 then runs without RELEASE_HIDDEN: no atomics, no ticket, the same output
+  bits on every call.)
   BLOCK_M == 1 runs on CUDA cores, one program per row of x: tiles are [rows, threads, 4 words], so
   each thread loads 16 contiguous bytes per row (LDG.128) and keeps fp32 partial sums per (row, word):
-  no weight data crosses threads in the hot loops, one cross-thread reduction at the end (a whole-K tile's x values
-  do: Triton moves them through shared memory, 8 barriers per int8 tile). In phase 1 the x
+  no weight data crosses threads in the hot loops, one cross-thread reduction at the end (weight and x tiles load in
+  that layout on every Triton release: utils.load_row_chunks, load_chunk_words). In phase 1 the x
   values a thread loads serve all its rows (8 where the grid allows); in phase 2 each thread owns one
   row per sub-tile and per-lane accumulators; a block of up to 4 sub-tiles (one 128-bit load per thread each) is
   loaded one block ahead of its use (two blocks, A and B, per iteration: no register copies), the first block
