@@ -247,17 +247,21 @@ ONE_LAUNCH_MAX_DOWN_BYTES = 32 * 1024  # `down` re-read by every program: its by
 ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES = 20 * 1024
 
 
+def _down_bytes(p: Problem) -> float:
+    """Bytes of `down` (its codes), which every one-launch program re-reads."""
+    return p.rank * p.k * p.factor_elem_bytes
+
+
 def one_launch_supported(p: Problem) -> bool:
     """Small enough for decode_one_launch_kernel: a decode-path problem whose `down` fits the size rule."""
     return (decode_supported(p) and next_pow2(p.rank) <= ONE_LAUNCH_MAX_RANK
-            and p.rank * p.k * p.factor_elem_bytes <= ONE_LAUNCH_MAX_DOWN_BYTES)
+            and _down_bytes(p) <= ONE_LAUNCH_MAX_DOWN_BYTES)
 
 
 def one_launch_is_default(p: Problem) -> bool:
     """The default M = 1 plan is one launch: int8 or float factors whose `down` has at most
     ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES (and one_launch_supported)."""
-    return (one_launch_supported(p) and p.bits != 4
-            and p.rank * p.k * p.factor_elem_bytes <= ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES)
+    return one_launch_supported(p) and p.bits != 4 and _down_bytes(p) <= ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES
 
 
 def one_launch_config(p: Problem, num_warps: int = 4, row_chunks: int = 2) -> TileConfig:

@@ -55,21 +55,30 @@ L2_LATENCY_US = L2_LATENCY_NS * 1e-3
 CLOCKS_PER_US = CLOCK_GHZ * 1e3
 
 
+def _regs_per_warp(regs: int) -> int:
+    """Registers a warp holds: per-thread registers x 32, allocated 256 at a time."""
+    return math.ceil(max(regs, 1) * 32 / 256) * 256
+
+
 def occupancy(regs: int, warps: int, shared: int) -> int:
     """CTAs per SM an H100 can hold: registers (256-per-warp allocation), warps, shared memory, CTA slots."""
-    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
-    by_regs = REGS_PER_SM // (regs_per_warp * warps)
+    by_regs = REGS_PER_SM // (_regs_per_warp(regs) * warps)
     by_warps = MAX_WARPS_PER_SM // warps
     by_smem = SMEM_PER_SM // (shared + SMEM_RESERVED_PER_CTA)
     return max(0, min(by_regs, by_warps, by_smem, MAX_CTAS_PER_SM))
 
 
+def resident_ctas(r: dict) -> int:
+    """CTAs of kernel r resident on its busiest SM: occupancy, capped by its share of the grid."""
+    return max(1, min(r["ctas_per_sm"], math.ceil(r["programs"] / SMS)))
+
+
 def fits_beside(before: dict, r: dict) -> bool:
     """One CTA of kernel r fits on an SM beside kernel `before`'s resident CTAs (its busiest SM's)."""
     def regs(k: dict) -> int:
-        return math.ceil(max(k["regs"], 1) * 32 / 256) * 256 * k["num_warps"]
+        return _regs_per_warp(k["regs"]) * k["num_warps"]
 
-    resident = max(1, min(before["ctas_per_sm"], math.ceil(before["programs"] / SMS)))
+    resident = resident_ctas(before)
     return (resident * regs(before) + regs(r) <= REGS_PER_SM
             and resident * before["num_warps"] + r["num_warps"] <= MAX_WARPS_PER_SM
             and resident * (before["shared_bytes"] + SMEM_RESERVED_PER_CTA) + r["shared_bytes"]
@@ -78,8 +87,7 @@ def fits_beside(before: dict, r: dict) -> bool:
 
 
 def resident_warps(r: dict) -> int:
-    per_sm_programs = math.ceil(r["programs"] / SMS)
-    return max(1, min(r["ctas_per_sm"], per_sm_programs)) * r["num_warps"]
+    return resident_ctas(r) * r["num_warps"]
 
 
 def _after_wait(r: dict, loop: dict) -> bool:
@@ -139,14 +147,15 @@ def estimate_plan(records: list[dict]) -> dict:
         previous_bytes = 0.0
         for i, r in enumerate(records):
             body, pre = r["estimate_us"], r["pre_wait_us"]
-            if r.get("launch_pdl") and t and not fits_beside(records[i - 1], r):
-                t += PDL_GAP_US + body  # no room beside the kernel before: its CTAs start as those leave
-                started = t - body
-            elif r.get("launch_pdl") and t:
-                # launched while the previous kernel runs: its pre-wait part overlaps it, sharing HBM
-                pre_bytes = r["unique_bytes"] * pre / max(body, 1e-9)
-                shared = (previous_bytes + pre_bytes) / (HBM_TBS * 1e6)
-                t = max(t + PDL_GAP_US, started + pre, started + shared) + body - pre
+            if r.get("launch_pdl") and t:
+                if fits_beside(records[i - 1], r):
+                    # launched while the previous kernel runs: its pre-wait part overlaps it, sharing HBM
+                    pre_bytes = r["unique_bytes"] * pre / max(body, 1e-9)
+                    shared = (previous_bytes + pre_bytes) / (HBM_TBS * 1e6)
+                    t = max(t + PDL_GAP_US, started + pre, started + shared) + body - pre
+                else:  # no room beside the kernel before: its CTAs start as those leave
+                    t += PDL_GAP_US + body
+                    started = t - body
             else:
                 t += launch_us
                 started = t
