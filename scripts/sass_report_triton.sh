@@ -11,12 +11,18 @@ cd "$(dirname "$0")/.."
 VERSION=${1:-3.6.0}
 shift || true
 venv=.venv-triton-$VERSION
-if [ ! -x "$venv/bin/python" ]; then
+if [ ! -f "$venv/.ready" ]; then  # (a venv whose install failed is made again, not reused)
+    rm -rf "$venv"
     python3 -m venv "$venv"
+    log="$venv/install.log"
     # torch from local disk (the CPU build: the report compiles ahead of time, no GPU), then that Triton beside it
-    "$venv/bin/python" -m pip install -q torch==2.13.0 "triton==$VERSION"
     grep -v '^triton==' constraints.txt > "$venv/constraints.txt"  # CI's pins, but this Triton
-    "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" -e . >&2
+    if ! { "$venv/bin/python" -m pip install -q torch==2.13.0 "triton==$VERSION" \
+           && "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" -e .; } > "$log" 2>&1; then
+        echo "sass_report_triton.sh: could not install Triton $VERSION with this package (pip's output: $log)" >&2
+        exit 1
+    fi
+    touch "$venv/.ready"
 fi
 "$venv/bin/python" -c "import triton; print('Triton', triton.__version__)" >&2
 env -u TRITON_INTERPRET "$venv/bin/python" bench/sass_report.py "$@"
