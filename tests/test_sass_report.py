@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from sass import hotloops, model, targets  # noqa: E402
+from sass import disasm, hotloops, model, targets  # noqa: E402
 from sass.problems import SMALL_PROBLEMS  # noqa: E402
 
 # x_ptr at c[0x0][0x210] (parameter 0), the weights at 0x218 (parameter 1)
@@ -112,6 +112,43 @@ def test_weight_loads_are_counted_on_both_sides_of_the_wait():
     info = hotloops.analyze_sass(waiting, OFFSETS, ROLES)
     assert info["has_wait"] and (info["weight_loads_before_wait"], info["weight_loads_after_wait"]) == (1, 1)
     assert hotloops.analyze_sass(SASS, OFFSETS, ROLES)["weight_loads_after_wait"] == 0
+
+
+def test_a_register_pair_zeroed_by_cs2r_is_redefined():
+    """CS2R R12, SRZ writes R12 and R13: an x address built from R13 in the loop derives from the zero, not from the
+    weight pointer R13 held before (taken for one, phase 2's h and scale loads counted as 32-bit weight loads)."""
+    sass = """
+        /*0000*/                   LDC.64 R2, c[0x0][0x218] ;
+        /*0010*/                   LDC.64 R4, c[0x0][0x210] ;
+        /*0020*/                   MOV R13, R3 ;
+        /*0030*/                   CS2R R12, SRZ ;
+.L_x_0:
+        /*0040*/                   LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0050*/                   IMAD.WIDE R14, R13, 0x4, R4 ;
+        /*0060*/                   LDG.E R16, desc[UR4][R14.64] ;
+        /*0070*/                   FFMA R20, R8, R16, R20 ;
+        /*0080*/                   IADD3 R2, P0, R2, 0x10, RZ ;
+        /*0090*/                   IADD3.X R3, RZ, R3, RZ, P0, !PT ;
+        /*00a0*/                   VIADD R13, R13, 0x1 ;
+        /*00b0*/               @P1 BRA `(.L_x_0) ;
+        /*00c0*/                   EXIT ;
+"""
+    (loop,) = hotloops.analyze_sass(sass, OFFSETS, ROLES)["hot_loops"]
+    assert loop["weight_loads"] == {"LDG.E.128": 1} and loop["other_loads"] == 1
+    assert disasm.parse_sass(sass)[0][3].dests() == ["R12", "R13"]  # (the .32 form writes one register)
+    assert disasm.parse_sass(sass.replace("CS2R R12", "CS2R.32 R12"))[0][3].dests() == ["R12"]
+
+
+def test_a_stand_in_argument_is_not_a_second_weight():
+    """launch.py passes `down` again for float factors' absent scales: the report counts its bytes once."""
+    import torch
+    from sass.compile import Launch
+    from sass.report import weight_arguments
+
+    down, up = torch.empty(4, 8), torch.empty(4, 16)
+    launch = Launch(None, (1,), (down, down, up, up), {}, {0: "weight", 1: "weight", 2: "weight", 3: "weight"})
+    names = ["down_ptr", "down_scale_ptr", "up_ptr", "up_scale_ptr"]
+    assert weight_arguments(launch, names) == [("down_ptr", down), ("up_ptr", up)]
 
 
 def test_loops_without_weight_loads_are_not_hot():

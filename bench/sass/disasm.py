@@ -51,7 +51,9 @@ class Instr:
         if not m:
             return []
         parts = self.op.split(".")
-        width = 4 if "128" in parts else 2 if ("64" in parts or "WIDE" in parts) else 1
+        # CS2R without .32 writes a register pair (CS2R R12, SRZ zeroes R12 and R13)
+        pair = "64" in parts or "WIDE" in parts or (parts[0] == "CS2R" and "32" not in parts)
+        width = 4 if "128" in parts else 2 if pair else 1
         return [f"{m.group(1)}{int(m.group(2)) + i}" for i in range(width)]
 
     def sources(self) -> list[str]:

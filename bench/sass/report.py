@@ -54,6 +54,17 @@ def rereads(name: str, pname: str, launch: Launch) -> int:
     return 1
 
 
+def weight_arguments(launch: Launch, pnames: list[str]) -> list[tuple[str, object]]:
+    """(parameter name, tensor) of each weight tensor once, under the first parameter it is passed as: launch.py passes
+    a factor again as the stand-in for an absent argument (float factors have no scales), which the kernel never
+    reads (counted twice, `down` re-read by every one-launch program made its L2 traffic twice what it is)."""
+    first: dict[int, tuple[str, object]] = {}
+    for i, a in enumerate(launch.args):
+        if launch.roles.get(i) == "weight":
+            first.setdefault(id(a), (pnames[i], a))
+    return list(first.values())
+
+
 def analyze_launch(s: Spec, launch: Launch, workdir: str) -> dict:
     import torch
     import triton
@@ -81,7 +92,7 @@ def analyze_launch(s: Spec, launch: Launch, workdir: str) -> dict:
     programs = math.prod(launch.grid)
     ctas = model.occupancy(res["regs"], warps, shared)
     pnames = list(launch.fn.arg_names)
-    weight_args = [(pnames[i], a) for i, a in enumerate(launch.args) if launch.roles.get(i) == "weight"]
+    weight_args = weight_arguments(launch, pnames)
     streamed = sum(_tensor_bytes(a) * rereads(name, p, launch) for p, a in weight_args)
     weight_bytes = sum(_tensor_bytes(a) for _, a in weight_args)
     # each hot loop streams the weights its loads derive from (a weight read by several loops is shared out)
