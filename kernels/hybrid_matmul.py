@@ -314,7 +314,7 @@ def hybrid_gemv_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     X_PAIRS: tl.constexpr = False, PRECISE: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     UP_WORDS: tl.constexpr = False, S_BLOCK: tl.constexpr = 1, UP_ROWS: tl.constexpr = 16,
-    UP_ONE_STEP: tl.constexpr = False,
+    UP_ONE_STEP: tl.constexpr = False, EVEN_K: tl.constexpr = False,
 ):
     """y[m, n block] = x[m] · Q̂[n block]ᵀ + hidden[m] · up_t[:, n block] + bias on CUDA cores.
 
@@ -323,6 +323,7 @@ def hybrid_gemv_kernel(
     sums, partials [S, M, R] fp32 (decode_shrink_kernel with PARTIALS; S <= S_BLOCK): read only, no workspace to
     re-zero, no ticket, no atomics. UP_WORDS: int8 up_t rows of whole 32-bit words (N % 4 == 0), read as words,
     UP_ROWS rows per step (UP_ONE_STEP: R <= UP_ROWS, the whole slice in one step); otherwise BLOCK_R rows per step.
+    EVEN_K: K is whole BLOCK_K tiles, so the base's masked tail tile is not compiled (it would never run).
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -341,7 +342,7 @@ def hybrid_gemv_kernel(
         for k0 in range(0, k_full, BLOCK_K):
             acc, xoff = shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, K, K, magic, 4,
                                         BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, False)
-        if k_full < K:
+        if not EVEN_K and k_full < K:
             acc, xoff = shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k_full, K, K, magic, 4,
                                         BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, True)
     else:
@@ -351,7 +352,7 @@ def hybrid_gemv_kernel(
         for k0 in range(0, k_full, BLOCK_K):
             acc = _zero_point_tile_cc(acc, x_row_ptr, w_rows_ptr, scale_rows_ptr, zero_rows_ptr, k0, K, K, magic,
                                       BASE_BITS, BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, False)
-        if k_full < K:
+        if not EVEN_K and k_full < K:
             acc = _zero_point_tile_cc(acc, x_row_ptr, w_rows_ptr, scale_rows_ptr, zero_rows_ptr, k_full, K, K, magic,
                                       BASE_BITS, BASE_GROUP, BLOCK_K, X_PAIRS, PRECISE, True)
     if BITS == 8 and UP_WORDS:  # the correction's first up_t rows (all of them: UP_ONE_STEP): no phase-1 dependence

@@ -125,7 +125,7 @@ def _decode_shrink(x2d: torch.Tensor, f, c, out: torch.Tensor, k_per_split: int,
         BITS=bits, GROUP_SIZE=group, USE_DOT=c.uses_dot, DOT_PRECISION=precision, DOT_UPCAST=dot_upcast,
         BLOCK_M=c.block_m, BLOCK_R=c.block_r, BLOCK_K=c.block_k, X_PAIRS=x_pairs(x2d),
         PRECISE=x2d.dtype == torch.float32, USE_PDL=pdl_supported(x2d), num_warps=c.phase1_warps,
-        num_stages=c.num_stages, PARTIALS=partials,
+        num_stages=c.num_stages, PARTIALS=partials, EVEN_K=K % c.block_k == 0,
     )
 
 
@@ -215,7 +215,7 @@ def launch_one(x2d: torch.Tensor, f, c, out: torch.Tensor) -> torch.Tensor:
         x2d, f.down, down_scale, f.up_t, up_scale, f.bias if f.bias is not None else f.down, out, N, K, R,
         x2d.stride(0), out.stride(0), MAGIC, BITS=bits, GROUP_SIZE=group, HAS_BIAS=f.bias is not None,
         BLOCK_N=c.block_n, BLOCK_K=c.block_k, R_PAD=c.block_r, X_PAIRS=x_pairs(x2d), PRECISE=x2d.dtype == torch.float32,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        EVEN_K=K % c.block_k == 0, num_warps=c.num_warps, num_stages=c.num_stages,
     )
     return out
 
@@ -267,7 +267,7 @@ def launch_hybrid(x2d: torch.Tensor, w, config, out: torch.Tensor) -> torch.Tens
             HAS_BIAS=w.bias is not None, BLOCK_N=c.block_n, BLOCK_K=base_block_k, BLOCK_R=block_r,
             X_PAIRS=x_pairs(x2d), PRECISE=x2d.dtype == torch.float32, USE_PDL=pdl, UP_WORDS=N % 4 == 0,
             S_BLOCK=triton.next_power_of_2(splits), UP_ROWS=up_rows, UP_ONE_STEP=up_rows >= R,
-            num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
+            EVEN_K=K % base_block_k == 0, num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
         )
         return out
     if decode:

@@ -237,9 +237,10 @@ def _expand_next(w_ptrs, h_ptrs, s_ptrs, rows, r0, R, row_words, s_stride, SUB_R
 @triton.jit
 def _shrink_rows_cc(x_row_ptr, down_ptr, down_scale_ptr, rows, k_lo, k_hi, K, magic, BITS: tl.constexpr,
                     GROUP_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr,
-                    PRECISE: tl.constexpr):
+                    PRECISE: tl.constexpr, EVEN_K: tl.constexpr):
     """Phase 1 on CUDA cores: hidden [BLOCK_R] = x[k range] · down[rows, k range]ᵀ, scales applied (fp32).
-    rows [BLOCK_R] are in range (clamped by the caller, so the hot loop needs no row mask)."""
+    rows [BLOCK_R] are in range (clamped by the caller, so the hot loop needs no row mask). EVEN_K: the k range is
+    whole BLOCK_K tiles, so the masked tail tile is not compiled (it never runs; a second copy of the tile's code)."""
     k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K  # end of the unmasked tiles
     LANES: tl.constexpr = 4 if BITS == 8 else 8 if BITS == 4 else 1
     T: tl.constexpr = BLOCK_K // (4 * LANES)
@@ -257,7 +258,7 @@ def _shrink_rows_cc(x_row_ptr, down_ptr, down_scale_ptr, rows, k_lo, k_hi, K, ma
     for k0 in range(k_lo, k_full, BLOCK_K):
         acc, xoff = shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, k_hi, K, magic, BITS,
                                     GROUP_SIZE, BLOCK_K, X_PAIRS, PRECISE, False)
-    if k_full < k_hi:
+    if not EVEN_K and k_full < k_hi:
         acc, xoff = shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k_full, k_hi, K, magic, BITS,
                                     GROUP_SIZE, BLOCK_K, X_PAIRS, PRECISE, True)
     if BITS != 4:
@@ -274,11 +275,11 @@ def decode_shrink_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     X_PAIRS: tl.constexpr = False, PRECISE: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-    PARTIALS: tl.constexpr = False,
+    PARTIALS: tl.constexpr = False, EVEN_K: tl.constexpr = False,
 ):
     """Phase 1: hidden[M, R] (fp32, zero on entry) += x[:, k range] · down[:, k range]ᵀ, scales applied.
 
-    grid = (cdiv(R, BLOCK_R), split_k, cdiv(M, BLOCK_M)); k_per_split is a multiple of BLOCK_K.
+    grid = (cdiv(R, BLOCK_R), split_k, cdiv(M, BLOCK_M)); k_per_split is a multiple of BLOCK_K; EVEN_K: so is K.
     USE_PDL: phase 2 is a programmatic dependent launch; it may start (and wait) as soon as every program here has.
     PARTIALS (CUDA cores only: the hybrid gemv, and low rank without a K split): hidden_ptr is partials [split_k, M, R]
     fp32 instead, any content on entry: each program stores its partial sums into its split's slice with plain stores
@@ -313,7 +314,7 @@ def decode_shrink_kernel(
         tl.atomic_add(hidden_ptr + m_offs[:, None] * R + r_offs[None, :], hidden, mask=mask, sem="relaxed")
     else:
         hidden = _shrink_rows_cc(x_ptr + m0 * stride_xm, down_ptr, down_scale_ptr, rows, k_lo, k_hi, K, magic, BITS,
-                                 GROUP_SIZE, BLOCK_R, BLOCK_K, X_PAIRS, PRECISE)  # [BR]
+                                 GROUP_SIZE, BLOCK_R, BLOCK_K, X_PAIRS, PRECISE, EVEN_K)  # [BR]
         if PARTIALS:  # this split's own slice: every (split, m, r) is written by exactly one program
             tl.store(hidden_ptr + tl.program_id(1) * M * R + m0 * R + r_offs, hidden, mask=r_offs < R)
         else:
@@ -399,6 +400,7 @@ def decode_one_launch_kernel(
     x_ptr, down_ptr, down_scale_ptr, up_ptr, up_scale_ptr, bias_ptr, y_ptr, N, K, R, stride_xm, stride_ym, magic,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, X_PAIRS: tl.constexpr = False, PRECISE: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False,
 ):
     """Small layers in one launch: y[m, n block] = (x[m] · downᵀ) · up_t[:, n block] + bias on CUDA cores.
 
@@ -423,7 +425,7 @@ def decode_one_launch_kernel(
     scale = _expand_scale(s_ptrs, r_ok, 0, s_stride, r_ok, BITS)
     # phase 1: all of hidden, masked rows zero
     h = _shrink_rows_cc(x_ptr + m * stride_xm, down_ptr, down_scale_ptr, rows_in, 0, K, K, magic, BITS, GROUP_SIZE,
-                        R_PAD, BLOCK_K, X_PAIRS, PRECISE)
+                        R_PAD, BLOCK_K, X_PAIRS, PRECISE, EVEN_K)
     h = tl.where(r_ok, h, 0.0)  # [R_PAD]
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_zeros(R_PAD, T)
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_step(

@@ -181,16 +181,23 @@ def test_one_launch_is_the_default_for_small_layers_only(bits):
     assert any(c.one_launch and c.block_r >= small.rank for c in candidate_configs(small, "max"))
 
 
+@pytest.mark.parametrize("whole_tile", [False, True])
 @pytest.mark.parametrize("bits", [None, 8, 4])
-def test_two_launch_default_plan(bits):
+def test_two_launch_default_plan(bits, whole_tile):
     """The default two-launch M = 1 plan, sized as on an H100, runs phase 1 without a K split (plain stores into a
     buffer of its own: no atomics, no ticket; configs.two_launch_default_config). It matches the reference into
-    NaN-poisoned outputs, with the partials buffers NaN-poisoned too, and repeats bit for bit."""
-    f = make_factors(224, 96, 24, bits, 32, torch.float16, seed=8)  # K = 224: a whole-K tile past K (masked tail)
-    x = torch.randn(1, 224, generator=torch.Generator().manual_seed(8)).half().to(DEVICE)
+    NaN-poisoned outputs, with the partials buffers NaN-poisoned too, and repeats bit for bit. K = 224 ends inside
+    the whole-K tile (its masked tail); K = the tile's width is whole tiles (EVEN_K: no tail compiled)."""
+    k = 224
+    if whole_tile:  # the whole-K tile K = 224 takes: 256 (float), 512 (int8), 1024 (int4) columns
+        k = two_launch_default_config(ops.problem_for(make_factors(k, 96, 24, bits, 32, torch.float16), 1, 2),
+                                      DEFAULT_NUM_SMS).block_k
+    f = make_factors(k, 96, 24, bits, 32, torch.float16, seed=8)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(8)).half().to(DEVICE)
     config = two_launch_default_config(ops.problem_for(f, 1, 2), DEFAULT_NUM_SMS)
     assert not config.one_launch and config.block_m == 1
-    assert kernel_launch._phase1_splits(224, config)[1] == 1, config
+    assert kernel_launch._phase1_splits(k, config)[1] == 1, config
+    assert (k % config.block_k == 0) == whole_tile, config
     for buf in kernel_launch._PARTIALS.values():
         buf.fill_(float("nan"))
     first = run_poisoned(x, f, config)
