@@ -270,7 +270,9 @@ def shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, k_hi, K
             else:
                 tile_off += INT4_EVEN_OFFSET * lo + INT4_ODD_OFFSET * hi
         group = tl.minimum((k0 + tl.arange(0, T) * 32) // GROUP_SIZE, K // GROUP_SIZE - 1)  # [T]; tail in range
-        chunk_sum = tl.sum(t, axis=2) - tl.sum(tile_off[None, :, :], axis=2)  # [BR, T]
+        # tile_off [T, 4] summed over its words in-thread (as [1, T, 4] Triton gave it a layout of its own: 8 SHFL,
+        # 4 BAR and shared-memory traffic in every int4 tile)
+        chunk_sum = tl.sum(t, axis=2) - tl.sum(tile_off, axis=1)[None, :]  # [BR, T]
         acc += chunk_sum * tl.load(scale_rows_ptr + group[None, :])
     return acc, xoff
 
