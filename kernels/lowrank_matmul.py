@@ -97,18 +97,6 @@ def _expand_block(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, w0, w1, 
 
 
 @triton.jit
-def _store_lane(y_ptr, stride_ym, acc, offset, bias_ptr, cols, LANE: tl.constexpr, LANES: tl.constexpr, m, N,
-                HAS_BIAS: tl.constexpr):
-    """y[m, cols * LANES + LANE] = Σ_rows acc - offset + bias (acc [SUB_R, T, W]: rows reduced across threads once)."""
-    n_offs = cols * LANES + LANE  # [T, W]
-    out = tl.sum(acc, axis=0) - offset
-    n_ok = n_offs < N
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + n_offs, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + n_offs, out.to(y_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
 def _expand_zeros(ROWS: tl.constexpr, T: tl.constexpr):
     """Phase 2's accumulators: one [ROWS, T, 4] per lane (8: int4's lanes; int8 uses 4, float factors 1) and hsum."""
     acc0 = tl.zeros((ROWS, T, 4), dtype=tl.float32)
@@ -121,29 +109,33 @@ def _expand_zeros(ROWS: tl.constexpr, T: tl.constexpr):
 def _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, bias_ptr, n0, m, N,
                  BITS: tl.constexpr, PRECISE: tl.constexpr, HAS_BIAS: tl.constexpr, LANES: tl.constexpr,
                  T: tl.constexpr):
-    """Phase 2's end: each lane's accumulators reduced over rows, its RAW offset times Σ h' removed, bias, store."""
-    cols = n0 // LANES + tl.arange(0, T)[:, None] * 4 + tl.arange(0, 4)[None, :]  # unclamped: stores
-    # the lanes' RAW offsets times Σ h' (per chunk): [T, 1]
-    h_total = tl.sum(hsum, axis=0)[:, None]
-    if BITS == 8:
-        even = INT8_RAW_OFFSET * h_total
-        odd = even
-    elif BITS == 4:
-        even = 0.0 if PRECISE else INT4_EVEN_OFFSET * h_total
-        odd = INT4_ODD_OFFSET * h_total
+    """Phase 2's end: y[m, n] = Σ_rows acc_lane - the lane's RAW offset x Σ h' + bias, n = n0 + word x LANES + lane.
+    The lanes are joined into one [ROWS, BLOCK_N] tile in column order first, so all of them take one cross-thread
+    reduction (one shared-memory round, not one per lane) and one store of contiguous columns per thread."""
+    ROWS: tl.constexpr = acc0.shape[0]
+    BLOCK_N: tl.constexpr = T * 4 * LANES
+    # tl.join appends a dimension of 2 (its second operand at 1): [ROWS, T, 4, 2, 2, 2] holds lane 4i + 2j + k at
+    # [..., i, j, k], so the flat index of (word, lane) is word x LANES + lane
+    if LANES == 8:
+        acc = tl.join(tl.join(tl.join(acc0, acc4), tl.join(acc2, acc6)),
+                      tl.join(tl.join(acc1, acc5), tl.join(acc3, acc7)))
+    elif LANES == 4:
+        acc = tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3))  # [ROWS, T, 4, 2, 2]: lane 2i + j
     else:
-        even = 0.0
-        odd = 0.0
-    _store_lane(y_ptr, stride_ym, acc0, even, bias_ptr, cols, 0, LANES, m, N, HAS_BIAS)
-    if LANES > 1:
-        _store_lane(y_ptr, stride_ym, acc1, odd, bias_ptr, cols, 1, LANES, m, N, HAS_BIAS)
-        _store_lane(y_ptr, stride_ym, acc2, even, bias_ptr, cols, 2, LANES, m, N, HAS_BIAS)
-        _store_lane(y_ptr, stride_ym, acc3, odd, bias_ptr, cols, 3, LANES, m, N, HAS_BIAS)
-    if LANES > 4:
-        _store_lane(y_ptr, stride_ym, acc4, even, bias_ptr, cols, 4, LANES, m, N, HAS_BIAS)
-        _store_lane(y_ptr, stride_ym, acc5, odd, bias_ptr, cols, 5, LANES, m, N, HAS_BIAS)
-        _store_lane(y_ptr, stride_ym, acc6, even, bias_ptr, cols, 6, LANES, m, N, HAS_BIAS)
-        _store_lane(y_ptr, stride_ym, acc7, odd, bias_ptr, cols, 7, LANES, m, N, HAS_BIAS)
+        acc = acc0
+    out = tl.sum(tl.reshape(acc, (ROWS, BLOCK_N)), axis=0)  # [BLOCK_N]
+    n_offs = n0 + tl.arange(0, BLOCK_N)
+    # Σ h' per 16-byte chunk, on each of its columns: [BLOCK_N]
+    h_total = tl.reshape(tl.broadcast_to(tl.sum(hsum, axis=0)[:, None], (T, 4 * LANES)), (BLOCK_N,))
+    if BITS == 8:
+        out -= INT8_RAW_OFFSET * h_total
+    elif BITS == 4:  # odd lanes keep INT4_ODD_OFFSET; even ones INT4_EVEN_OFFSET, or none when read exactly (PRECISE)
+        even = 0.0 if PRECISE else INT4_EVEN_OFFSET * h_total
+        out -= tl.where(n_offs % 2 == 1, INT4_ODD_OFFSET * h_total, even)
+    n_ok = n_offs < N
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + n_offs, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + n_offs, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
