@@ -42,7 +42,7 @@ def _coalesce_ties_to_lower_dimension() -> bool:
 
 
 # Where a tile's chunks are not the dimension the release prefers, it is loaded through its transpose and transposed
-# back (a permute of a distributed tensor moves no data): load_row_chunks, load_chunk_words.
+# back (a permute of a distributed tensor moves no data): load_row_chunks, load_chunk_scales, load_chunk_words.
 TIES_TO_LOWER_DIMENSION = tl.constexpr(_coalesce_ties_to_lower_dimension())
 
 
@@ -208,6 +208,19 @@ def x_pair(x_row_ptr, pair, k_hi, X_PAIRS: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
+def load_chunk_scales(ptrs, ok):
+    """tl.load of a tile's per-chunk scales ptrs [rows, chunks] (where `ok`, broadcast to it, else 0) in the layout
+    of load_row_chunks' tile, so nothing moves between them: through its transpose where ties go to the lower
+    dimension (Triton 3.6 loaded them with the threads along the rows and moved every product with a scale through
+    shared memory: 16 barriers per phase-2 iteration)."""
+    if TIES_TO_LOWER_DIMENSION:
+        scale = tl.trans(tl.load(tl.trans(ptrs), mask=tl.trans(tl.broadcast_to(ok, ptrs.shape)), other=0.0))
+    else:
+        scale = tl.load(ptrs, mask=ok, other=0.0)
+    return scale
+
+
+@triton.jit
 def load_row_chunks(ptrs, ok, MASKED: tl.constexpr):
     """tl.load of a weight tile ptrs [rows, chunks, words] (where `ok`, broadcast to it, when MASKED, else 0), with
     the threads along the chunks on every Triton release: through its [chunks, rows, words] transpose where ties go
@@ -270,8 +283,6 @@ def shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, k_hi, K
             else:
                 tile_off += INT4_EVEN_OFFSET * lo + INT4_ODD_OFFSET * hi
         group = tl.minimum((k0 + tl.arange(0, T) * 32) // GROUP_SIZE, K // GROUP_SIZE - 1)  # [T]; tail in range
-        # tile_off [T, 4] summed over its words in-thread (as [1, T, 4] Triton gave it a layout of its own: 8 SHFL,
-        # 4 BAR and shared-memory traffic in every int4 tile)
         chunk_sum = tl.sum(t, axis=2) - tl.sum(tile_off, axis=1)[None, :]  # [BR, T]
         acc += chunk_sum * tl.load(scale_rows_ptr + group[None, :])
     return acc, xoff
