@@ -242,9 +242,10 @@ def two_launch_default_config(p: Problem, num_sms: int) -> TileConfig:
 # "One launch for small layers"); the autotuner times both paths, so a GPU run corrects the rule per shape.
 ONE_LAUNCH_MAX_RANK = 256  # hidden and the up_t slice in registers: [rank, block_n] per program
 ONE_LAUNCH_MAX_DOWN_BYTES = 32 * 1024  # `down` re-read by every program: its bytes bound each program's phase 1
-# The default takes one launch only up to here, and not for int4: past it (and for int4 at every size in the sweep)
-# the whole-K two-launch plan estimates faster under CUDA graphs; eagerly one launch stays faster (one host launch)
-ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES = 20 * 1024
+# The default takes one launch only up to here, by factor bits: past it the whole-K two-launch plan estimates faster
+# under CUDA graphs (int4: issue-bound past ~8 KB; float factors: block_n is 8 columns, so many programs re-read
+# `down`); eagerly one launch stays faster (one host launch against two)
+ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES = {8: 20 * 1024, 4: 8 * 1024, None: 12 * 1024}
 
 
 def _down_bytes(p: Problem) -> float:
@@ -259,9 +260,9 @@ def one_launch_supported(p: Problem) -> bool:
 
 
 def one_launch_is_default(p: Problem) -> bool:
-    """The default M = 1 plan is one launch: int8 or float factors whose `down` has at most
-    ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES (and one_launch_supported)."""
-    return one_launch_supported(p) and p.bits != 4 and _down_bytes(p) <= ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES
+    """The default M = 1 plan is one launch: a `down` of at most ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES for its bits (and
+    one_launch_supported)."""
+    return one_launch_supported(p) and _down_bytes(p) <= ONE_LAUNCH_DEFAULT_MAX_DOWN_BYTES[p.bits]
 
 
 def one_launch_config(p: Problem, num_warps: int = 4, row_chunks: int = 2) -> TileConfig:

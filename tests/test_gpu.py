@@ -98,18 +98,20 @@ def test_decode_repeats_bit_for_bit(k, n, rank, bits):
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
-@pytest.mark.parametrize("bits,k,n,rank", sizes([(8, 576, 1536, 32), (4, 768, 3072, 64), (None, 256, 1024, 16)],
-                                                 [(8, 64, 96, 7), (4, 64, 96, 16), (None, 32, 48, 5)]))
-def test_small_layers_take_one_launch(bits, k, n, rank):
-    """A small int8 or float layer's default decode plan is one launch (on the GPU; int4's is the whole-K two-launch
-    plan), and one launch matches the reference, as does the custom op's own choice."""
+@pytest.mark.parametrize("bits,k,n,rank,one", sizes(
+    [(8, 576, 1536, 32, True), (4, 256, 1024, 64, True), (4, 768, 3072, 64, False), (None, 256, 1024, 16, True)],
+    [(8, 64, 96, 7, True), (4, 64, 96, 16, True), (4, 64, 96, 16, True), (None, 32, 48, 5, True)]))
+def test_small_layers_take_one_launch(bits, k, n, rank, one):
+    """A small layer's default decode plan (on the GPU) is one launch: 18 KB of int8 `down`, 8 KB of int4, 8 KB of
+    float; past the rule (24 KB of int4) the whole-K two-launch plan. One launch matches the reference, as does the
+    custom op's own choice."""
     group = sizes(128, 32)  # the decode path's int4 groups are whole 32-column chunks
     layer = make_layer(k, n, rank, bits, group_size=group)
     f = layer.factors()
     problem = Problem(1, n, k, rank, bits, group if bits == 4 else 0)
     config = default_config(problem, num_sms(), interpret=not ON_GPU)
     if ON_GPU:
-        assert config.one_launch == (bits != 4), config
+        assert config.one_launch == one, config
     x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
     out = torch.full((1, n), float("nan"), device=DEVICE, dtype=torch.float16)
     launch(x, f, one_launch_config(problem), out)

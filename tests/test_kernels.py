@@ -165,18 +165,21 @@ def test_one_launch_matches_reference(bits, dtype, m, k, n, rank):
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_one_launch_is_the_default_for_small_layers_only(bits):
-    """The size rule: a small `down` of int8 or float factors takes one launch at M = 1 (and its default plan matches
-    the reference); int4 (its whole-K two-launch plan estimates faster), a `down` past 20 KB, or M > 1, keeps the
-    two-launch decode path; the tuner still tries one launch wherever it can run."""
+    """The size rule: a small `down` takes one launch at M = 1 (and its default plan matches the reference); a `down`
+    past the rule's bytes for its bits (int8 20 KB, float 12 KB, int4 8 KB), or M > 1, keeps the two-launch decode
+    path; the tuner still tries one launch wherever it can run."""
     small = ops.problem_for(make_factors(64, 96, 16, bits, 32, torch.float16), 1, 2)
     config = default_config(small)
-    assert config.one_launch == (bits != 4)
+    assert config.one_launch
     f = make_factors(64, 96, 16, bits, 32, torch.float16, seed=4)
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
     assert_close(run_poisoned(x, f, config), x, f)
     assert not default_config(dataclasses.replace(small, m=2)).one_launch
     assert not default_config(dataclasses.replace(small, k=4096, rank=64)).one_launch  # 256 KB of int8 `down`
     assert not default_config(dataclasses.replace(small, k=384, rank=64, bits=8)).one_launch  # 24 KB: past 20
+    assert not default_config(dataclasses.replace(small, k=576, rank=32, bits=4)).one_launch  # 9 KB of int4: past 8
+    assert not default_config(dataclasses.replace(small, k=512, rank=16, bits=None)).one_launch  # 16 KB float
+    assert default_config(dataclasses.replace(small, k=512, rank=32, bits=4)).one_launch  # 8 KB of int4
     assert not default_config(dataclasses.replace(small, rank=300)).one_launch  # past ONE_LAUNCH_MAX_RANK
     assert any(c.one_launch and c.block_r >= small.rank for c in candidate_configs(small, "max"))
 

@@ -181,7 +181,7 @@ def test_static_targets_hold_for_the_default_configs(tmp_path):
     assert {(r["problem"]["K"], r["problem"]["N"], r["problem"]["M"], r["problem"]["bits"], r["problem"]["base_bits"])
             for r in records} == {(1600, 6400, 1, 8, None), (4096, 11008, 1, 8, None), (4096, 11008, 1, 4, None),
                                   (4096, 11008, 1, 8, 4), (4096, 11008, 16, 8, 4), (576, 1536, 1, 8, None),
-                                  (256, 1024, 1, None, None), (256, 1024, 1, 8, None)}
+                                  (256, 1024, 1, None, None), (256, 1024, 1, 8, None), (256, 1024, 1, 4, None)}
     for r in records:
         assert {"problem", "kernel", "triton", "config", "regs", "spills", "shared_bytes", "hot_loops", "estimate_us",
                 "issue_bound_us", "hbm_floor_us", "latency_bound_us", "plan_graph_us", "plan_eager_us"} <= set(r)

@@ -63,10 +63,12 @@ def hybrid_spec(m: int, k: int, n: int, base_bits: int, rank: int = 32, bits: in
 PROXY_PROBLEMS = [spec(1, 1600, 6400, 8, 400), spec(1, 4096, 11008, 8, 1024), spec(1, 4096, 11008, 4, 1024),
                   hybrid_spec(1, 4096, 11008, 4), hybrid_spec(16, 4096, 11008, 4)]
 # Small layers (issue 20: "small layers get a one-launch path"): their default plan is decode_one_launch_kernel
-# (configs.one_launch_is_default: int8 or float factors, `down` <= 20 KB); the report compiles the two-launch plan
-# beside it (two_launch_config) and the slow test asserts one launch estimates no slower. SmolLM2-135M's MLP
-# (576 -> 1536) at int8 rank 32, the embedded GPT-2's c_fc (256 -> 1024) at int8 rank 64 and at float rank 16.
-SMALL_PROBLEMS = [spec(1, 576, 1536, 8, 32), spec(1, 256, 1024, None, 16), spec(1, 256, 1024, 8, 64)]
+# (configs.one_launch_is_default: `down` <= 20 KB of int8, 12 KB of float, 8 KB of int4); the report compiles the
+# two-launch plan beside it (two_launch_config) and the slow test asserts one launch estimates no slower. SmolLM2-135M's
+# MLP (576 -> 1536) at int8 rank 32, the embedded GPT-2's c_fc (256 -> 1024) at int8 rank 64, float rank 16 and int4
+# rank 64.
+SMALL_PROBLEMS = [spec(1, 576, 1536, 8, 32), spec(1, 256, 1024, None, 16), spec(1, 256, 1024, 8, 64),
+                  spec(1, 256, 1024, 4, 64)]
 HYBRID_PROBLEMS = [hybrid_spec(m, *LLAMA, base_bits) for base_bits in (4, 3, 2) for m in (1, 16)] + [
     hybrid_spec(4096, *LLAMA, 4), hybrid_spec(1, 768, 3072, 4), hybrid_spec(1, 1600, 6400, 4)]
 
