@@ -34,8 +34,12 @@ def test_no_distributed_config_or_a_single_rank_loads():
     refuse_tensor_parallel(model)
 
 
+# each rank writes its outcome to a file of its own: the two ranks share one stdout pipe, and their lines once arrived
+# run together as one
 WORKER = textwrap.dedent("""
+    import os
     import sys
+    from pathlib import Path
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
@@ -44,9 +48,10 @@ WORKER = textwrap.dedent("""
     try:
         AutoModelForCausalLM.from_pretrained(sys.argv[1], distributed_config=DistributedConfig(tp_size=2))
     except triton_lowrank.CheckpointError as error:
-        print(f"REFUSED {error}")
+        outcome = f"REFUSED {error}"
     else:
-        print("LOADED")
+        outcome = "LOADED"
+    Path(sys.argv[2], f"rank{os.environ['RANK']}.txt").write_text(outcome)
     if dist.is_initialized():
         dist.destroy_process_group()
 """)
@@ -64,7 +69,8 @@ def test_two_gloo_processes_loading_with_tp_size_2_are_refused(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          str(script), str(folder), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line for line in run.stdout.splitlines() if line.startswith(("REFUSED", "LOADED"))]
-    assert len(lines) == 2 and all("tensor parallelism (tp_size=2" in line for line in lines), run.stdout[-2000:]
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert all(o.startswith("REFUSED") and "tensor parallelism (tp_size=2" in o for o in outcomes), outcomes
