@@ -112,7 +112,8 @@ def _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc
                  T: tl.constexpr):
     """Phase 2's end: y[m, n] = Σ_rows acc_lane - the lane's RAW offset x Σ h' + bias, n = n0 + word x LANES + lane.
     The lanes are joined into one [ROWS, BLOCK_N] tile in column order first, so all of them take one cross-thread
-    reduction (one shared-memory round, not one per lane) and one store of contiguous columns per thread."""
+    reduction (one shared-memory round, not one per lane), one bias load and one store (a warp's 2-byte stores land
+    on contiguous columns; per lane they were LANES columns apart)."""
     ROWS: tl.constexpr = acc0.shape[0]
     BLOCK_N: tl.constexpr = T * 4 * LANES
     # tl.join appends a dimension of 2 (its second operand at 1): [ROWS, T, 4, 2, 2, 2] holds lane 4i + 2j + k at
