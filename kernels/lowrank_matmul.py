@@ -41,7 +41,6 @@ from .utils import (
     dot,
     int4_lane,
     int8_lane,
-    load_chunk_scales,
     load_row_chunks,
     release_hidden,
     shrink_tile_cc,
@@ -182,7 +181,7 @@ def _expand_scale(s_ptrs, ok, r, s_stride, stand_in, BITS: tl.constexpr):
     """The scales of rows r + rows where `ok`: int4 [rows, T] per (row, chunk), int8 [rows] per row; float factors
     have none (`stand_in`, never read)."""
     if BITS == 4:
-        scale = load_chunk_scales(s_ptrs + r * s_stride, ok[:, None])
+        scale = load_row_chunks(s_ptrs + r * s_stride, ok[:, None], True)
     elif BITS == 8:
         scale = tl.load(s_ptrs + r * s_stride, mask=ok, other=0.0)
     else:

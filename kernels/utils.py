@@ -42,7 +42,7 @@ def _coalesce_ties_to_lower_dimension() -> bool:
 
 
 # Where a tile's chunks are not the dimension the release prefers, it is loaded through its transpose and transposed
-# back (a permute of a distributed tensor moves no data): load_row_chunks, load_chunk_scales, load_chunk_words.
+# back (a permute of a distributed tensor moves no data): load_row_chunks, load_chunk_words.
 TIES_TO_LOWER_DIMENSION = tl.constexpr(_coalesce_ties_to_lower_dimension())
 
 
@@ -208,29 +208,27 @@ def x_pair(x_row_ptr, pair, k_hi, X_PAIRS: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def load_chunk_scales(ptrs, ok):
-    """tl.load of a tile's per-chunk scales ptrs [rows, chunks] (where `ok`, broadcast to it, else 0) in the layout
-    of load_row_chunks' tile, so nothing moves between them: through its transpose where ties go to the lower
-    dimension (Triton 3.6 loaded them with the threads along the rows and moved every product with a scale through
-    shared memory: 16 barriers per phase-2 iteration)."""
+def load_row_chunks(ptrs, ok, MASKED: tl.constexpr):
+    """tl.load of a weight tile ptrs [rows, chunks, words], or of its per-chunk scales [rows, chunks] (where `ok`,
+    broadcast to it, when MASKED, else 0), with the threads along the chunks on every Triton release: through its
+    transpose (rows and chunks swapped) where ties go to the lower dimension (TIES_TO_LOWER_DIMENSION). Without it
+    Triton 3.6 put the threads along the rows: each thread loaded every x value of its tile, and phase 2 moved every
+    product with a scale through shared memory (16 barriers per iteration)."""
     if TIES_TO_LOWER_DIMENSION:
-        scale = tl.trans(tl.load(tl.trans(ptrs), mask=tl.trans(tl.broadcast_to(ok, ptrs.shape)), other=0.0))
-    else:
-        scale = tl.load(ptrs, mask=ok, other=0.0)
-    return scale
+        if MASKED:
+            ok = _swap_rows_chunks(tl.broadcast_to(ok, ptrs.shape))
+        ptrs = _swap_rows_chunks(ptrs)
+    tile = tl.load(ptrs, mask=ok, other=0) if MASKED else tl.load(ptrs)
+    return _swap_rows_chunks(tile) if TIES_TO_LOWER_DIMENSION else tile
 
 
 @triton.jit
-def load_row_chunks(ptrs, ok, MASKED: tl.constexpr):
-    """tl.load of a weight tile ptrs [rows, chunks, words] (where `ok`, broadcast to it, when MASKED, else 0), with
-    the threads along the chunks on every Triton release: through its [chunks, rows, words] transpose where ties go
-    to the lower dimension (TIES_TO_LOWER_DIMENSION)."""
-    if TIES_TO_LOWER_DIMENSION:
-        if MASKED:
-            ok = tl.permute(tl.broadcast_to(ok, ptrs.shape), (1, 0, 2))
-        ptrs = tl.permute(ptrs, (1, 0, 2))
-    tile = tl.load(ptrs, mask=ok, other=0) if MASKED else tl.load(ptrs)
-    return tl.permute(tile, (1, 0, 2)) if TIES_TO_LOWER_DIMENSION else tile
+def _swap_rows_chunks(x):
+    """x [rows, chunks, words] or [rows, chunks] with its first two dimensions swapped (no data moves)."""
+    if len(x.shape) == 3:
+        return tl.permute(x, (1, 0, 2))
+    else:
+        return tl.trans(x)
 
 
 @triton.jit
