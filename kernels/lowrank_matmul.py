@@ -58,14 +58,14 @@ def _expand_step(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, chunk, h,
         hs = h[:, None] * scale  # [SUB_R, T]
         hsum += hs
         hs = hs[:, :, None]
-        acc0 += int4_lane(chunk, 0, magic, not PRECISE) * hs
-        acc1 += int4_lane(chunk, 1, magic, True) * hs
-        acc2 += int4_lane(chunk, 2, magic, not PRECISE) * hs
-        acc3 += int4_lane(chunk, 3, magic, True) * hs
-        acc4 += int4_lane(chunk, 4, magic, not PRECISE) * hs
-        acc5 += int4_lane(chunk, 5, magic, True) * hs
-        acc6 += int4_lane(chunk, 6, magic, not PRECISE) * hs
-        acc7 += int4_lane(chunk, 7, magic, True) * hs
+        acc0 += int4_lane(chunk, 0, magic, True) * hs
+        acc1 += int4_lane(chunk, 1, magic, not PRECISE) * hs
+        acc2 += int4_lane(chunk, 2, magic, True) * hs
+        acc3 += int4_lane(chunk, 3, magic, not PRECISE) * hs
+        acc4 += int4_lane(chunk, 4, magic, True) * hs
+        acc5 += int4_lane(chunk, 5, magic, not PRECISE) * hs
+        acc6 += int4_lane(chunk, 6, magic, True) * hs
+        acc7 += int4_lane(chunk, 7, magic, not PRECISE) * hs
     elif BITS == 8:
         hs = h * scale  # [SUB_R]
         hsum += hs[:, None]
@@ -106,15 +106,34 @@ def _expand_zeros(ROWS: tl.constexpr, T: tl.constexpr):
 
 
 @triton.jit
+def _halve_rows(x):
+    """One step of a recursive-halving reduction: x [R, D, T, C] -> [R / 2, 2 D, T, C / 2], summing pairs of rows
+    (the lowest row bit, a lane bit). Of each pair the thread of the even row keeps the even register values, its
+    partner the odd ones: each adds what the other sends, so the reduced row bit becomes the lowest bit of the
+    column (moved into D) and every thread holds half as many values. One shuffle per value sent, where the
+    butterfly of tl.sum shuffles every value at every step."""
+    R: tl.constexpr = x.shape[0]
+    D: tl.constexpr = x.shape[1]
+    T: tl.constexpr = x.shape[2]
+    C: tl.constexpr = x.shape[3]
+    even, odd = tl.split(tl.reshape(x, (R // 2, 2, D, T, C // 2, 2)))  # [R/2, 2, D, T, C/2] each
+    bit = tl.arange(0, 2)[None, :, None, None, None]
+    keep = tl.where(bit == 0, even, odd)
+    send = tl.where(bit == 0, odd, even)
+    x = keep + tl.gather(send, tl.broadcast_to(1 - bit, send.shape), 1)  # from the partner across the bit
+    return tl.reshape(x, (R // 2, 2 * D, T, C // 2))
+
+
+@triton.jit
 def _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, bias_ptr, n0, m, N,
                  BITS: tl.constexpr, PRECISE: tl.constexpr, HAS_BIAS: tl.constexpr, LANES: tl.constexpr,
                  T: tl.constexpr):
     """Phase 2's end: y[m, n] = Σ_rows acc_lane - the lane's RAW offset x Σ h' + bias, n = n0 + word x LANES + lane.
-    The lanes are joined into one [ROWS, BLOCK_N] tile in column order first, so all of them take one cross-thread
-    reduction (one shared-memory round, not one per lane), one bias load and one store (a warp's 2-byte stores land
-    on contiguous columns; per lane they were LANES columns apart)."""
+    The lanes are joined into one [ROWS, T, C] tile in column order (C = 4 x LANES values per thread), then reduced
+    over the rows by recursive halving (_halve_rows) across the row bits a warp's lanes hold, each step halving the
+    values a thread holds, and by tl.sum over the rest (across warps): one bias load and one store per column left."""
     ROWS: tl.constexpr = acc0.shape[0]
-    BLOCK_N: tl.constexpr = T * 4 * LANES
+    C: tl.constexpr = 4 * LANES
     # tl.join appends a dimension of 2 (its second operand at 1): [ROWS, T, 4, 2, 2, 2] holds lane 4i + 2j + k at
     # [..., i, j, k], so the flat index of (word, lane) is word x LANES + lane
     if LANES == 8:
@@ -124,15 +143,33 @@ def _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc
         acc = tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3))  # [ROWS, T, 4, 2, 2]: lane 2i + j
     else:
         acc = acc0
-    out = tl.sum(tl.reshape(acc, (ROWS, BLOCK_N)), axis=0)  # [BLOCK_N]
-    n_offs = n0 + tl.arange(0, BLOCK_N)
-    # Σ h' per 16-byte chunk, on each of its columns: [BLOCK_N]
-    h_total = tl.reshape(tl.broadcast_to(tl.sum(hsum, axis=0)[:, None], (T, 4 * LANES)), (BLOCK_N,))
+    if LANES == 8:  # int4: recursive halving over the lanes' row bits (rows' low bits: 32 / T lanes along them)
+        KEPT: tl.constexpr = min(C, ROWS, 32 // T)  # 2^steps: the column values each step moves onto the lanes
+        x = tl.reshape(acc, (ROWS, 1, T, C))
+        if KEPT >= 2:
+            x = _halve_rows(x)
+        if KEPT >= 4:
+            x = _halve_rows(x)
+        if KEPT >= 8:
+            x = _halve_rows(x)
+        if KEPT >= 16:
+            x = _halve_rows(x)
+        if KEPT >= 32:  # (C is 32: at most 5 steps)
+            x = _halve_rows(x)
+        out = tl.sum(x, axis=0)  # [KEPT, T, C / KEPT]: the rest of the rows, across warps
+        n_offs = n0 + tl.arange(0, T)[None, :, None] * C + tl.arange(0, C // KEPT)[None, None, :] * KEPT \
+            + tl.arange(0, KEPT)[:, None, None]  # the column of each value
+        h_total = tl.sum(hsum, axis=0)[None, :, None]  # Σ h' per 16-byte chunk: [1, T, 1]
+    else:  # int8 and float factors: one tl.sum (halved, ptxas issued int8's loop loads later: 4 -> 2 at first use)
+        out = tl.sum(tl.reshape(acc, (ROWS, T * C)), axis=0)  # [BLOCK_N]
+        n_offs = n0 + tl.arange(0, T * C)
+        # Σ h' per 16-byte chunk, on each of its columns: [BLOCK_N]
+        h_total = tl.reshape(tl.broadcast_to(tl.sum(hsum, axis=0)[:, None], (T, C)), (T * C,))
     if BITS == 8:
         out -= INT8_RAW_OFFSET * h_total
-    elif BITS == 4:  # odd lanes keep INT4_ODD_OFFSET; even ones INT4_EVEN_OFFSET, or none when read exactly (PRECISE)
-        even = 0.0 if PRECISE else INT4_EVEN_OFFSET * h_total
-        out -= tl.where(n_offs % 2 == 1, INT4_ODD_OFFSET * h_total, even)
+    elif BITS == 4:  # even lanes keep INT4_EVEN_OFFSET; odd ones INT4_ODD_OFFSET, or none when read exactly (PRECISE)
+        odd = 0.0 if PRECISE else INT4_ODD_OFFSET * h_total
+        out -= tl.where(n_offs % 2 == 1, odd, INT4_EVEN_OFFSET * h_total)
     n_ok = n_offs < N
     if HAS_BIAS:
         out += tl.load(bias_ptr + n_offs, mask=n_ok, other=0.0).to(tl.float32)

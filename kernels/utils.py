@@ -12,10 +12,11 @@ per row and 32-column chunk for int4) instead of to every weight element.
 Dequantization (`int8_lane`, `int4_lane`). Weights are
 read as int32 words: little-endian, so byte l of word i is int8 column 4i+l and nibble l is int4
 column 8i+l. A lane becomes an fp32 value without I2F: masked into the mantissa of a float whose
-exponent makes the lane's unit 1 (a "magic number": one LOP3, after a shift shared by two lanes).
+exponent makes the lane's unit 1 (a "magic number": one LOP3, after a shift shared by two lanes, none for two
+of int4's eight).
 That value is q plus a known offset; exact mode subtracts it (one FADD), RAW mode keeps it and the
 caller subtracts offset x Σ(multipliers) once per sum (the CUDA-core decode kernels: int4 costs
-1.5 instructions per value before its FMA, int8 2). The magic 0x4B000000 (2^23) comes in as the run-time
+1.375 instructions per value before its FMA, int8 2). The magic 0x4B000000 (2^23) comes in as the run-time
 argument `magic`: written as a literal, ptxas re-materializes one of the two constants of each LOP3
 with a MOV (bench/sass_report.py counted one extra instruction per weight element).
 """
@@ -27,8 +28,8 @@ FLOAT_BITS = tl.constexpr(0)  # the BITS of unquantized factors
 
 # What int8_lane / int4_lane(..., RAW=True) leave in the values (the caller subtracts it once per sum):
 INT8_RAW_OFFSET = tl.constexpr(384.0)  # 2^8 + 128
-INT4_EVEN_OFFSET = tl.constexpr(2056.0)  # 2^11 + 8: lanes 0, 2, 4, 6
-INT4_ODD_OFFSET = tl.constexpr(136.0)  # 2^7 + 8: lanes 1, 3, 5, 7
+INT4_EVEN_OFFSET = tl.constexpr(136.0)  # 2^7 + 8: lanes 0, 2, 4, 6
+INT4_ODD_OFFSET = tl.constexpr(2056.0)  # 2^11 + 8: lanes 1, 3, 5, 7
 
 
 def _coalesce_ties_to_lower_dimension() -> bool:
@@ -75,21 +76,25 @@ def int8_lane(words, LANE: tl.constexpr, magic, RAW: tl.constexpr = False):
 def int4_lane(words, LANE: tl.constexpr, magic, RAW: tl.constexpr = False):
     """fp32 value q = nibble - 8 of nibble LANE (0 = lowest) of each int32 word (stored as q + 8).
 
-    Lanes 2j and 2j+1 come from the word shifted by 12 - 8j bits (left 12 and 4, right 4 and 12: one shift per
-    two lanes), which puts even lanes at bits 12..15 under 2^11 and odd lanes at bits 16..19 under 2^7, where
-    the nibble's unit is 1: value = q + INT4_EVEN_OFFSET / INT4_ODD_OFFSET. RAW keeps that offset (SHF/2 +
-    LOP3 per value); otherwise an exact FADD removes it. In a multiply-add chain the offsets cost ~8 (even)
-    and ~4 (odd) of fp32's 24 bits: fine below fp16/bf16 rounding, not for fp32 activations.
+    Odd lanes are read at bits 12..15, under 2^11, and even lanes at bits 16..19, under 2^7, where the nibble's unit
+    is 1: value = q + INT4_ODD_OFFSET / INT4_EVEN_OFFSET. Lanes 3 and 4 sit there already, 1 and 2 come from the word
+    shifted left by 8, 5 and 6 from it shifted right by 8, 0 and 7 from it rotated by 16 (one funnel shift): three
+    shifts per word of 8 values. RAW keeps the offset (3/8 SHF + LOP3 per value); otherwise an exact FADD removes
+    it. In a multiply-add chain the offsets cost ~8 (odd) and ~4 (even) of fp32's 24 bits: fine below fp16/bf16
+    rounding, not for fp32 activations.
     """
-    SH: tl.constexpr = 12 - 8 * (LANE // 2)
-    if SH > 0:
-        words = words << SH
-    elif SH < 0:
-        words = words >> -SH
-    SHIFT: tl.constexpr = 12 + 4 * (LANE % 2)
-    value = ((words & (0xF << SHIFT)) | (magic - (SHIFT << 23))).to(tl.float32, bitcast=True)
+    u = words.to(tl.uint32, bitcast=True)  # logical shifts: the rotate's right half must not bring in sign bits
+    if LANE == 1 or LANE == 2:
+        u = u << 8
+    elif LANE == 5 or LANE == 6:
+        u = u >> 8
+    elif LANE == 0 or LANE == 7:
+        u = (u << 16) | (u >> 16)
+    SHIFT: tl.constexpr = 12 if LANE % 2 == 1 else 16
+    bits = (u & (0xF << SHIFT)) | (magic - (SHIFT << 23)).to(tl.uint32, bitcast=True)
+    value = bits.to(tl.float32, bitcast=True)
     if not RAW:
-        value = value - (INT4_EVEN_OFFSET if SHIFT == 12 else INT4_ODD_OFFSET)
+        value = value - (INT4_ODD_OFFSET if SHIFT == 12 else INT4_EVEN_OFFSET)
     return value
 
 
@@ -274,10 +279,10 @@ def shrink_tile_cc(acc, xoff, x_row_ptr, w_rows_ptr, scale_rows_ptr, k0, k_hi, K
         tile_off = tl.zeros(cols.shape, dtype=tl.float32)
         for pair in tl.static_range(4):
             lo, hi = x_pair(x_row_ptr, cols * 4 + pair, k_hi, X_PAIRS, MASKED)
-            t += int4_lane(chunk, 2 * pair, magic, not PRECISE) * lo[None, :, :]
-            t += int4_lane(chunk, 2 * pair + 1, magic, True) * hi[None, :, :]
-            if PRECISE:
-                tile_off += INT4_ODD_OFFSET * hi
+            t += int4_lane(chunk, 2 * pair, magic, True) * lo[None, :, :]
+            t += int4_lane(chunk, 2 * pair + 1, magic, not PRECISE) * hi[None, :, :]
+            if PRECISE:  # the odd lanes' larger offset is removed exactly
+                tile_off += INT4_EVEN_OFFSET * lo
             else:
                 tile_off += INT4_EVEN_OFFSET * lo + INT4_ODD_OFFSET * hi
         group = tl.minimum((k0 + tl.arange(0, T) * 32) // GROUP_SIZE, K // GROUP_SIZE - 1)  # [T]; tail in range
