@@ -161,8 +161,10 @@ def dequant_tile(ptr, rows, col0, col_hi, FEATURES, magic, BITS: tl.constexpr, B
             lo, hi = int4_halves_fp16(packed)
             values = tl.join(lo, hi).reshape(rows.shape[0], BLOCK_C)
         else:
-            byte = packed.to(tl.int32)  # [BR, BC/2], zero-extended
-            values = tl.join(int4_lane(byte, 0, magic), int4_lane(byte, 1, magic)).reshape(rows.shape[0], BLOCK_C)
+            # [BR, BC/2] zero-extended, shifted so its nibbles sit where int4_lane reads lanes 3 and 4 unshifted: one
+            # shift per byte (lanes 0 and 1 of a lone byte would take two)
+            byte = packed.to(tl.int32) << 12
+            values = tl.join(int4_lane(byte, 3, magic), int4_lane(byte, 4, magic)).reshape(rows.shape[0], BLOCK_C)
     else:
         cols = col0 + tl.arange(0, BLOCK_C)
         mask = (cols < col_hi)[None, :] if MASKED else None
