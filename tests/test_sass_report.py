@@ -64,17 +64,24 @@ def test_loads_in_flight_follow_the_sass_order():
     assert loop_one["weight_loads_before_first_use"] == 1 and loop_one["weight_loads_in_flight"] == 1
 
 
+def _dependent(pre: float, post: float, stream=None, prefetch: float = 0.0, **cta) -> dict:
+    """A PDL kernel record as estimate_kernel leaves it: the parts finish() and estimate_plan combine."""
+    return {"launch_pdl": True, "pre_wait_us": pre, "post_wait_us": post, "stream_after_wait_us": stream,
+            "pre_wait_loop_bytes": 0.0, "prefetch_bytes": prefetch, "other_us": 0.0, "unique_bytes": 0,
+            "estimate_us": pre + post + (stream or 0.0), **cta}
+
+
 def test_plans_overlap_a_dependent_launch_instead_of_summing():
     """Phase 2 (PDL) starts as phase 1 does: its pre-wait part overlaps, the rest follows phase 1 and the hand-off;
     eager launches are never faster than the host can issue them. A phase 2 whose CTA has no room beside phase 1's
     resident CTAs starts as those leave: only the hand-off is saved."""
     cta = {"regs": 64, "num_warps": 4, "shared_bytes": 0, "ctas_per_sm": 8, "programs": 264}  # 2 resident, 16 KB regs
     first = {"estimate_us": 3.0, "pre_wait_us": 0.0, "unique_bytes": 0, "launch_pdl": False, **cta}
-    second = {"estimate_us": 5.0, "pre_wait_us": 4.0, "unique_bytes": 0, "launch_pdl": True, **cta}
+    second = _dependent(4.0, 1.0, **cta)
     plan = model.estimate_plan([first, second])
     # the pre-wait part (4 us) outlasts phase 1 + hand-off (3.5 us): 1 us launch + 4 + the remaining 1
     assert plan["plan_graph_us"] == pytest.approx(model.GRAPH_LAUNCH_US + 4.0 + 1.0)
-    short = dict(second, pre_wait_us=1.0)
+    short = _dependent(1.0, 4.0, **cta)
     assert model.estimate_plan([first, short])["plan_graph_us"] == pytest.approx(
         model.GRAPH_LAUNCH_US + 3.0 + model.PDL_GAP_US + 4.0)
     unpdl = dict(second, launch_pdl=False)
@@ -86,32 +93,78 @@ def test_plans_overlap_a_dependent_launch_instead_of_summing():
         model.GRAPH_LAUNCH_US + 3.0 + model.PDL_GAP_US + 5.0)
 
 
+def test_a_prefetch_keeps_hbm_busy_across_the_hand_off():
+    """The stream after phase 2's wait starts a DRAM round trip after the wait, or as HBM finishes what was asked of
+    it before (phase 1's bytes, then phase 2's prefetch), whichever is later. Without a prefetch HBM idles through the
+    hand-off and that round trip; a prefetch of at least their length keeps it busy, and the plan ends at its floor:
+    one launch, one round trip, all bytes at HBM_TBS."""
+    cta = {"regs": 64, "num_warps": 4, "shared_bytes": 0, "ctas_per_sm": 8, "programs": 264}
+    us = 1 / (model.HBM_TBS * 1e6)  # microseconds per byte
+    b1, b2 = 4e6, 11e6
+    first = {"estimate_us": model.LATENCY_US + b1 * us, "pre_wait_us": 0.0, "unique_bytes": b1,
+             "launch_pdl": False, **cta}
+    wait_at = model.GRAPH_LAUNCH_US + first["estimate_us"] + model.PDL_GAP_US
+    bare = _dependent(0.0, 0.5, stream=b2 * us, **cta)
+    assert model.estimate_plan([first, bare])["plan_graph_us"] == pytest.approx(
+        wait_at + model.LATENCY_US + b2 * us, abs=0.01)
+    gap_bytes = (model.PDL_GAP_US + model.LATENCY_US) / us  # what HBM moves during the hand-off and the round trip
+    for prefetch in (gap_bytes, 2 * gap_bytes):
+        fed = _dependent(0.0, 0.5, stream=(b2 - prefetch) * us, prefetch=prefetch, **cta)
+        assert model.estimate_plan([first, fed])["plan_graph_us"] == pytest.approx(
+            model.GRAPH_LAUNCH_US + model.LATENCY_US + (b1 + b2) * us, abs=0.01)
+    half = _dependent(0.0, 0.5, stream=(b2 - gap_bytes / 2) * us, prefetch=gap_bytes / 2, **cta)
+    assert model.estimate_plan([first, half])["plan_graph_us"] == pytest.approx(
+        wait_at + model.LATENCY_US + (b2 - gap_bytes / 2) * us, abs=0.01)
+
+
+def _record(after_wait: bool, prefetched_per_thread: int = 0) -> dict:
+    loop = {"weight_bytes_streamed": 1e6, "instructions_per_weight_byte": 4.0, "weight_bytes_per_thread": 64,
+            "weight_bytes_in_flight_per_thread": 64, "weight_loads": {"LDG.E.128": 4}, "after_wait": after_wait}
+    return {"programs": 264, "num_warps": 4, "ctas_per_sm": 4, "num_stages": 2, "launch_pdl": True, "has_wait": True,
+            "hot_loops": [loop], "non_loop_instructions": 400, "non_loop_instructions_after_wait": 100,
+            "weight_loads_before_wait": 5, "weight_bytes_prefetched_per_thread": prefetched_per_thread,
+            "weight_reread_bytes": 0, "unique_bytes": 1e6, "global_atomics": 0}
+
+
 def test_the_part_after_the_wait_pays_a_dependent_read():
     """A dependent launch's part after griddepcontrol.wait first reads what the kernel before wrote: never less than
     one L2 round trip plus its issue, whether or not a hot loop follows the wait (a loop-less part was once given a
     negative time)."""
-    loop = {"weight_bytes_streamed": 1e6, "instructions_per_weight_byte": 4.0, "weight_bytes_per_thread": 64,
-            "weight_bytes_in_flight_per_thread": 64, "weight_loads": {"LDG.E.128": 4}, "after_wait": False}
-    record = {"programs": 264, "num_warps": 4, "ctas_per_sm": 4, "num_stages": 2, "launch_pdl": True, "has_wait": True,
-              "hot_loops": [loop], "non_loop_instructions": 400, "non_loop_instructions_after_wait": 100,
-              "weight_loads_before_wait": 5, "weight_reread_bytes": 0, "unique_bytes": 1e6, "global_atomics": 0}
-    est = model.estimate_kernel(record)
-    post = est["estimate_us"] - est["pre_wait_us"] - 0.0
+    est = model.estimate_kernel(_record(after_wait=False))
     issue_after = 100 * 4 * 2 / 4 / model.CLOCKS_PER_US  # 100 instructions x 4 warps x 2 CTAs per SM / 4 schedulers
-    assert post == pytest.approx(model.L2_LATENCY_US + issue_after, abs=0.01)
-    after = dict(record, hot_loops=[dict(loop, after_wait=True)])
-    est_after = model.estimate_kernel(after)
+    assert est["post_wait_us"] == pytest.approx(model.L2_LATENCY_US + issue_after, abs=0.01)
+    assert est["estimate_us"] - est["pre_wait_us"] == pytest.approx(est["post_wait_us"], abs=0.01)
+    est_after = model.estimate_kernel(_record(after_wait=True))
     assert est_after["estimate_us"] - est_after["pre_wait_us"] >= model.L2_LATENCY_US
 
 
+def test_a_prefetch_is_the_head_of_the_stream_after_the_wait():
+    """Weight bytes loaded before the wait outside any loop, by every CTA of the first wave, leave the stream after
+    the wait; the loop after the wait then starts on data at hand (an L2 read of hidden), not a DRAM round trip
+    away."""
+    bare, fed = (model.estimate_kernel(_record(True, per_thread)) for per_thread in (0, 16))
+    assert bare["prefetch_bytes"] == 0 and fed["prefetch_bytes"] == 16 * 32 * 4 * 264  # 264 CTAs, all resident
+    us = 1 / (model.HBM_TBS * 1e6)
+    assert bare["stream_after_wait_us"] == pytest.approx(1e6 * us, abs=1e-3)
+    assert fed["stream_after_wait_us"] == pytest.approx((1e6 - fed["prefetch_bytes"]) * us, abs=1e-3)
+    assert bare["post_wait_us"] - fed["post_wait_us"] == pytest.approx(model.LATENCY_US - model.L2_LATENCY_US,
+                                                                         abs=0.01)
+
+
 def test_weight_loads_are_counted_on_both_sides_of_the_wait():
-    """A load issued before the dependent-launch wait (ACQBULK) overlaps the kernel before; one after it does not."""
+    """A load issued before the dependent-launch wait (ACQBULK) overlaps the kernel before; one after it does not.
+    Outside any loop, a load before the wait is a prefetch (its bytes per thread)."""
     waiting = SASS.replace("        /*00c0*/                   EXIT ;", "        /*00c0*/                   ACQBULK ;\n"
                            "        /*00d0*/                   LDG.E.128 R8, desc[UR4][R2.64] ;\n"
                            "        /*00e0*/                   EXIT ;")
     info = hotloops.analyze_sass(waiting, OFFSETS, ROLES)
     assert info["has_wait"] and (info["weight_loads_before_wait"], info["weight_loads_after_wait"]) == (1, 1)
+    assert info["weight_bytes_prefetched_per_thread"] == 0  # the load before the wait is the loop's
     assert hotloops.analyze_sass(SASS, OFFSETS, ROLES)["weight_loads_after_wait"] == 0
+    early = waiting.replace("        /*0020*/                   LDC.64 R4, c[0x0][0x210] ;",
+                            "        /*0020*/                   LDC.64 R4, c[0x0][0x210] ;\n"
+                            "        /*0028*/                   LDG.E.64 R30, desc[UR4][R2.64+0x100] ;")
+    assert hotloops.analyze_sass(early, OFFSETS, ROLES)["weight_bytes_prefetched_per_thread"] == 8
 
 
 def test_a_register_pair_zeroed_by_cs2r_is_redefined():

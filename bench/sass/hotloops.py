@@ -17,7 +17,8 @@ Asynchronous copies to shared memory (LDGSTS, Triton's pipelined loads for tl.do
 counts them in flight for num_stages - 1 iterations instead (async_copies).
 
 A kernel's dependent-launch wait (griddepcontrol.wait: ACQBULK) splits it into the part that may overlap the kernel
-before it and the rest; weight loads issued before it and after it are counted.
+before it and the rest; weight loads issued before it and after it are counted, and the bytes per thread of those
+issued before it outside any loop (weight_bytes_prefetched_per_thread: a prefetch of the stream that follows the wait).
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def analyze_sass(text: str, offsets: dict[int, int], roles: dict[int, str]) -> d
         "has_wait": wait is not None,
         "weight_loads_before_wait": 0 if wait is None else sum(i < wait for i in weight_loads),
         "weight_loads_after_wait": 0 if wait is None else sum(i > wait for i in weight_loads),
+        "weight_bytes_prefetched_per_thread": 0 if wait is None else sum(
+            instrs[i].load_bits() // 8 for i in weight_loads if i < wait and i not in in_loops),
         "hot_loops": hot_loops,
     }
 

@@ -16,19 +16,33 @@ added to the issue bound of the part they sit in, and
              to fill the pipe; the latency bound already counts every round trip); a part without hot loops: issue
   kernel   = its parts + other bytes (x, scales, output) at HBM + one DRAM_LATENCY more when it has global atomics
              (the reduction's and the ticket's round trip)
-A plan (the kernels of one layer call, in launch order) under CUDA graphs:
-  GRAPH_LAUNCH_US + kernel 1, then for each programmatic dependent launch (PDL) k, launched as kernel k-1 starts (at
-  s): end = max(end of k-1 + PDL_GAP_US, s + pre_k, s + bytes of k-1 and of pre_k at HBM) + post_k,
-  where pre_k is the part of kernel k before its griddepcontrol.wait (its
-  hot loops there, plus one DRAM_LATENCY when it issues weight loads before the wait and has a hot loop after it: that
-  loop's first round trip overlaps) and post_k the rest, never less than one L2_LATENCY (reading what kernel k-1
-  wrote) plus post_k's issue. Kernels without PDL add GRAPH_LAUNCH_US + their time.
+A kernel with a dependent-launch wait (PDL) is three things (estimate_kernel; finish):
+  pre      = the part before the wait (its hot loops, if any: the hybrid gemv's base);
+  prefetch = the weight bytes its first wave of CTAs loads before the wait outside any loop (from the SASS): the head of
+             the stream of its loops after the wait, in flight while the kernel before runs;
+  after the wait (released at w), with HBM busy until q with what was asked of it before (below):
+  end      = max(w + first data + issue after the wait, w + latency bound of the rest, q,
+                 max(w + DRAM_LATENCY, q) + (bytes after the wait - prefetch) / HBM_TBS) + other bytes
+             (the last term only while bytes remain after the prefetch),
+             first data = L2_LATENCY (what the kernel before wrote, an L2 hit) or, with a loop after the wait and no
+             prefetch, DRAM_LATENCY (its first weights); the stream after the wait starts a round trip after the wait,
+             or as HBM finishes the queue before it, whichever is later.
+A plan (the kernels of one layer call, in launch order) under CUDA graphs: GRAPH_LAUNCH_US + kernel 1, then each
+PDL kernel k, launched as kernel k-1 starts (at s), its part before the wait beside it:
+  w = max(end of k-1 + PDL_GAP_US, s + pre_k, s + DRAM_LATENCY + (bytes of k-1 + pre_k's loop bytes) / HBM_TBS)
+  q = s + DRAM_LATENCY + (bytes of k-1 + pre_k's loop bytes + prefetch_k) / HBM_TBS
+  (the kernel before's bytes are served first: they were asked for first; a prefetch as long as the hand-off plus a
+  round trip keeps HBM busy across it, and the plan ends at its floor). Kernels without PDL add GRAPH_LAUNCH_US +
+  their time; a PDL kernel alone (estimate_us) is the same with no kernel before (w = its pre).
 Eager (no graph): the same with EAGER_LAUNCH_US per launch on the GPU, but never faster than the host can launch:
   max(kernels x HOST_LAUNCH_US, that).
   A dependent launch overlaps only if one of its CTAs fits (registers, warps, shared memory, CTA slots) beside the
   kernel before's resident CTAs on the busiest SM (fits_beside); if not, its CTAs start as the kernel before's leave:
   end = end of k-1 + PDL_GAP_US + kernel k (the hand-off still replaces a launch).
-Assumed, not modelled: HBM shared evenly.
+Assumed, not modelled: HBM shared evenly across SMs; requests served in the order asked (FIFO: were HBM shared evenly
+between phase 1 and phase 2's prefetch instead, the prefetch would delay phase 1 by its own length and gain nothing);
+SHFL issuing at a quarter of the FP32 rate (every instruction counts the same); an epilogue after the last weight byte
+of an HBM-bound loop.
 """
 
 from __future__ import annotations
@@ -96,12 +110,17 @@ def _after_wait(r: dict, loop: dict) -> bool:
 
 def estimate_kernel(r: dict) -> dict:
     """The bounds and times of one kernel record (analyze_launch's), in microseconds; ESTIMATES. Adds each hot loop's
-    bytes_in_flight_per_sm and its bounds to the loop's dict."""
+    bytes_in_flight_per_sm and its bounds to the loop's dict. A kernel with a dependent-launch wait also gets the
+    parts finish() combines: pre_wait_us, post_wait_us, stream_after_wait_us (None: no hot loop after the wait),
+    pre_wait_loop_bytes, prefetch_bytes and other_us."""
     programs = r["programs"]
     per_sm_programs = math.ceil(programs / SMS)
     share = per_sm_programs / max(programs / SMS, 1e-9) / SMS  # this SM's fraction of the grid's work
     warps = resident_warps(r)
+    pdl = bool(r.get("launch_pdl"))
     parts = {False: [0.0, 0.0, 0.0], True: [0.0, 0.0, 0.0]}  # before / after the wait: issue, HBM, latency bounds
+    streamed = {False: 0.0, True: 0.0}
+    first_after = None  # the first hot loop after the wait: the stream a prefetch starts
     for loop in r["hot_loops"]:
         b = loop["weight_bytes_streamed"] * share
         if loop.get("async_copies"):  # cp.async stages: num_stages - 1 iterations of copies ahead of the dot
@@ -113,53 +132,85 @@ def estimate_kernel(r: dict) -> dict:
                   loop["weight_bytes_streamed"] / (HBM_TBS * 1e6),
                   b / max(loop["bytes_in_flight_per_sm"], 1) * LATENCY_US)
         loop.update(issue_us=round(bounds[0], 3), hbm_us=round(bounds[1], 3), latency_us=round(bounds[2], 3))
-        part = parts[_after_wait(r, loop)]
+        after = _after_wait(r, loop)
+        streamed[after] += loop["weight_bytes_streamed"]
+        if after and first_after is None:
+            first_after = loop
         for k in range(3):
-            part[k] += bounds[k]
+            parts[after][k] += bounds[k]
     per_instruction = r["num_warps"] * per_sm_programs / 4 / CLOCKS_PER_US  # every warp, 4 schedulers
-    after = r.get("non_loop_instructions_after_wait", 0) if r.get("launch_pdl") else 0
+    after = r.get("non_loop_instructions_after_wait", 0) if pdl else 0
     parts[False][0] += (r["non_loop_instructions"] - after) * per_instruction  # prologue and epilogue, by position
     parts[True][0] += after * per_instruction
+    issue, hbm, latency = (parts[False][k] + parts[True][k] for k in range(3))
+    # The prefetch: weight loads issued before the wait outside any loop by the CTAs resident at the start (the first
+    # wave), the head of the stream of the loops after the wait. It is in flight while the kernel before runs, so it
+    # leaves the stream after the wait (HBM bound: its bytes; latency bound: its bytes on the busiest SM).
+    prefetch = 0.0
+    if first_after is not None:
+        per_thread = r.get("weight_bytes_prefetched_per_thread", 0)
+        prefetch = min(streamed[True], per_thread * 32 * r["num_warps"] * min(programs, SMS * resident_ctas(r)))
+        parts[True][1] -= prefetch / (HBM_TBS * 1e6)
+        parts[True][2] = max(0.0, parts[True][2] - per_thread * 32 * warps
+                             / max(first_after["bytes_in_flight_per_sm"], 1) * LATENCY_US)
 
     def bound(issue: float, hbm: float, latency: float, loads: bool) -> float:
         return max(issue + LATENCY_US, hbm + LATENCY_US, latency) if loads else issue
 
-    pre, post = (bound(*parts[after], any(_after_wait(r, lp) == after for lp in r["hot_loops"]))
-                 for after in (False, True))
-    if r.get("launch_pdl") and post:  # the part after griddepcontrol.wait
-        if r.get("weight_loads_before_wait") and any(_after_wait(r, lp) for lp in r["hot_loops"]):
-            pre, post = pre + LATENCY_US, post - LATENCY_US  # its loop's first round trip overlaps the kernel before
-        # but its first use of what the kernel before wrote (hidden, partials) is a dependent read, an L2 hit
-        post = max(post, L2_LATENCY_US + parts[True][0])
     weight_unique = sum(lp["weight_bytes_streamed"] for lp in r["hot_loops"]) - r["weight_reread_bytes"]
     other = max(0.0, r["unique_bytes"] - weight_unique) / (HBM_TBS * 1e6) + r["weight_reread_bytes"] / (L2_TBS * 1e6)
-    body = pre + post + other + LATENCY_US * (r["global_atomics"] > 0)
-    issue, hbm, latency = (parts[False][k] + parts[True][k] for k in range(3))
-    return {"issue_bound_us": round(issue, 2), "hbm_floor_us": round(r["unique_bytes"] / (HBM_TBS * 1e6), 2),
-            "latency_bound_us": round(latency, 2), "estimate_us": round(body, 2),
-            "pre_wait_us": round(pre if r.get("launch_pdl") else 0.0, 2)}
+    other += LATENCY_US * (r["global_atomics"] > 0)  # the reduction's and the ticket's round trip
+    out = {"issue_bound_us": round(issue, 2), "hbm_floor_us": round(r["unique_bytes"] / (HBM_TBS * 1e6), 2),
+           "latency_bound_us": round(latency, 2)}
+    if not pdl:
+        return {**out, "estimate_us": round(bound(*parts[False], bool(r["hot_loops"])) + other, 2),
+                "pre_wait_us": 0.0}
+    pre = bound(*parts[False], streamed[False] > 0)
+    # after the wait the issue starts on its first data: what the kernel before wrote (hidden, partials: a dependent
+    # read, an L2 hit) and, for a hot loop after the wait, its first weights (prefetched, or a DRAM round trip away);
+    # the round trips of the rest of the stream (latency bound) and the stream itself (finish)
+    first_data = LATENCY_US if first_after is not None and not prefetch else L2_LATENCY_US
+    post = max(first_data + parts[True][0], parts[True][2] if first_after is not None else 0.0)
+    parts_out = {"pre_wait_us": round(pre, 3), "post_wait_us": round(post, 3),
+                 "stream_after_wait_us": None if first_after is None else round(parts[True][1], 3),
+                 "pre_wait_loop_bytes": streamed[False], "prefetch_bytes": prefetch, "other_us": round(other, 3)}
+    # run alone (no kernel before): the wait releases as the part before it ends
+    alone = finish(parts_out, pre, LATENCY_US + (streamed[False] + prefetch) / (HBM_TBS * 1e6))
+    return {**out, **parts_out, "estimate_us": round(alone, 2)}
+
+
+def finish(r: dict, wait_at: float, queue_free: float) -> float:
+    """When kernel r ends, its wait released at wait_at and HBM busy until queue_free with what was asked of it before
+    (the kernel before's bytes, r's part before the wait and its prefetch): the part after the wait, the queue, and
+    the rest of the stream, which starts a round trip after the wait or as the queue frees, whichever is later."""
+    end = max(wait_at + r["post_wait_us"], queue_free)  # (what it prefetched has arrived)
+    if r["stream_after_wait_us"]:  # (None: no hot loop after the wait; 0: the prefetch was all of it)
+        end = max(end, max(wait_at + LATENCY_US, queue_free) + r["stream_after_wait_us"])
+    return end + r["other_us"]
 
 
 def estimate_plan(records: list[dict]) -> dict:
     """A layer call's kernels in launch order: CUDA-graph and eager times (ESTIMATES), PDL overlap modelled."""
+    hbm_us_per_byte = 1 / (HBM_TBS * 1e6)
+
     def run(launch_us: float) -> float:
         t = started = 0.0  # now; when the previous kernel started
         previous_bytes = 0.0
         for i, r in enumerate(records):
-            body, pre = r["estimate_us"], r["pre_wait_us"]
-            if r.get("launch_pdl") and t:
-                if fits_beside(records[i - 1], r):
-                    # launched while the previous kernel runs: its pre-wait part overlaps it, sharing HBM
-                    pre_bytes = r["unique_bytes"] * pre / max(body, 1e-9)
-                    shared = (previous_bytes + pre_bytes) / (HBM_TBS * 1e6)
-                    t = max(t + PDL_GAP_US, started + pre, started + shared) + body - pre
-                else:  # no room beside the kernel before: its CTAs start as those leave
-                    t += PDL_GAP_US + body
-                    started = t - body
+            if r.get("launch_pdl") and t and fits_beside(records[i - 1], r):
+                # launched as the previous kernel starts: its part before the wait runs beside it, sharing HBM, the
+                # previous kernel's bytes first (asked for first); the wait releases after the hand-off
+                before = previous_bytes + r["pre_wait_loop_bytes"]
+                wait_at = max(t + PDL_GAP_US, started + r["pre_wait_us"],
+                              started + LATENCY_US + before * hbm_us_per_byte)
+                t = finish(r, wait_at, started + LATENCY_US + (before + r["prefetch_bytes"]) * hbm_us_per_byte)
+            elif r.get("launch_pdl") and t:  # no room beside the kernel before: its CTAs start as those leave
+                t += PDL_GAP_US + r["estimate_us"]
+                started = t - r["estimate_us"]
             else:
                 t += launch_us
                 started = t
-                t += body
+                t += r["estimate_us"]
             previous_bytes = r["unique_bytes"]
         return t
 
