@@ -91,6 +91,9 @@ class TileConfig:
     # decode on CUDA cores, low rank: one launch (decode_one_launch_kernel) where every program computes all of hidden
     # itself; block_r is then the rank padded to a power of two, block_k phase 1's K tile
     one_launch: bool = False
+    # decode on CUDA cores, two launches: up_t row blocks phase 2 loads before its dependent-launch wait (1 or 2; 0:
+    # default_blocks_before_wait)
+    expand_blocks_before_wait: int = 0
 
     def __post_init__(self) -> None:
         if self.path not in ("decode", "split"):
@@ -103,6 +106,9 @@ class TileConfig:
             value = getattr(self, name)
             if value < 0 or value & (value - 1):
                 raise ValueError(f"TileConfig.{name} must be 0 or a power of two, got {value}")
+        if self.expand_blocks_before_wait not in (0, 1, 2):
+            raise ValueError(f"TileConfig.expand_blocks_before_wait must be 0, 1 or 2, got "
+                             f"{self.expand_blocks_before_wait}")
 
     @property
     def uses_dot(self) -> bool:
@@ -157,6 +163,14 @@ def lanes(bits: int | None) -> int:
 def decode_chunk(bits: int | None) -> int:
     """Columns of one thread's chunk of a factor row on the CUDA-core decode path: 4 words, one 128-bit load."""
     return 4 * lanes(bits)
+
+
+def default_blocks_before_wait(bits: int | None) -> int:
+    """Row blocks of up_t that phase 2 (CUDA cores) loads before its dependent-launch wait, unless the config says
+    (TileConfig.expand_blocks_before_wait). Two for int8 and float factors, whose phase 2 is HBM-bound: the second
+    block keeps HBM busy across the hand-off. One for int4, whose phase 2 is issue-bound: the second block's registers
+    cost it instructions. PROVISIONAL: static sm_90 ESTIMATES (bench/results/sass/README.md); the tuner tries both."""
+    return 1 if bits == 4 else 2
 
 
 def decode_supported(p: Problem) -> bool:
@@ -469,8 +483,12 @@ def lowrank_candidate_configs(p: Problem, first: TileConfig, wide: bool, num_sms
             for warps, rows, chunks in itertools.product((4, 2, 8) if wide else (4, 2), (8, 4) if wide else (8,),
                                                          (2, 1, 4) if wide else (2, 1)):
                 c = decode_cuda_core_config(p, num_sms, warps, rows, chunks)
+                whole_k = decode_cuda_core_config(p, num_sms, warps, rows, chunks, whole_k=True)
                 out.append(c)
-                out.append(decode_cuda_core_config(p, num_sms, warps, rows, chunks, whole_k=True))
+                out.append(whole_k)
+                # the other prefetch depth before phase 2's wait (default_blocks_before_wait is a static estimate)
+                out.append(dataclasses.replace(whole_k, expand_blocks_before_wait=3 - default_blocks_before_wait(
+                    p.bits)))
                 if wide:
                     out.append(dataclasses.replace(c, split_k=max(1, c.split_k // 2)))
             if p.m <= CUDA_CORE_MAX_M and one_launch_supported(p):  # the tuner weighs one launch against two

@@ -17,6 +17,7 @@ from .configs import (
     Problem,
     decode_chunk,
     decode_supported,
+    default_blocks_before_wait,
     gemv_chunk,
     hybrid_decode_supported,
     hybrid_gemv_supported,
@@ -190,7 +191,9 @@ def launch(x2d: torch.Tensor, f, config, out: torch.Tensor) -> torch.Tensor:
             BITS=bits, GROUP_SIZE=group, HAS_BIAS=f.bias is not None, USE_DOT=c.uses_dot,
             DOT_PRECISION=precision, DOT_UPCAST=dot_upcast,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=block_r, SUB_R=sub_r, PRECISE=precise,
-            USE_PDL=pdl, RELEASE_HIDDEN=release, num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
+            USE_PDL=pdl, RELEASE_HIDDEN=release,
+            BLOCKS_BEFORE_WAIT=c.expand_blocks_before_wait or default_blocks_before_wait(f.bits),
+            num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
         )
         return out
     hidden = split_phase1(x2d, f, c)

@@ -20,8 +20,9 @@ Kernels:
   that layout on every Triton release: utils.load_row_chunks, load_chunk_words). In phase 1 the x
   values a thread loads serve all its rows (8 where the grid allows); in phase 2 each thread owns one
   row per sub-tile and per-lane accumulators; a block of up to 4 sub-tiles (one 128-bit load per thread each) is
-  loaded one block ahead of its use (two blocks, A and B, per iteration: no register copies), the first block
-  before the dependent-launch wait, so at least 4 weight loads per thread are in flight at a first use.
+  loaded one block ahead of its use (two blocks, A and B, per iteration: no register copies), the first one or two
+  blocks before the dependent-launch wait (configs.default_blocks_before_wait), so at least 4 weight loads per thread
+  are in flight at a first use; the end reduces int4's 32 column sums per thread by recursive halving.
   BLOCK_M >= 16 pads M to 16 rows and uses tl.dot (tensor cores).
 - decode_one_launch_kernel: small layers (configs.one_launch_supported) in one launch: every program computes all of
   hidden itself from `down` (re-read from L2), then its BLOCK_N columns of y.
@@ -358,6 +359,7 @@ def decode_expand_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUB_R: tl.constexpr,
     PRECISE: tl.constexpr = False, USE_PDL: tl.constexpr = False, RELEASE_HIDDEN: tl.constexpr = True,
+    BLOCKS_BEFORE_WAIT: tl.constexpr = 1,
 ):
     """Phase 2: y[M, n block] = hidden[M, R] · up_t[R, n block] + bias; then (RELEASE_HIDDEN: hidden is the zeroed
     workspace) the last program of each M block re-zeroes its hidden rows and ticket. grid = (cdiv(N, BLOCK_N),
@@ -397,18 +399,28 @@ def decode_expand_kernel(
         h_ptrs = hidden_ptr + m0 * R + rows
         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_zeros(SUB_R, T)
         # Software-pipelined over blocks of BLOCK_R rows, two blocks (A, B) per iteration: each block's U 128-bit
-        # loads per thread (and its h and scales) are issued one block ahead of their use, and the ping-pong needs no
+        # loads per thread (and its h and scales) are issued a block ahead of their use, and the ping-pong needs no
         # register copies (a copy would wait for its load); _expand_next orders each block's loads for ptxas. Rows
-        # past R are masked (no traffic; h = 0). Block 0's weights are loaded before the dependent-launch wait: up_t
-        # does not depend on phase 1.
+        # past R are masked (no traffic; h = 0). The first BLOCKS_BEFORE_WAIT blocks' weights are loaded before the
+        # dependent-launch wait (up_t does not depend on phase 1): in flight while phase 1 and the hand-off run,
+        # they keep HBM busy until the loads after the wait arrive. With two, block B is loaded at the end of each
+        # iteration for the next instead of at its start (the same loads, one rotation apart).
+        tl.static_assert(BLOCKS_BEFORE_WAIT == 1 or BLOCKS_BEFORE_WAIT == 2, "BLOCKS_BEFORE_WAIT is 1 or 2")
         wa0, wa1, wa2, wa3 = _expand_weights(w_ptrs, rows, 0, R, row_words, SUB_R, U)
+        if BLOCKS_BEFORE_WAIT == 2:
+            wb0, wb1, wb2, wb3 = _expand_weights(w_ptrs, rows, BLOCK_R, R, row_words, SUB_R, U)
         if USE_PDL:  # phase 1 must be complete before hidden is read
             gdc_wait()
         ha0, ha1, ha2, ha3, sa0, sa1, sa2, sa3 = _expand_multipliers(h_ptrs, s_ptrs, rows, 0, R, s_stride, SUB_R, U,
                                                                      BITS)
+        if BLOCKS_BEFORE_WAIT == 2:
+            hb0, hb1, hb2, hb3, sb0, sb1, sb2, sb3 = _expand_multipliers(h_ptrs, s_ptrs, rows, BLOCK_R, R, s_stride,
+                                                                         SUB_R, U, BITS)
         for r0 in range(0, R, 2 * BLOCK_R):
-            wb0, wb1, wb2, wb3, hb0, hb1, hb2, hb3, sb0, sb1, sb2, sb3 = _expand_next(
-                w_ptrs, h_ptrs, s_ptrs, rows, r0 + BLOCK_R, R, row_words, s_stride, SUB_R, U, BITS, not RELEASE_HIDDEN)
+            if BLOCKS_BEFORE_WAIT == 1:
+                wb0, wb1, wb2, wb3, hb0, hb1, hb2, hb3, sb0, sb1, sb2, sb3 = _expand_next(
+                    w_ptrs, h_ptrs, s_ptrs, rows, r0 + BLOCK_R, R, row_words, s_stride, SUB_R, U, BITS,
+                    not RELEASE_HIDDEN)
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_block(
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, wa0, wa1, wa2, wa3, ha0, ha1, ha2, ha3,
                 sa0, sa1, sa2, sa3, magic, BITS, PRECISE, U)
@@ -418,6 +430,10 @@ def decode_expand_kernel(
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum = _expand_block(
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, wb0, wb1, wb2, wb3, hb0, hb1, hb2, hb3,
                 sb0, sb1, sb2, sb3, magic, BITS, PRECISE, U)
+            if BLOCKS_BEFORE_WAIT == 2:
+                wb0, wb1, wb2, wb3, hb0, hb1, hb2, hb3, sb0, sb1, sb2, sb3 = _expand_next(
+                    w_ptrs, h_ptrs, s_ptrs, rows, r0 + 3 * BLOCK_R, R, row_words, s_stride, SUB_R, U, BITS,
+                    not RELEASE_HIDDEN)
         _store_lanes(y_ptr, stride_ym, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, hsum, bias_ptr, n0, m0, N, BITS,
                      PRECISE, HAS_BIAS, LANES, T)
 

@@ -142,6 +142,20 @@ def test_config_variants(bits, config):
     assert_close(run_poisoned(x, f, config), x, f)
 
 
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_phase2_blocks_before_wait_either_way(bits, blocks):
+    """Phase 2 loads one or two row blocks of up_t before its dependent-launch wait (TileConfig.
+    expand_blocks_before_wait; the default goes by bits): the same result either way, over a rank of two iterations
+    whose second is partly past R (its block B wholly), so both rotations of the block pipeline and their masks run."""
+    config = dataclasses.replace(test_config("cuda-cores", 1, bits, split_k=1), expand_blocks_before_wait=blocks)
+    f = make_factors(64, 96, 75, bits, 32, torch.float16, seed=5)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
+    assert_close(run_poisoned(x, f, config), x, f)
+    with pytest.raises(ValueError, match="expand_blocks_before_wait must be 0, 1 or 2"):
+        dataclasses.replace(config, expand_blocks_before_wait=3)
+
+
 def one_launch_test_config(bits, rank, chunks=2, k_chunks=2) -> TileConfig:
     """decode_one_launch_kernel with small tiles: phase 1 in K tiles of `k_chunks` thread chunks (a loop and a tail)."""
     chunk = decode_chunk(bits)
