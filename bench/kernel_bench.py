@@ -12,7 +12,8 @@ Writes kernels.json / kernels.csv / kernels_*.png (and autotune_timing.json, tun
 bench/results/<gpu-slug>/ ($BENCH_RESULTS_DIR where set), kernels.json rewritten after every case (marked "partial"
 until the end), so a run cut short still leaves its numbers. Cases run M = 1 first. Bandwidth counts factor + scale +
 bias bytes plus activations. Each path runs its default config (what bench/sass_report.py compiles), so the report
-prints its estimates beside these times.
+prints its estimates beside these times; decode_other_prefetch is the CUDA-core decode plan with phase 2's other
+prefetch depth before its wait (configs.default_blocks_before_wait is a static estimate this time checks).
 """
 
 # Named kernel_bench, not kernels: as a script its folder is on sys.path, and a module named
@@ -21,6 +22,7 @@ prints its estimates beside these times.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -50,6 +52,7 @@ from triton_lowrank.kernels.configs import (
     CUDA_CORE_MAX_M,
     Problem,
     decode_cuda_core_config,
+    default_blocks_before_wait,
     one_launch_config,
     one_launch_supported,
 )
@@ -111,6 +114,13 @@ def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("decode", "
         if configs["decode"].one_launch:
             configs["decode"] = decode_cuda_core_config(problem, sms)
         paths += ("one_launch",)
+    decode = configs.get("decode")
+    if "decode" in paths and not decode.uses_dot and not decode.one_launch:
+        # phase 2's other prefetch depth before its dependent-launch wait: the default (by bits) is a static estimate
+        # that assumes HBM serves phase 1's loads before phase 2's prefetch (bench/results/sass/README.md)
+        configs["decode_other_prefetch"] = dataclasses.replace(
+            decode, expand_blocks_before_wait=3 - default_blocks_before_wait(bits))
+        paths += ("decode_other_prefetch",)
     contenders = {name: (lambda i, c=configs[name]: launch(x, sets[i]["f"], c, out)) for name in paths}
     contenders["auto"] = lambda i: lowrank_matmul(x, sets[i]["f"])  # what the custom op picks
     contenders["cublas"] = lambda i: F.linear(x, sets[i]["dense"], sets[i]["bias"])
@@ -252,7 +262,7 @@ def sweep(args, device, dtype, save=lambda rows: None):
         row = bench_case(k, n, rank, bits, m, device, dtype, group, paths)
         rows.append(row)
         save(rows)
-        shown = ("decode", "one_launch", "split", "auto", "cublas", "unfused")
+        shown = ("decode", "decode_other_prefetch", "one_launch", "split", "auto", "cublas", "unfused")
         print(f"[{i + 1}/{len(cases)}] {k}x{n} r={rank} int{bits} M={m}: "
               + "  ".join(f"{p}={row[f'{p}_us']:.1f}us" for p in shown if f"{p}_us" in row)
               + f"  best={row['best_path']} x{row['speedup_vs_cublas']:.2f} vs cuBLAS"

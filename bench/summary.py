@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     if kernels:
         print(f"device {kernels['env'].get('device')}  torch {kernels['env'].get('torch')}  "
               f"triton {kernels['env'].get('triton')}  copy BW {kernels['copy_gbs']:.0f} GB/s")
-        head = f"{'shape':>11} {'r':>5} {'bits':>4} {'M':>5} {'decode':>8} {'split':>8} {'auto':>8} " \
+        head = f"{'shape':>11} {'r':>5} {'bits':>4} {'M':>5} {'decode':>8} {'dec.alt':>8} {'split':>8} {'auto':>8} " \
                f"{'cuBLAS':>8} {'unfused':>8} {'xcuBLAS':>7} {'xunfus':>6} {'%BW':>5}"
         print(head)
         for r in kernels["rows"]:
@@ -124,9 +124,11 @@ def main(argv=None) -> int:
                 return f"{r[key]:8.1f}" if key in r else f"{'-':>8}"
 
             print(f"{r['in']:>5}x{r['out']:<5} {r['rank']:>5} {r['bits']:>4} {r['m']:>5} {cell('decode_us')} "
-                  f"{cell('split_us')} {cell('auto_us')} {cell('cublas_us')} {cell('unfused_us')} "
+                  f"{cell('decode_other_prefetch_us')} {cell('split_us')} {cell('auto_us')} {cell('cublas_us')} "
+                  f"{cell('unfused_us')} "
                   f"{r['speedup_vs_cublas']:7.2f} {r['speedup_vs_unfused']:6.2f} {r['best_pct_copy_bw']:5.0f}")
-        print("(times in µs, medians, cold L2, CUDA graphs; x = speed-up of the best low-rank path)")
+        print("(times in µs, medians, cold L2, CUDA graphs; x = speed-up of the best low-rank path; dec.alt = decode "
+              "with phase 2's other prefetch depth before its wait)")
         if kernels.get("hybrid_rows"):
             print_hybrid(kernels["hybrid_rows"])
             print("(hybrid: x r=1 = time / the same kernels with a rank-1 correction; xcuBLAS = time / cuBLAS)")
