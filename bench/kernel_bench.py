@@ -52,9 +52,9 @@ from triton_lowrank.kernels.configs import (
     CUDA_CORE_MAX_M,
     Problem,
     decode_cuda_core_config,
-    default_blocks_before_wait,
     one_launch_config,
     one_launch_supported,
+    other_blocks_before_wait,
 )
 from triton_lowrank.kernels.launch import launch, launch_hybrid  # noqa: E402
 
@@ -118,8 +118,8 @@ def bench_case(k, n, rank, bits, m, device, dtype, group=128, paths=("decode", "
     if "decode" in paths and not decode.uses_dot and not decode.one_launch:
         # phase 2's other prefetch depth before its dependent-launch wait: the default (by bits) is a static estimate
         # that assumes HBM serves phase 1's loads before phase 2's prefetch (bench/results/sass/README.md)
-        configs["decode_other_prefetch"] = dataclasses.replace(
-            decode, expand_blocks_before_wait=3 - default_blocks_before_wait(bits))
+        configs["decode_other_prefetch"] = dataclasses.replace(decode,
+                                                               expand_blocks_before_wait=other_blocks_before_wait(bits))
         paths += ("decode_other_prefetch",)
     contenders = {name: (lambda i, c=configs[name]: launch(x, sets[i]["f"], c, out)) for name in paths}
     contenders["auto"] = lambda i: lowrank_matmul(x, sets[i]["f"])  # what the custom op picks

@@ -173,6 +173,11 @@ def default_blocks_before_wait(bits: int | None) -> int:
     return 1 if bits == 4 else 2
 
 
+def other_blocks_before_wait(bits: int | None) -> int:
+    """The depth default_blocks_before_wait does not pick: the tuner and bench/kernel_bench.py time it beside it."""
+    return 3 - default_blocks_before_wait(bits)
+
+
 def decode_supported(p: Problem) -> bool:
     """The decode kernels read 16-byte row chunks: every factor row must be a multiple of 16 bytes,
     and int4 groups whole 32-column chunks. Other shapes take the split path."""
@@ -487,8 +492,7 @@ def lowrank_candidate_configs(p: Problem, first: TileConfig, wide: bool, num_sms
                 out.append(c)
                 out.append(whole_k)
                 # the other prefetch depth before phase 2's wait (default_blocks_before_wait is a static estimate)
-                out.append(dataclasses.replace(whole_k, expand_blocks_before_wait=3 - default_blocks_before_wait(
-                    p.bits)))
+                out.append(dataclasses.replace(whole_k, expand_blocks_before_wait=other_blocks_before_wait(p.bits)))
                 if wide:
                     out.append(dataclasses.replace(c, split_k=max(1, c.split_k // 2)))
             if p.m <= CUDA_CORE_MAX_M and one_launch_supported(p):  # the tuner weighs one launch against two
